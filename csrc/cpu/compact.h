@@ -1,0 +1,8 @@
+#pragma once
+#include <ATen/ATen.h>
+
+namespace kmem {
+// Copies the rows of `src` where `keep` is true, in order, to the first rows of
+// `out`; returns how many were copied. Rows beyond that in `out` are untouched.
+int64_t compact_rows(const at::Tensor& src, const at::Tensor& keep, at::Tensor& out);
+}  // namespace kmem

@@ -1,0 +1,44 @@
+// Python bindings of kmem._C.
+#include <torch/extension.h>
+
+#include <map>
+#include <mutex>
+
+#include "counters.h"
+#include "cpu/compact.h"
+
+namespace kmem {
+
+namespace {
+std::mutex counter_mutex;
+std::map<std::string, int64_t>& counters() {
+  static std::map<std::string, int64_t> c;
+  return c;
+}
+}  // namespace
+
+void count_call(const std::string& op) {
+  std::lock_guard<std::mutex> lock(counter_mutex);
+  ++counters()[op];
+}
+
+int64_t call_count(const std::string& op) {
+  std::lock_guard<std::mutex> lock(counter_mutex);
+  auto it = counters().find(op);
+  return it == counters().end() ? 0 : it->second;
+}
+
+}  // namespace kmem
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "kmem compiled kernels";
+  m.def("compact_rows", &kmem::compact_rows, "Stable compaction of the kept rows of src into out",
+        py::arg("src"), py::arg("keep"), py::arg("out"));
+  m.def("call_count", &kmem::call_count, "How often the compiled op `op` has run in this process",
+        py::arg("op"));
+#ifdef KMEM_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+}

@@ -1,0 +1,79 @@
+"""KeyMemoryAttention: a drop-in module that attends from a residual stream to a KeyMemory."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .memory import IdsLike, KeyMemory
+
+
+class KeyMemoryAttention(nn.Module):
+    """Project ``x`` to queries, attend over a :class:`KeyMemory`, project back.
+
+    ``x [..., embed_dim]`` -> ``[..., embed_dim]``. Each of ``num_heads`` heads has its
+    own query projection to ``memory.key_dim`` and reads the same memory; the heads'
+    results (``memory.out_dim`` each: values, or class probabilities of a label memory)
+    are concatenated and projected to ``embed_dim``.
+
+    The memory is not a submodule: its rows are data, not weights, so ``state_dict``
+    holds only the projections; save the memory with :meth:`KeyMemory.save`.
+
+    Args:
+        embed_dim: width of ``x`` and of the output.
+        memory: the memory to read.
+        num_heads: query heads.
+        k: rows retrieved per query (None: attend over all live rows).
+        scale: softmax temperature on scores; default ``1/sqrt(key_dim)``.
+        bias: whether the projections have biases.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        memory: KeyMemory,
+        num_heads: int = 1,
+        k: int | None = 32,
+        scale: float | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(memory, KeyMemory):
+            raise TypeError(f"memory must be a KeyMemory, got {type(memory).__name__}")
+        if num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        self.memory = memory
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.k = k
+        self.scale = scale
+        factory = {"device": memory.device}
+        self.q_proj = nn.Linear(embed_dim, num_heads * memory.key_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(num_heads * memory.out_dim, embed_dim, bias=bias, **factory)
+
+    def forward(self, x: torch.Tensor, exclude_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [..., embed_dim]``; ``exclude_ids [..., E]`` int64 ids each position must not
+        retrieve (``-1`` = none). Returns ``[..., embed_dim]``."""
+        if x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must end in embed_dim={self.embed_dim}, got shape {list(x.shape)}")
+        lead = x.shape[:-1]
+        queries = self.q_proj(x).reshape(-1, self.memory.key_dim)
+        if exclude_ids is not None:
+            if exclude_ids.shape[:-1] != lead:
+                raise ValueError(f"exclude_ids must have shape {[*lead, 'E']}, got {list(exclude_ids.shape)}")
+            exclude_ids = exclude_ids.reshape(-1, exclude_ids.shape[-1]).repeat_interleave(self.num_heads, 0)
+        out = self._attend(queries, exclude_ids)
+        return self.out_proj(out.to(x.dtype).reshape(*lead, self.num_heads * self.memory.out_dim))
+
+    @torch.compiler.disable
+    def _attend(self, queries: torch.Tensor, exclude_ids: torch.Tensor | None) -> torch.Tensor:
+        # The memory read depends on the memory's live size and runs Python-side id
+        # bookkeeping: torch.compile treats it as one opaque call and compiles the rest.
+        return self.memory.attend(queries, k=self.k, scale=self.scale, exclude_ids=exclude_ids)
+
+    def forget(self, ids: IdsLike) -> int:
+        """Delete memory rows by id (see :meth:`KeyMemory.delete`); returns how many."""
+        return self.memory.delete(ids)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, k={self.k}, memory={self.memory!r}"

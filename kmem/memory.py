@@ -1,0 +1,363 @@
+"""KeyMemory: a key/value buffer whose rows can be deleted in O(1) and for good."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from . import _checks, ops, snapshot
+
+IdsLike = torch.Tensor | Iterable[int] | int
+
+
+class KeyMemory:
+    """Rows of ``(id, key, value)``, searchable by key, deletable by id.
+
+    Storage is one preallocated buffer per field: ``keys [capacity, key_dim]``,
+    ``values [capacity, value_dim]`` (vector values) or int64 ``[capacity]`` (class
+    labels), and ``slot_ids [capacity]`` int64 holding each slot's id, ``-1`` for a free
+    or deleted slot -- the tombstone mask every op skips. Rows fill slots in insertion
+    order; an ``id -> slot`` dict makes ``delete`` O(1) per id: it marks the slot dead
+    and zeroes its key and value bytes at once. :meth:`compact` later moves the live rows
+    to the front, keeping their order, so the memory is then identical to one that only
+    ever received the surviving rows.
+
+    Args:
+        key_dim: length of each key.
+        value_dim: length of each value vector (vector memory). Give this or ``num_classes``.
+        num_classes: number of classes (label memory: values are int64 labels).
+        metric: ``"ip"`` (score ``q . k``, default) or ``"l2"`` (score ``-||q - k||^2``).
+        dtype: floating dtype of keys and vector values (float32 by default).
+        device: where the buffers live.
+        capacity: initial number of slots; grows geometrically on demand.
+        compact_threshold: compact automatically once this fraction of used slots is
+            dead (``None`` = only when :meth:`compact` is called).
+        backend: kernel backend for search/attend/compaction (see :mod:`kmem.ops`).
+    """
+
+    def __init__(
+        self,
+        key_dim: int,
+        value_dim: int | None = None,
+        *,
+        num_classes: int | None = None,
+        metric: str = "ip",
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        capacity: int = 1024,
+        compact_threshold: float | None = 0.25,
+        backend: str = "auto",
+    ) -> None:
+        if (value_dim is None) == (num_classes is None):
+            raise ValueError("give exactly one of value_dim (vector values) or num_classes (label values)")
+        for name, v in (("key_dim", key_dim), ("value_dim", value_dim), ("num_classes", num_classes)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if compact_threshold is not None and not 0.0 < compact_threshold <= 1.0:
+            raise ValueError(f"compact_threshold must be in (0, 1] or None, got {compact_threshold}")
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be a positive int, got {capacity!r}")
+        self.key_dim = key_dim
+        self.value_dim = value_dim
+        self.num_classes = num_classes
+        self.metric = _checks.metric(metric)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.compact_threshold = compact_threshold
+        self.backend = backend
+        self.version = 0  # bumped by every mutation
+        self._slot_of: dict[int, int] = {}
+        self._used = 0  # slots [0, _used) have held a row since the last compaction
+        self._keys, self._values, self._slot_ids = self._allocate(capacity)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def is_labels(self) -> bool:
+        """True for a label memory (int64 class values)."""
+        return self.num_classes is not None
+
+    @property
+    def out_dim(self) -> int:
+        """Width of :meth:`attend`'s result: ``value_dim`` or ``num_classes``."""
+        return self.num_classes if self.is_labels else self.value_dim
+
+    @property
+    def capacity(self) -> int:
+        return self._slot_ids.shape[0]
+
+    @property
+    def num_dead(self) -> int:
+        """Deleted rows whose slots :meth:`compact` has not reclaimed yet."""
+        return self._used - len(self._slot_of)
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def __contains__(self, id_: object) -> bool:
+        try:
+            return int(id_) in self._slot_of
+        except (TypeError, ValueError):
+            return False
+
+    def __repr__(self) -> str:
+        kind = f"num_classes={self.num_classes}" if self.is_labels else f"value_dim={self.value_dim}"
+        return (
+            f"KeyMemory(key_dim={self.key_dim}, {kind}, metric={self.metric!r}, dtype={self.dtype}, "
+            f"device={self.device}, rows={len(self)}, dead={self.num_dead}, capacity={self.capacity})"
+        )
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views ``(keys, values, slot_ids)`` of the used slots, dead ones included
+        (zeroed, ``slot_ids == -1``). These are what the ops read; do not write to them."""
+        n = self._used
+        return self._keys[:n], self._values[:n], self._slot_ids[:n]
+
+    def state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copies ``(ids [n], keys [n, key_dim], values)`` of the live rows, in slot order."""
+        keys, values, slot_ids = self.buffers()
+        live = slot_ids >= 0
+        return slot_ids[live].clone(), keys[live].clone(), values[live].clone()
+
+    def ids(self) -> torch.Tensor:
+        """Live ids in slot order: int64 ``[len(self)]``."""
+        return self.state()[0]
+
+    # -------------------------------------------------------------- mutation
+    def add(self, ids: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append rows.
+
+        Args:
+            ids: int64 ``[n]``, non-negative, new (not live in the memory) and distinct.
+            keys: floating ``[n, key_dim]`` on the memory's device, finite; cast to ``dtype``.
+            values: floating ``[n, value_dim]`` (vector memory) or int64 ``[n]`` labels in
+                ``[0, num_classes)`` (label memory), on the memory's device.
+
+        Raises ``TypeError``/``ValueError`` naming the argument; nothing is added then.
+        """
+        id_list = self._check_new_ids(ids)
+        n = len(id_list)
+        self._check_keys("keys", keys, n)
+        self._check_values(values, n)
+        if not n:
+            return
+        self._reserve(self._used + n)
+        rows = slice(self._used, self._used + n)
+        self._keys[rows] = keys.detach().to(self.dtype)
+        self._values[rows] = values.detach().to(self._values.dtype)
+        self._slot_ids[rows] = ids.to(self.device)
+        self._slot_of.update(zip(id_list, range(self._used, self._used + n), strict=True))
+        self._used += n
+        self.version += 1
+
+    def delete(self, ids: IdsLike) -> int:
+        """Delete rows by id; returns how many. O(1) per id in the memory's size.
+
+        The slots are marked dead and their key and value bytes overwritten with zeros
+        before this returns. Unknown or repeated ids raise (``KeyError`` /
+        ``ValueError``) and then no row is deleted.
+        """
+        id_list = _id_list("ids", ids)
+        if len(set(id_list)) != len(id_list):
+            raise ValueError(f"ids repeats {_repeats(id_list)[:5]}")
+        unknown = [i for i in id_list if i not in self._slot_of]
+        if unknown:
+            raise KeyError(f"{len(unknown)} id(s) not in the memory, e.g. {unknown[:5]}; nothing was deleted")
+        if not id_list:
+            return 0
+        slots = torch.tensor([self._slot_of.pop(i) for i in id_list], dtype=torch.int64, device=self.device)
+        self._keys.index_fill_(0, slots, 0)
+        self._values.index_fill_(0, slots, 0)
+        self._slot_ids.index_fill_(0, slots, -1)
+        self.version += 1
+        if self.compact_threshold is not None and self.num_dead > self.compact_threshold * self._used:
+            self.compact()
+        return len(id_list)
+
+    def compact(self) -> int:
+        """Move live rows to the front in order, reclaiming dead slots; returns how many.
+
+        Afterwards ids, keys and values equal, bit for bit, those of a memory that only
+        ever received the surviving rows in the same order. O(used slots).
+        """
+        reclaimed = self.num_dead
+        if not reclaimed:
+            return 0
+        keep = self._slot_ids[: self._used] >= 0
+        new = self._allocate(self.capacity)
+        for src, dst in zip((self._keys, self._values, self._slot_ids), new, strict=True):
+            ops.compact_rows(src[: self._used], keep, dst, backend=_compact_backend(self.backend))
+        self._keys, self._values, self._slot_ids = new
+        self._used = len(self._slot_of)
+        self._slot_of = dict(zip(self._slot_ids[: self._used].tolist(), range(self._used), strict=True))
+        self.version += 1
+        return reclaimed
+
+    # ----------------------------------------------------------------- reads
+    def search(
+        self, queries: torch.Tensor, k: int, exclude_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` live rows per query.
+
+        Args:
+            queries: floating ``[B, key_dim]`` on the memory's device.
+            k: rows per query, ``>= 1``.
+            exclude_ids: int64 ``[B, E]`` ids a query must not retrieve (``-1`` = none).
+
+        Returns:
+            ``(scores [B, k], ids [B, k])`` best first (ties: the row added earlier);
+            ``-inf`` and ``-1`` where fewer than ``k`` rows qualify.
+        """
+        self._check_queries(queries)
+        keys, _, slot_ids = self.buffers()
+        scores, slots = ops.search(
+            queries, keys, slot_ids, k, metric=self.metric, exclude_ids=exclude_ids, backend=self.backend
+        )
+        # The whole slot_ids buffer (never empty) so an empty memory indexes safely.
+        ids = torch.where(slots >= 0, self._slot_ids[slots.clamp(min=0)], -1)
+        return scores, ids
+
+    def attend(
+        self,
+        queries: torch.Tensor,
+        k: int | None = 32,
+        scale: float | None = None,
+        exclude_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Softmax attention of each query over its top-``k`` live rows.
+
+        ``softmax(scale * score)`` over the retrieved rows weights their values:
+        ``[B, value_dim]`` for a vector memory, class probabilities ``[B, num_classes]``
+        for a label memory. ``k=None`` attends over every live row; ``scale`` defaults to
+        ``1/sqrt(key_dim)``. A query with no live row gets zeros. Differentiable in
+        ``queries``.
+        """
+        self._check_queries(queries)
+        keys, values, slot_ids = self.buffers()
+        return ops.topk_attention(
+            queries,
+            keys,
+            values,
+            slot_ids,
+            k,
+            scale=scale,
+            metric=self.metric,
+            exclude_ids=exclude_ids,
+            num_classes=self.num_classes,
+            backend=self.backend,
+        )
+
+    # ----------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> None:
+        """Write the live rows and settings to ``path`` (safetensors), atomically.
+
+        The file holds only live rows: no byte of a deleted row is written.
+        """
+        ids, keys, values = self.state()
+        snapshot.write(path, {"ids": ids, "keys": keys, "values": values}, self._config())
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str | None = None) -> KeyMemory:
+        """Read a memory written by :meth:`save`; ``device`` overrides where it lives."""
+        tensors, config = snapshot.read(path, expected=("ids", "keys", "values"))
+        dtype = getattr(torch, config.pop("dtype"))
+        mem = cls(**config, dtype=dtype, device=device or "cpu", capacity=max(1, len(tensors["ids"])))
+        dev = mem.device
+        mem.add(tensors["ids"].to(dev), tensors["keys"].to(dev), tensors["values"].to(dev))
+        return mem
+
+    def _config(self) -> dict:
+        return {
+            "key_dim": self.key_dim,
+            "value_dim": self.value_dim,
+            "num_classes": self.num_classes,
+            "metric": self.metric,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "compact_threshold": self.compact_threshold,
+        }
+
+    # -------------------------------------------------------------- internals
+    def _allocate(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys = torch.zeros(capacity, self.key_dim, dtype=self.dtype, device=self.device)
+        if self.is_labels:
+            values = torch.zeros(capacity, dtype=torch.int64, device=self.device)
+        else:
+            values = torch.zeros(capacity, self.value_dim, dtype=self.dtype, device=self.device)
+        slot_ids = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        return keys, values, slot_ids
+
+    def _reserve(self, slots: int) -> None:
+        """Grow the buffers geometrically so at least ``slots`` slots exist."""
+        if slots <= self.capacity:
+            return
+        capacity = max(slots, math.ceil(self.capacity * 1.5))
+        new = self._allocate(capacity)
+        for src, dst in zip((self._keys, self._values, self._slot_ids), new, strict=True):
+            dst[: self._used] = src[: self._used]
+        self._keys, self._values, self._slot_ids = new
+
+    def _check_new_ids(self, ids: object) -> list[int]:
+        _checks.int64("ids", ids)
+        _checks.shape("ids", ids, (None,))
+        id_list = ids.tolist()
+        if any(i < 0 for i in id_list):
+            raise ValueError("ids must be >= 0 (-1 marks an empty slot)")
+        if len(set(id_list)) != len(id_list):
+            raise ValueError(f"ids repeats {_repeats(id_list)[:5]}")
+        live = [i for i in id_list if i in self._slot_of]
+        if live:
+            raise ValueError(f"{len(live)} id(s) already in the memory, e.g. {live[:5]}")
+        return id_list
+
+    def _check_keys(self, name: str, keys: object, n: int) -> None:
+        _checks.floating(name, keys)
+        _checks.shape(name, keys, (n, self.key_dim))
+        _checks.device(name, keys, self.device)
+        _checks.finite(name, keys)
+
+    def _check_queries(self, queries: object) -> None:
+        _checks.floating("queries", queries)
+        _checks.shape("queries", queries, (None, self.key_dim))
+        _checks.device("queries", queries, self.device)
+
+    def _check_values(self, values: object, n: int) -> None:
+        if self.is_labels:
+            _checks.int64("values", values)
+            _checks.shape("values", values, (n,))
+            _checks.device("values", values, self.device)
+            if n and (int(values.min()) < 0 or int(values.max()) >= self.num_classes):
+                raise ValueError(f"values (labels) must be in [0, {self.num_classes})")
+        else:
+            _checks.floating("values", values)
+            _checks.shape("values", values, (n, self.value_dim))
+            _checks.device("values", values, self.device)
+            _checks.finite("values", values)
+
+
+def _compact_backend(backend: str) -> str:
+    """The memory's backend for compaction: a named backend that has no compaction of
+    its own (the search kernels) compacts with the best available one."""
+    return backend if backend in ops.OPS["compact_rows"].names() else "auto"
+
+
+def _id_list(name: str, ids: IdsLike) -> list[int]:
+    if isinstance(ids, torch.Tensor):
+        _checks.int64(name, ids)
+        if ids.dim() > 1:
+            raise ValueError(f"{name} must be a scalar or 1-D, got shape {list(ids.shape)}")
+        return ids.reshape(-1).tolist()
+    if isinstance(ids, int) and not isinstance(ids, bool):
+        return [ids]
+    out = list(ids)
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in out):
+        raise TypeError(f"{name} must hold ints")
+    return out
+
+
+def _repeats(values: list[int]) -> list[int]:
+    return sorted(v for v, count in Counter(values).items() if count > 1)

@@ -1,0 +1,160 @@
+"""Functional ops of kmem: top-k search, top-k/dense attention and stable compaction.
+
+Each op takes a ``backend`` argument: ``"auto"`` picks the first backend that can run
+the call; a name (``"reference"``, ``"cpp"``, ...) runs exactly that backend or raises
+:class:`BackendUnavailable` with the reasons. :data:`OPS` lists every op's backends.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _checks, _ext
+from . import reference
+from .dispatch import Backend, BackendUnavailable, Op
+
+__all__ = [
+    "OPS",
+    "BackendUnavailable",
+    "compact_rows",
+    "search",
+    "topk_attention",
+]
+
+
+def _cpp_missing() -> str | None:
+    return _ext.missing_reason()
+
+
+def _cpp_compact_rows(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> int:
+    return _ext.compiled().compact_rows(src, keep, out)
+
+
+_ANY_DEVICE = frozenset({"cpu", "cuda"})
+
+OPS: dict[str, Op] = {
+    name: Op(name) for name in ("compact_rows", "search", "topk_attention", "dense_attention")
+}
+OPS["compact_rows"].register(Backend("cpp", _cpp_compact_rows, frozenset({"cpu"}), missing=_cpp_missing))
+OPS["compact_rows"].register(Backend("reference", reference.compact_rows, _ANY_DEVICE))
+OPS["search"].register(Backend("reference", reference.search_slots, _ANY_DEVICE))
+OPS["topk_attention"].register(Backend("reference", reference.topk_attention, _ANY_DEVICE))
+OPS["dense_attention"].register(Backend("reference", reference.dense_attention, _ANY_DEVICE))
+
+
+def _check_memory(queries, keys, slot_ids) -> None:
+    _checks.floating("queries", queries)
+    _checks.floating("keys", keys)
+    _checks.int64("slot_ids", slot_ids)
+    _checks.shape("queries", queries, (None, None))
+    _checks.shape("keys", keys, (None, queries.shape[1]))
+    _checks.shape("slot_ids", slot_ids, (keys.shape[0],))
+    for name, t in (("keys", keys), ("slot_ids", slot_ids)):
+        if t.device != queries.device:
+            raise ValueError(f"{name} is on {t.device} but queries are on {queries.device}")
+    _checks.finite("queries", queries)
+
+
+def search(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    slot_ids: torch.Tensor,
+    k: int,
+    *,
+    metric: str = "ip",
+    exclude_ids: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` live rows per query.
+
+    Args:
+        queries: ``[B, d]`` floating.
+        keys: ``[N, d]`` floating (any float dtype; scored in float32 or float64).
+        slot_ids: ``[N]`` int64, ``-1`` for an empty or deleted slot.
+        k: rows per query, ``>= 1``.
+        metric: ``"ip"`` (``q . k``) or ``"l2"`` (``-||q - k||^2``).
+        exclude_ids: ``[B, E]`` int64 ids to skip per query, ``-1`` = none.
+
+    Returns:
+        ``(scores [B, k], slots [B, k])`` best first; ``-inf`` / ``-1`` where fewer than
+        ``k`` rows qualify. Scores are not differentiable here; use
+        :func:`topk_attention` for gradients.
+    """
+    _check_memory(queries, keys, slot_ids)
+    k = _checks.k(k)
+    _checks.metric(metric)
+    exclude_ids = _checks.exclude_ids(exclude_ids, queries.shape[0], queries.device)
+    impl = OPS["search"].select(backend, queries.device, keys.dtype)
+    slots = impl.fn(queries, keys, slot_ids, k, metric, exclude_ids)
+    with torch.no_grad():
+        scores = reference.gather_scores(queries, keys, slots, metric)
+    return scores, slots
+
+
+def topk_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot_ids: torch.Tensor,
+    k: int | None = 32,
+    *,
+    scale: float | None = None,
+    metric: str = "ip",
+    exclude_ids: torch.Tensor | None = None,
+    num_classes: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of each query over its top-``k`` live rows (``k=None``: all live rows).
+
+    ``out[b] = sum_j softmax_j(scale * score(q_b, k_j)) * v_j`` over the selected rows.
+
+    Args:
+        queries: ``[B, d]`` floating.
+        keys: ``[N, d]`` floating.
+        values: ``[N, V]`` floating, or ``[N]`` int64 class labels with ``num_classes``.
+        slot_ids: ``[N]`` int64, ``-1`` for an empty or deleted slot.
+        k: rows per query (``>= 1``) or None for dense attention over every live row.
+        scale: multiplies scores before the softmax; default ``1/sqrt(d)``.
+        metric, exclude_ids: as in :func:`search`.
+        num_classes: set for label values; the result is then class probabilities.
+
+    Returns:
+        ``[B, V]`` (or ``[B, num_classes]``) in float32 (float64 if an input is float64);
+        zeros for a query with no qualifying row. Differentiable in queries, keys and
+        values; only retrieved rows get gradient.
+    """
+    _check_memory(queries, keys, slot_ids)
+    _checks.metric(metric)
+    if num_classes is None:
+        _checks.floating("values", values)
+        _checks.shape("values", values, (keys.shape[0], None))
+    else:
+        _checks.int64("values", values)
+        _checks.shape("values", values, (keys.shape[0],))
+    if values.device != queries.device:
+        raise ValueError(f"values is on {values.device} but queries are on {queries.device}")
+    exclude_ids = _checks.exclude_ids(exclude_ids, queries.shape[0], queries.device)
+    scale = 1.0 / math.sqrt(queries.shape[1]) if scale is None else float(scale)
+    if k is None:
+        impl = OPS["dense_attention"].select(backend, queries.device, keys.dtype)
+        return impl.fn(queries, keys, values, slot_ids, scale, metric, exclude_ids, num_classes)
+    k = _checks.k(k)
+    impl = OPS["topk_attention"].select(backend, queries.device, keys.dtype)
+    return impl.fn(queries, keys, values, slot_ids, k, scale, metric, exclude_ids, num_classes)
+
+
+def compact_rows(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor, *, backend: str = "auto") -> int:
+    """Copy the rows of ``src [N, ...]`` where ``keep [N]`` (bool) is true, in order, to
+    ``out[:n]``; returns ``n``. ``out`` has ``src``'s dtype and row shape, ``>= n`` rows."""
+    _checks.tensor("src", src)
+    _checks.tensor("out", out)
+    _checks.tensor("keep", keep)
+    if keep.dtype != torch.bool:
+        raise TypeError(f"keep must be bool, got {keep.dtype}")
+    _checks.shape("keep", keep, (src.shape[0],))
+    if out.dtype != src.dtype or out.shape[1:] != src.shape[1:]:
+        raise ValueError(f"out must have src's dtype and row shape, got {out.dtype} {list(out.shape)}")
+    impl = OPS["compact_rows"].select(backend, src.device, src.dtype)
+    return impl.fn(src.contiguous(), keep.contiguous(), out)

@@ -1,0 +1,201 @@
+"""Pure-PyTorch reference twins of kmem's ops.
+
+They are the definition every compiled backend is tested against, and the fallback.
+They stream over the memory in chunks of rows, so the ``[B, N]`` score matrix is
+never held whole and they stay usable at millions of rows.
+
+Conventions shared by all backends:
+
+* A memory is ``keys [N, d]`` with ``slot_ids [N]`` int64; ``slot_ids[j] == -1`` marks
+  slot ``j`` as empty or deleted (the tombstone), which no op ever returns.
+* ``score = q . k`` (``metric="ip"``) or ``-||q - k||^2`` (``metric="l2"``).
+* Top-k ranks by the score rounded to float32, ties going to the lower slot (the row
+  added earlier; compaction keeps that order). Scores of the chosen rows are then
+  recomputed in the working precision, which is what gradients flow through.
+* ``exclude_ids [B, E]`` removes rows whose id is listed for that query (-1 = none).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_NONE = torch.iinfo(torch.int64).min  # packed key of "no row": below every real row
+_LOW32 = 0xFFFFFFFF
+
+
+def working_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype: float32, or float64 when any input is float64."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def chunk_rows(batch: int) -> int:
+    """Rows per chunk so a chunk of scores stays near 16M elements."""
+    return max(1024, min(1 << 17, (1 << 24) // max(batch, 1)))
+
+
+def _pack(scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """int64 keys that order by (float32 score, then lower slot): ``[B, C]``."""
+    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving as signed int
+    return (bits.to(torch.int64) << 32) | (_LOW32 - slots)
+
+
+def _unpack_slots(packed: torch.Tensor) -> torch.Tensor:
+    return torch.where(packed == _NONE, -1, _LOW32 - (packed & _LOW32))
+
+
+def _excluded(ids: torch.Tensor, exclude_sorted: torch.Tensor) -> torch.Tensor:
+    """``ids [B, C]`` found in the row's sorted ``exclude_sorted [B, E]``: bool ``[B, C]``."""
+    pos = torch.searchsorted(exclude_sorted, ids).clamp_(max=exclude_sorted.shape[1] - 1)
+    return torch.gather(exclude_sorted, 1, pos) == ids
+
+
+def _chunk_scores(q: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
+    """Ranking scores ``[B, C]``; for l2 the per-query constant ``-||q||^2`` is left out."""
+    kc = keys.to(q.dtype)
+    s = q @ kc.T
+    if metric == "l2":
+        s = 2 * s - kc.pow(2).sum(1)
+    return s
+
+
+def search_slots(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    slot_ids: torch.Tensor,
+    k: int,
+    metric: str = "ip",
+    exclude_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Slots of the top-``k`` live rows per query, best first: int64 ``[B, k]``, -1 past the end.
+
+    ``queries [B, d]``, ``keys [N, d]``, ``slot_ids [N]``. Not differentiable.
+    """
+    with torch.no_grad():
+        q = queries.to(working_dtype(queries, keys))
+        batch, n = q.shape[0], keys.shape[0]
+        exclude = None
+        if exclude_ids is not None and exclude_ids.shape[1] > 0:
+            exclude = exclude_ids.sort(dim=1).values
+        # A chunk keeps k + E candidates: at most E of them can be excluded for a query.
+        extra = 0 if exclude is None else exclude.shape[1]
+        best = torch.full((batch, k), _NONE, dtype=torch.int64, device=q.device)
+        step = chunk_rows(batch)
+        for start in range(0, n, step):
+            ids = slot_ids[start : start + step]
+            slots = torch.arange(start, start + ids.shape[0], device=q.device)
+            packed = _pack(_chunk_scores(q, keys[start : start + step], metric), slots)
+            packed.masked_fill_(ids < 0, _NONE)
+            top = packed.topk(min(k + extra, packed.shape[1]), dim=1).values
+            if exclude is not None:
+                top_ids = ids[(_unpack_slots(top) - start).clamp_(min=0)]
+                top.masked_fill_(_excluded(top_ids, exclude), _NONE)
+            best = torch.cat([best, top], 1).topk(k, dim=1).values
+        return _unpack_slots(best)
+
+
+def _take(rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``rows[slots]``, reading row 0 for slot -1 (callers mask those); zeros if there are no rows."""
+    if rows.shape[0] == 0:
+        return rows.new_zeros(*slots.shape, *rows.shape[1:])
+    return rows[slots.clamp(min=0)]
+
+
+def gather_scores(
+    queries: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor, metric: str
+) -> torch.Tensor:
+    """Differentiable scores of the chosen rows ``slots [B, k]``: ``[B, k]``, -inf where slot is -1."""
+    dtype = working_dtype(queries, keys)
+    q = queries.to(dtype)
+    rows = _take(keys, slots).to(dtype)  # [B, k, d]
+    if metric == "ip":
+        s = torch.einsum("bd,bkd->bk", q, rows)
+    else:
+        s = -(q[:, None, :] - rows).pow(2).sum(-1)
+    return s.masked_fill(slots < 0, float("-inf"))
+
+
+def _masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax over the valid entries of each row; all-zero weights for a row with none."""
+    logits = logits.masked_fill(~valid, float("-inf"))
+    logits = torch.where(valid.any(-1, keepdim=True), logits, torch.zeros_like(logits))
+    return torch.softmax(logits, -1) * valid
+
+
+def topk_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot_ids: torch.Tensor,
+    k: int,
+    scale: float,
+    metric: str = "ip",
+    exclude_ids: torch.Tensor | None = None,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """softmax(scale * score) over the top-k live rows, then the weighted sum of their values.
+
+    ``values`` is ``[N, V]`` (result ``[B, V]``) or int64 labels ``[N]`` with
+    ``num_classes`` (result: class probabilities ``[B, num_classes]``). Differentiable in
+    queries, keys and values; only the retrieved rows receive gradient.
+    """
+    slots = search_slots(queries, keys, slot_ids, k, metric, exclude_ids)
+    valid = slots >= 0
+    weights = _masked_softmax(scale * gather_scores(queries, keys, slots, metric), valid)
+    if num_classes is None:
+        return torch.einsum("bk,bkv->bv", weights, _take(values, slots).to(weights.dtype))
+    out = weights.new_zeros(weights.shape[0], num_classes)
+    return out.scatter_add(1, _take(values, slots), weights)
+
+
+def dense_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot_ids: torch.Tensor,
+    scale: float,
+    metric: str = "ip",
+    exclude_ids: torch.Tensor | None = None,
+    num_classes: int | None = None,
+) -> torch.Tensor:
+    """:func:`topk_attention` over every live row, by an online softmax over chunks."""
+    dtype = working_dtype(queries, keys)
+    q = queries.to(dtype)
+    batch, n = q.shape[0], keys.shape[0]
+    width = values.shape[1] if num_classes is None else num_classes
+    exclude = None
+    if exclude_ids is not None and exclude_ids.shape[1] > 0:
+        exclude = exclude_ids.sort(dim=1).values
+    run_max = torch.full((batch, 1), float("-inf"), dtype=dtype, device=q.device)
+    total = q.new_zeros(batch, 1)
+    acc = q.new_zeros(batch, width)
+    step = chunk_rows(batch)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        ids = slot_ids[start:stop]
+        s = scale * _chunk_scores(q, keys[start:stop], metric)
+        if metric == "l2":
+            s = s - scale * q.pow(2).sum(1, keepdim=True)
+        dead = (ids < 0).expand(batch, -1)
+        if exclude is not None:
+            dead = dead | _excluded(ids.expand(batch, -1).contiguous(), exclude)
+        s = s.masked_fill(dead, float("-inf"))
+        new_max = torch.maximum(run_max, s.amax(1, keepdim=True))
+        shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+        p = torch.exp(s - shift)
+        rescale = torch.exp(run_max - shift)
+        if num_classes is None:
+            contrib = p @ values[start:stop].to(dtype)
+        else:
+            contrib = p.new_zeros(batch, width).index_add(1, values[start:stop], p)
+        acc = acc * rescale + contrib
+        total = total * rescale + p.sum(1, keepdim=True)
+        run_max = new_max
+    return acc / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def compact_rows(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> int:
+    """Stable compaction: the rows of ``src [N, ...]`` where ``keep [N]`` go, in order, to ``out[:n]``."""
+    kept = src[keep]
+    out[: kept.shape[0]] = kept
+    return kept.shape[0]

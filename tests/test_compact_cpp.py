@@ -1,0 +1,90 @@
+"""The compiled compaction kernel (kmem._C) against its reference twin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kmem
+from kmem import ops
+from kmem.ops import reference
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = kmem._ext.compiled()
+    assert module is not None, (
+        f"the compiled extension must be built for these tests: {kmem._ext.missing_reason()}"
+    )
+    return module
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.bool]
+)
+@pytest.mark.parametrize(
+    ("rows", "row_shape"), [(0, (3,)), (1, (1,)), (13, ()), (1001, (7,)), (20011, (2, 5))]
+)
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_matches_reference(ext, dtype, rows, row_shape, density):
+    src = (torch.randn(rows, *row_shape) * 100).to(dtype)
+    keep = torch.rand(rows) < density
+    out_cpp = torch.full((rows + 3, *row_shape), 7).to(dtype)
+    out_ref = out_cpp.clone()
+    before = ext.call_count("compact_rows")
+    n_cpp = ops.compact_rows(src, keep, out_cpp, backend="cpp")
+    assert ext.call_count("compact_rows") == before + 1
+    n_ref = ops.compact_rows(src, keep, out_ref, backend="reference")
+    assert n_cpp == n_ref == int(keep.sum())
+    assert torch.equal(out_cpp, out_ref)
+
+
+def test_runs_of_kept_rows_cross_thread_blocks(ext):
+    # Long runs make single memcpy calls span block boundaries of the parallel scan.
+    rows = 50_000
+    keep = torch.zeros(rows, dtype=torch.bool)
+    keep[100:30_000] = True
+    keep[-7:] = True
+    src = torch.arange(rows * 3, dtype=torch.int64).reshape(rows, 3)
+    out = torch.zeros_like(src)
+    assert ops.compact_rows(src, keep, out, backend="cpp") == int(keep.sum())
+    assert torch.equal(out[: int(keep.sum())], src[keep])
+
+
+def test_auto_picks_the_compiled_kernel_on_cpu(ext):
+    src, keep = torch.randn(10, 2), torch.ones(10, dtype=torch.bool)
+    before = ext.call_count("compact_rows")
+    ops.compact_rows(src, keep, torch.empty(10, 2))
+    assert ext.call_count("compact_rows") == before + 1
+    assert ops.OPS["compact_rows"].names() == ["cpp", "reference"]
+
+
+def test_out_too_small_is_an_error(ext):
+    with pytest.raises(RuntimeError, match="kept"):
+        ops.compact_rows(
+            torch.randn(10, 2), torch.ones(10, dtype=torch.bool), torch.empty(4, 2), backend="cpp"
+        )
+
+
+@pytest.mark.parametrize(
+    ("keep", "out", "error"),
+    [
+        (torch.ones(10, dtype=torch.int64), torch.empty(10, 2), TypeError),
+        (torch.ones(9, dtype=torch.bool), torch.empty(10, 2), ValueError),
+        (torch.ones(10, dtype=torch.bool), torch.empty(10, 3), ValueError),
+        (torch.ones(10, dtype=torch.bool), torch.empty(10, 2, dtype=torch.float64), ValueError),
+    ],
+)
+def test_bad_arguments(keep, out, error):
+    with pytest.raises(error):
+        ops.compact_rows(torch.randn(10, 2), keep, out)
+
+
+def test_reference_backend_on_request_does_not_touch_the_extension(ext):
+    before = ext.call_count("compact_rows")
+    out = torch.empty(5, 1)
+    reference_n = ops.compact_rows(
+        torch.randn(5, 1), torch.ones(5, dtype=torch.bool), out, backend="reference"
+    )
+    assert reference_n == 5 and ext.call_count("compact_rows") == before
+    assert reference.compact_rows is ops.OPS["compact_rows"].backends[1].fn

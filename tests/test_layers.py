@@ -1,0 +1,93 @@
+"""KeyMemoryAttention: shapes, heads, exclusion, forgetting, gradients, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import filled_memory
+
+import kmem
+
+
+def _manual(layer, x, exclude_ids=None):
+    """The layer's computation spelled out with the memory's own attend."""
+    mem, heads = layer.memory, layer.num_heads
+    q = layer.q_proj(x).reshape(-1, mem.key_dim)
+    if exclude_ids is not None:
+        exclude_ids = exclude_ids.reshape(-1, exclude_ids.shape[-1]).repeat_interleave(heads, 0)
+    out = mem.attend(q, k=layer.k, exclude_ids=exclude_ids)
+    return layer.out_proj(out.reshape(*x.shape[:-1], heads * mem.out_dim))
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("num_classes", [None, 4])
+@pytest.mark.parametrize("lead", [(5,), (2, 3), (2, 1, 4)])
+def test_shapes_and_math(heads, num_classes, lead):
+    mem, *_ = filled_memory(60, num_classes=num_classes)
+    layer = kmem.KeyMemoryAttention(16, mem, num_heads=heads, k=6)
+    x = torch.randn(*lead, 16)
+    out = layer(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, _manual(layer, x))
+
+
+def test_exclude_ids_per_position():
+    mem, _ids, *_ = filled_memory(40)
+    layer = kmem.KeyMemoryAttention(16, mem, num_heads=2, k=3)
+    x = torch.randn(2, 3, 16)
+    ex = torch.randint(0, 40, (2, 3, 5))
+    torch.testing.assert_close(layer(x, exclude_ids=ex), _manual(layer, x, ex))
+    assert not torch.allclose(layer(x, exclude_ids=ex), layer(x))
+    with pytest.raises(ValueError, match="exclude_ids"):
+        layer(x, exclude_ids=torch.zeros(3, 5, dtype=torch.long))
+
+
+def test_forget_changes_output_exactly_as_never_added():
+    mem, ids, keys, values = filled_memory(80, compact_threshold=None)
+    layer = kmem.KeyMemoryAttention(16, mem, k=8)
+    x = torch.randn(7, 16)
+    before = layer(x)
+    assert layer.forget(torch.arange(0, 80, 2)) == 40
+    never = kmem.KeyMemory(8, 3)
+    never.add(ids[1::2], keys[1::2], values[1::2])
+    twin = kmem.KeyMemoryAttention(16, never, k=8)
+    twin.load_state_dict(layer.state_dict())
+    assert torch.equal(layer(x), twin(x))
+    assert not torch.allclose(layer(x), before)
+
+
+def test_gradients_reach_projections_and_input():
+    mem, *_ = filled_memory(30)
+    layer = kmem.KeyMemoryAttention(16, mem, num_heads=2, k=4)
+    x = torch.randn(3, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in layer.parameters())
+    assert bool(x.grad.abs().sum() > 0)
+
+
+def test_state_dict_holds_only_projections():
+    mem, *_ = filled_memory(10)
+    layer = kmem.KeyMemoryAttention(16, mem)
+    assert set(layer.state_dict()) == {"q_proj.weight", "q_proj.bias", "out_proj.weight", "out_proj.bias"}
+    assert "rows=10" in repr(layer)
+
+
+def test_bad_construction_and_input():
+    mem, *_ = filled_memory(10)
+    with pytest.raises(TypeError, match="memory"):
+        kmem.KeyMemoryAttention(16, object())
+    with pytest.raises(ValueError, match="num_heads"):
+        kmem.KeyMemoryAttention(16, mem, num_heads=0)
+    with pytest.raises(ValueError, match="embed_dim"):
+        kmem.KeyMemoryAttention(16, mem)(torch.randn(2, 15))
+
+
+def test_torch_compile_matches_eager():
+    mem, *_ = filled_memory(50)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), kmem.KeyMemoryAttention(16, mem, num_heads=2, k=5))
+    compiled = torch.compile(model)
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(compiled(x), model(x))
+    # The compiled model reads the memory live: forgetting shows up without recompiling.
+    model[1].forget([int(i) for i in mem.search(model[1].q_proj(model[0](x)).reshape(-1, 8)[:1], 1)[1][0]])
+    torch.testing.assert_close(compiled(x), model(x))
