@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable
@@ -36,7 +38,7 @@ class KeyMemory:
         capacity: initial number of slots; grows geometrically on demand.
         compact_threshold: compact automatically once this fraction of used slots is
             dead (``None`` = only when :meth:`compact` is called).
-        backend: kernel backend for search/attend/compaction (see :mod:`kmem.ops`).
+        backend: kernel backend for search and attend (see :mod:`kmem.ops`).
     """
 
     def __init__(
@@ -124,6 +126,19 @@ class KeyMemory:
         live = slot_ids >= 0
         return slot_ids[live].clone(), keys[live].clone(), values[live].clone()
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the settings and the live rows (ids, key and value bytes, in order).
+
+        Equal fingerprints mean equal memories: after deleting rows, a memory and one
+        that never received them fingerprint the same, compacted or not.
+        """
+        layout = {k: v for k, v in self._config().items() if k != "compact_threshold"}  # policy, not content
+        digest = hashlib.sha256(json.dumps(layout, sort_keys=True).encode())
+        for t in self.state():
+            digest.update(str((t.dtype, tuple(t.shape))).encode())
+            digest.update(t.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
     def ids(self) -> torch.Tensor:
         """Live ids in slot order: int64 ``[len(self)]``."""
         return self.state()[0]
@@ -191,7 +206,7 @@ class KeyMemory:
         keep = self._slot_ids[: self._used] >= 0
         new = self._allocate(self.capacity)
         for src, dst in zip((self._keys, self._values, self._slot_ids), new, strict=True):
-            ops.compact_rows(src[: self._used], keep, dst, backend=_compact_backend(self.backend))
+            ops.compact_rows(src[: self._used], keep, dst)  # a byte copy: every backend gives the same bits
         self._keys, self._values, self._slot_ids = new
         self._used = len(self._slot_of)
         self._slot_of = dict(zip(self._slot_ids[: self._used].tolist(), range(self._used), strict=True))
@@ -337,12 +352,6 @@ class KeyMemory:
             _checks.shape("values", values, (n, self.value_dim))
             _checks.device("values", values, self.device)
             _checks.finite("values", values)
-
-
-def _compact_backend(backend: str) -> str:
-    """The memory's backend for compaction: a named backend that has no compaction of
-    its own (the search kernels) compacts with the best available one."""
-    return backend if backend in ops.OPS["compact_rows"].names() else "auto"
 
 
 def _id_list(name: str, ids: IdsLike) -> list[int]:

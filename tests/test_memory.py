@@ -172,3 +172,16 @@ def test_repr_mentions_state():
     mem, *_ = filled_memory(10, compact_threshold=None)
     mem.delete([0])
     assert "rows=9" in repr(mem) and "dead=1" in repr(mem)
+
+
+def test_fingerprint_tracks_content_not_history():
+    mem, ids, keys, values = filled_memory(40, compact_threshold=None)
+    full = mem.fingerprint()
+    mem.delete([5, 6])
+    keep = ~torch.isin(ids, torch.tensor([5, 6]))
+    never = _fresh_like(mem, ids[keep], keys[keep], values[keep])
+    assert mem.fingerprint() == never.fingerprint() != full
+    mem.compact()
+    assert mem.fingerprint() == never.fingerprint()
+    never.add(torch.tensor([5]), keys[5:6], values[5:6])
+    assert mem.fingerprint() != never.fingerprint()

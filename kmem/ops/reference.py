@@ -59,6 +59,24 @@ def _chunk_scores(q: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Ten
     return s
 
 
+def _chunk_top(scores: torch.Tensor, start: int, m: int) -> torch.Tensor:
+    """The ``m`` best rows of one chunk as packed keys ``[B, m]``, by the tie rule.
+
+    A float top-k finds them fast; only queries whose m-th score ties with a row left
+    out (topk's choice among equals is arbitrary) are re-ranked through packed keys.
+    """
+    scores = scores.float()
+    vals, idx = scores.topk(m, dim=1)
+    packed = _pack(vals, idx + start)
+    bound = vals[:, -1:]
+    tied = torch.isfinite(bound[:, 0]) & ((scores == bound).sum(1) > (vals == bound).sum(1))
+    if bool(tied.any()):
+        rows = tied.nonzero()[:, 0]
+        slots = torch.arange(start, start + scores.shape[1], device=scores.device)
+        packed[rows] = _pack(scores[rows], slots).topk(m, dim=1).values
+    return packed
+
+
 def search_slots(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -83,12 +101,14 @@ def search_slots(
         step = chunk_rows(batch)
         for start in range(0, n, step):
             ids = slot_ids[start : start + step]
-            slots = torch.arange(start, start + ids.shape[0], device=q.device)
-            packed = _pack(_chunk_scores(q, keys[start : start + step], metric), slots)
-            packed.masked_fill_(ids < 0, _NONE)
-            top = packed.topk(min(k + extra, packed.shape[1]), dim=1).values
+            scores = _chunk_scores(q, keys[start : start + step], metric)
+            dead = ids < 0
+            if bool(dead.any()):
+                scores.masked_fill_(dead, float("-inf"))
+            top = _chunk_top(scores, start, min(k + extra, ids.shape[0]))
+            top_ids = ids[_unpack_slots(top) - start]
+            top.masked_fill_(top_ids < 0, _NONE)
             if exclude is not None:
-                top_ids = ids[(_unpack_slots(top) - start).clamp_(min=0)]
                 top.masked_fill_(_excluded(top_ids, exclude), _NONE)
             best = torch.cat([best, top], 1).topk(k, dim=1).values
         return _unpack_slots(best)

@@ -1,0 +1,33 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+# torch==2.13.0 (CPU build) is installed first and kmem is built against it without
+# build isolation, so pip never pulls a second (CUDA) torch.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kmem-installed
+SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*)
+
+.PHONY: install demo test lint bench
+
+install: $(STAMP)
+
+$(STAMP): $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0 setuptools wheel ninja
+	$(BIN)/pip install --quiet --no-build-isolation -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/kmem demo
+
+# The unit tests, then every benchmark once at a tiny size so the suites never rot.
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest bench --benchmark-disable --rows 3000 -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python -m pytest bench --benchmark-json=bench/results.json

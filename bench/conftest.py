@@ -1,0 +1,47 @@
+"""Sizes for the benchmark suites, from the command line.
+
+Full size (the figures in BENCHMARKS.md): ``pytest bench``. CI runs every benchmark
+once at a tiny size so the suites never rot: ``pytest bench --benchmark-disable --rows 3000``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kmem
+
+IMAGENET_ROWS = 1_281_167
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("kmem benchmarks")
+    group.addoption("--rows", type=int, default=IMAGENET_ROWS, help="rows of the large memory")
+    group.addoption("--small-rows", type=int, default=10_000, help="rows of the small memory")
+    group.addoption("--dim", type=int, default=256, help="key dimension")
+
+
+@pytest.fixture(scope="session")
+def sizes(request):
+    opt = request.config.getoption
+    return {"rows": opt("--rows"), "small": min(opt("--small-rows"), opt("--rows")), "dim": opt("--dim")}
+
+
+def make_memory(rows: int, dim: int, value_dim: int = 16, **kw) -> kmem.KeyMemory:
+    """A vector memory with ids 0..rows-1 and Gaussian keys, preallocated to its size."""
+    mem = kmem.KeyMemory(dim, value_dim, capacity=rows, **kw)
+    gen = torch.Generator().manual_seed(0)
+    step = 1 << 16
+    for start in range(0, rows, step):
+        n = min(step, rows - start)
+        mem.add(
+            torch.arange(start, start + n),
+            torch.randn(n, dim, generator=gen),
+            torch.randn(n, value_dim, generator=gen),
+        )
+    return mem
+
+
+@pytest.fixture(scope="session")
+def large_memory(sizes):
+    return make_memory(sizes["rows"], sizes["dim"])
