@@ -7,6 +7,13 @@
 #include "counters.h"
 #include "cpu/compact.h"
 
+#ifdef KMEM_WITH_CUDA
+namespace kmem {
+// Defined in csrc/cuda/*.cpp, compiled only in a CUDA build: binds the CUDA kernels.
+void register_cuda(pybind11::module& m);
+}  // namespace kmem
+#endif
+
 namespace kmem {
 
 namespace {
@@ -38,6 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("op"));
 #ifdef KMEM_WITH_CUDA
   m.attr("with_cuda") = true;
+  kmem::register_cuda(m);
 #else
   m.attr("with_cuda") = false;
 #endif

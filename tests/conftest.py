@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-import kmem
-from kmem.ops import reference
+# Triton kernels run on CPU tensors through the interpreter where no GPU is present;
+# the variable must be set before any Triton kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import kmem  # noqa: E402
+from kmem.ops import reference  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,86 @@
+"""The cheap half of top-k attention, written once in PyTorch with explicit gradients.
+
+After a backend's scan has chosen ``slots [B, k]``, the rest touches only ``B * k``
+rows: score them, softmax, weight their values. These functions do that with the
+backward pass spelled out (no autograd graph), so a backend that brings only a fused
+scan kernel gets a complete forward + backward through :mod:`kmem.ops.fused`. They
+are also the specification of that step for the compiled ``attend`` kernels.
+
+Shapes: ``queries [B, d]``, ``keys [N, d]``, ``values [N, V]`` or int64 labels ``[N]``,
+``slots [B, k]`` int64 (``-1`` = no row), ``weights [B, k]``. The working dtype is
+float32, or float64 when an input is float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import _masked_softmax, _take, gather_scores, working_dtype
+
+
+def attend_forward(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    scale: float,
+    metric: str,
+    num_classes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, W], weights [B, k])``: softmax(scale * score) over the slots, then the
+    weighted sum of values (``num_classes == 0``) or class probabilities (``W = num_classes``)."""
+    weights = _masked_softmax(scale * gather_scores(queries, keys, slots, metric), slots >= 0)
+    if num_classes == 0:
+        out = torch.einsum("bk,bkv->bv", weights, _take(values, slots).to(weights.dtype))
+    else:
+        out = weights.new_zeros(weights.shape[0], num_classes).scatter_add_(1, _take(values, slots), weights)
+    return out, weights
+
+
+def attend_backward(
+    grad_out: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    scale: float,
+    metric: str,
+    num_classes: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients ``(d queries [B, d], d keys [N, d], d values [N, V] or None for labels)``.
+
+    With ``w = softmax(z)``, ``z = scale * s``: ``dw_j = g . v_j``,
+    ``dz_j = w_j (dw_j - g . out)``; for ``ip`` ``dq = scale * sum_j dz_j k_j`` and
+    ``dk_j += scale * dz_j q``; for ``l2`` (``s = -||q - k||^2``)
+    ``dq = -2 scale * sum_j dz_j (q - k_j)`` and ``dk_j += 2 scale * dz_j (q - k_j)``;
+    ``dv_j += w_j g``. Only retrieved rows receive gradient.
+    """
+    dtype = working_dtype(queries, keys)
+    g = grad_out.to(dtype)
+    q = queries.to(dtype)
+    valid = slots >= 0
+    rows = _take(keys, slots).to(dtype)  # [B, k, d]
+    if num_classes == 0:
+        vals = _take(values, slots).to(dtype)  # [B, k, V]
+        dw = torch.einsum("bv,bkv->bk", g, vals)
+    else:
+        dw = torch.gather(g, 1, _take(values, slots))
+    dz = weights * (dw - (weights * dw).sum(1, keepdim=True)) * valid
+    ds = scale * dz
+    flat = slots.clamp(min=0).reshape(-1)
+    if metric == "ip":
+        dq = torch.einsum("bk,bkd->bd", ds, rows)
+        row_grads = ds[..., None] * q[:, None, :]
+    else:
+        diff = q[:, None, :] - rows
+        dq = -2 * torch.einsum("bk,bkd->bd", ds, diff)
+        row_grads = 2 * ds[..., None] * diff
+    dkeys = torch.zeros(keys.shape, dtype=dtype, device=keys.device)
+    dkeys.index_add_(0, flat, (row_grads * valid[..., None]).reshape(-1, keys.shape[1]))
+    dvalues = None
+    if num_classes == 0:
+        dvalues = torch.zeros(values.shape, dtype=dtype, device=values.device)
+        contrib = (weights * valid)[..., None] * g[:, None, :]
+        dvalues.index_add_(0, flat, contrib.reshape(-1, values.shape[1]))
+    return dq, dkeys, dvalues
