@@ -11,10 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
-import kmem  # noqa: E402
-from kmem.ops import reference  # noqa: E402
+import kmem
+from kmem.ops import reference
 
 
 @pytest.fixture(autouse=True)
