@@ -6,6 +6,7 @@
 
 #include "counters.h"
 #include "cpu/compact.h"
+#include "cpu/search.h"
 
 #ifdef KMEM_WITH_CUDA
 namespace kmem {
@@ -41,6 +42,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kmem compiled kernels";
   m.def("compact_rows", &kmem::compact_rows, "Stable compaction of the kept rows of src into out",
         py::arg("src"), py::arg("keep"), py::arg("out"));
+  m.def("search", &kmem::search, "Fused top-k search: slots [B, k] of the best live rows per query",
+        py::arg("queries"), py::arg("keys"), py::arg("slot_ids"), py::arg("k"), py::arg("l2"),
+        py::arg("exclude_ids") = py::none());
   m.def("call_count", &kmem::call_count, "How often the compiled op `op` has run in this process",
         py::arg("op"));
 #ifdef KMEM_WITH_CUDA

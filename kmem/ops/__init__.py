@@ -11,8 +11,8 @@ import math
 
 import torch
 
-from .. import _checks, _ext
-from . import reference
+from .. import _checks
+from . import cpu, fused, reference
 from .dispatch import Backend, BackendUnavailable, Op
 
 __all__ = [
@@ -24,20 +24,19 @@ __all__ = [
 ]
 
 
-def _cpp_missing() -> str | None:
-    return _ext.missing_reason()
-
-
-def _cpp_compact_rows(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> int:
-    return _ext.compiled().compact_rows(src, keep, out)
-
-
 _ANY_DEVICE = frozenset({"cpu", "cuda"})
+_CPU = frozenset({"cpu"})
+_KEY_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 
 OPS: dict[str, Op] = {
     name: Op(name) for name in ("compact_rows", "search", "topk_attention", "dense_attention")
 }
-OPS["compact_rows"].register(Backend("cpp", _cpp_compact_rows, frozenset({"cpu"}), missing=_cpp_missing))
+
+fused.register("cpp", cpu.KERNELS)
+OPS["compact_rows"].register(Backend("cpp", cpu.compact_rows, _CPU, missing=cpu.missing))
+OPS["search"].register(Backend("cpp", fused.searcher("cpp"), _CPU, _KEY_DTYPES, cpu.missing))
+OPS["topk_attention"].register(Backend("cpp", fused.topk_attention("cpp"), _CPU, _KEY_DTYPES, cpu.missing))
+
 OPS["compact_rows"].register(Backend("reference", reference.compact_rows, _ANY_DEVICE))
 OPS["search"].register(Backend("reference", reference.search_slots, _ANY_DEVICE))
 OPS["topk_attention"].register(Backend("reference", reference.topk_attention, _ANY_DEVICE))

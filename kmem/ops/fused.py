@@ -66,11 +66,10 @@ def _grads_like(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cast kernel gradients to the inputs' dtypes; empty tensors stand for 'not needed'."""
     dq, dk, dv = grads
-    empty = queries.new_empty(0)
     return (
         dq.to(queries.dtype),
-        dk.to(keys.dtype) if needs_keys and dk is not None else empty,
-        dv.to(values.dtype) if needs_values and dv is not None else empty,
+        dk.to(keys.dtype) if needs_keys and dk is not None else queries.new_empty(0),
+        dv.to(values.dtype) if needs_values and dv is not None else queries.new_empty(0),
     )
 
 
@@ -160,11 +159,10 @@ def _(
     needs_keys,
     needs_values,
 ):
-    empty = queries.new_empty(0)
     return (
         torch.empty_like(queries),
-        torch.empty_like(keys) if needs_keys else empty,
-        torch.empty_like(values) if needs_values and not num_classes else empty,
+        torch.empty_like(keys) if needs_keys else queries.new_empty(0),
+        torch.empty_like(values) if needs_values and not num_classes else queries.new_empty(0),
     )
 
 
@@ -278,11 +276,10 @@ def _(
     needs_keys,
     needs_values,
 ):
-    empty = queries.new_empty(0)
     return (
         torch.empty_like(queries),
-        torch.empty_like(keys) if needs_keys else empty,
-        torch.empty_like(values) if needs_values and not num_classes else empty,
+        torch.empty_like(keys) if needs_keys else queries.new_empty(0),
+        torch.empty_like(values) if needs_values and not num_classes else queries.new_empty(0),
     )
 
 

@@ -1,4 +1,5 @@
-"""The reference twins against a brute-force oracle that materialises every score."""
+"""Every CPU backend of the ops (the reference twins and the compiled kernels) against a
+brute-force oracle that materialises every score, and against each other."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import pytest
 import torch
 from conftest import brute_attention, brute_scores, brute_topk, integer_data
 
+import kmem
 from kmem import ops
 from kmem.ops import reference
 
 METRICS = ["ip", "l2"]
+BACKENDS = ["reference", "cpp"]
 
 
 def _memory(n, d, dead_every=0, data=torch.randn):
@@ -32,26 +35,32 @@ def _exclusions(slot_ids, batch, width):
     return ex
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize(("n", "k"), [(1, 1), (37, 1), (37, 5), (37, 37), (37, 60), (200, 33)])
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (37, 1), (37, 5), (37, 37), (37, 60), (200, 33), (3001, 40)])
+@pytest.mark.parametrize("batch", [6, 11])
 @pytest.mark.parametrize("exclude", [False, True])
-def test_search_matches_brute_force_with_ties(small_chunks, metric, n, k, exclude):
-    # Integer data: exact scores and many ties, so the tie rule (lower slot first) is checked exactly.
+def test_search_matches_brute_force_with_ties(small_chunks, backend, metric, n, k, batch, exclude):
+    # Integer data: exact scores and many ties, so the tie rule (lower slot first) is
+    # checked exactly. batch 11 takes the C++ GEMM path, 6 its streaming path; 3001
+    # rows span several threads and tiles.
     keys, slot_ids = _memory(n, 5, dead_every=4, data=integer_data)
-    q = integer_data(6, 5)
-    ex = _exclusions(slot_ids, 6, 4) if exclude and n > 1 else None
-    scores, slots = ops.search(q, keys, slot_ids, k, metric=metric, exclude_ids=ex)
+    q = integer_data(batch, 5)
+    ex = _exclusions(slot_ids, batch, 4) if exclude and n > 1 else None
+    scores, slots = ops.search(q, keys, slot_ids, k, metric=metric, exclude_ids=ex, backend=backend)
     expected = brute_topk(q, keys, slot_ids, k, metric, ex)
     assert torch.equal(slots, expected)
     want = torch.gather(brute_scores(q, keys, metric), 1, expected.clamp(min=0)).float()
     torch.testing.assert_close(scores, want.masked_fill(expected < 0, float("-inf")))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
-def test_search_random_floats_is_exact_topk(metric):
+@pytest.mark.parametrize("batch", [1, 9])
+def test_search_random_floats_is_exact_topk(backend, metric, batch):
     keys, slot_ids = _memory(3001, 16, dead_every=3)
-    q = torch.randn(9, 16)
-    scores, slots = ops.search(q, keys, slot_ids, 20, metric=metric)
+    q = torch.randn(batch, 16)
+    scores, slots = ops.search(q, keys, slot_ids, 20, metric=metric, backend=backend)
     full = brute_scores(q, keys, metric).masked_fill(slot_ids < 0, float("-inf"))
     # Every returned row is live, its score is right, and no live row beats the last one.
     assert bool((slot_ids[slots] >= 0).all())
@@ -60,90 +69,111 @@ def test_search_random_floats_is_exact_topk(metric):
     torch.testing.assert_close(full.topk(20).values.float(), scores, rtol=1e-5, atol=1e-4)
 
 
-def test_search_all_dead_and_empty():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_search_all_dead_and_empty(backend):
     keys, slot_ids = torch.randn(10, 4), torch.full((10,), -1)
-    scores, slots = ops.search(torch.randn(3, 4), keys, slot_ids, 4)
+    scores, slots = ops.search(torch.randn(3, 4), keys, slot_ids, 4, backend=backend)
     assert torch.equal(slots, torch.full((3, 4), -1)) and bool(torch.isneginf(scores).all())
-    scores, slots = ops.search(torch.randn(3, 4), keys[:0], slot_ids[:0], 2)
+    scores, slots = ops.search(torch.randn(3, 4), keys[:0], slot_ids[:0], 2, backend=backend)
     assert slots.shape == (3, 2) and bool((slots == -1).all())
 
 
+def _backends_for(k):
+    """Backends serving top-k (k int) or dense (k None) attention."""
+    return [b for b in BACKENDS if b in ops.OPS["dense_attention" if k is None else "topk_attention"].names()]
+
+
+@pytest.mark.parametrize(("backend", "k"), [(b, k) for k in (1, 7, 40, None) for b in _backends_for(k)])
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("k", [1, 7, 40, None])
 @pytest.mark.parametrize("labels", [False, True])
-def test_attention_matches_brute_force(small_chunks, metric, k, labels):
+@pytest.mark.parametrize("batch", [5, 12])
+def test_attention_matches_brute_force(small_chunks, backend, metric, k, labels, batch):
     keys, slot_ids = _memory(40, 6, dead_every=5)
     values = torch.randint(0, 4, (40,)) if labels else torch.randn(40, 3)
-    q = torch.randn(5, 6)
-    ex = _exclusions(slot_ids, 5, 3)
+    q = torch.randn(batch, 6)
+    ex = _exclusions(slot_ids, batch, 3)
     classes = 4 if labels else None
-    out = ops.topk_attention(q, keys, values, slot_ids, k, metric=metric, exclude_ids=ex, num_classes=classes)
+    out = ops.topk_attention(
+        q, keys, values, slot_ids, k, metric=metric, exclude_ids=ex, num_classes=classes, backend=backend
+    )
     want = brute_attention(q, keys, values, slot_ids, k, 1 / math.sqrt(6), metric, ex, classes)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
     if labels:
-        torch.testing.assert_close(out.sum(1), torch.ones(5))
+        torch.testing.assert_close(out.sum(1), torch.ones(batch))
 
 
-@pytest.mark.parametrize("k", [3, None])
-def test_attention_no_live_rows_gives_zeros(k):
+@pytest.mark.parametrize(("backend", "k"), [(b, k) for k in (3, None) for b in _backends_for(k)])
+def test_attention_no_live_rows_gives_zeros(backend, k):
     keys, slot_ids = torch.randn(9, 4), torch.full((9,), -1)
-    out = ops.topk_attention(torch.randn(2, 4), keys, torch.randn(9, 5), slot_ids, k)
+    out = ops.topk_attention(torch.randn(2, 4), keys, torch.randn(9, 5), slot_ids, k, backend=backend)
     assert torch.equal(out, torch.zeros(2, 5))
     # A query whose every live row is excluded gets zeros as well.
     slot_ids = torch.arange(9)
     ex = torch.stack([torch.arange(9), torch.full((9,), -1)])
-    out = ops.topk_attention(torch.randn(2, 4), keys, torch.randn(9, 5), slot_ids, k, exclude_ids=ex)
+    out = ops.topk_attention(
+        torch.randn(2, 4), keys, torch.randn(9, 5), slot_ids, k, exclude_ids=ex, backend=backend
+    )
     assert torch.equal(out[0], torch.zeros(5)) and bool(out[1].abs().sum() > 0)
 
 
-def test_scale_is_applied():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_is_applied(backend):
     keys, slot_ids = _memory(30, 4)
     values, q = torch.randn(30, 2), torch.randn(3, 4)
-    out = ops.topk_attention(q, keys, values, slot_ids, 10, scale=0.3)
+    out = ops.topk_attention(q, keys, values, slot_ids, 10, scale=0.3, backend=backend)
     torch.testing.assert_close(
         out.double(), brute_attention(q, keys, values, slot_ids, 10, 0.3), rtol=1e-5, atol=1e-6
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_keys_score_in_float32(dtype):
-    keys, slot_ids = _memory(500, 32)
-    values, q = torch.randn(500, 4), torch.randn(8, 32)
+@pytest.mark.parametrize("batch", [3, 20])
+def test_low_precision_keys(backend, dtype, batch):
+    keys, slot_ids = _memory(3000, 64)
+    values, q = torch.randn(3000, 4), torch.randn(batch, 64)
     low = keys.to(dtype)
-    out = ops.topk_attention(q, low, values, slot_ids, 16)
-    # The same as float32 attention over the rounded keys: rounding is the only error.
-    torch.testing.assert_close(out, ops.topk_attention(q, low.float(), values, slot_ids, 16))
+    out = ops.topk_attention(q, low, values, slot_ids, 16, backend=backend)
     assert out.dtype == torch.float32
+    # Error against float32 attention over the exact keys: at most 2x (plus a floor) the
+    # error of PyTorch's attention over the rounded keys.
+    exact = brute_attention(q, keys, values, slot_ids, 16, 1 / 8)
+    torch_low = brute_attention(q, low.float(), values, slot_ids, 16, 1 / 8)
+    assert (out.double() - exact).abs().max() <= 2 * (torch_low - exact).abs().max() + 1e-5
 
 
+@pytest.mark.parametrize(("backend", "k"), [(b, k) for k in (4, None) for b in _backends_for(k)])
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("k", [4, None])
-def test_gradcheck_vector_values(small_chunks, metric, k):
+def test_gradcheck_vector_values(small_chunks, backend, metric, k):
     keys, slot_ids = _memory(20, 5, dead_every=6)
     keys = keys.double().requires_grad_()
     values = torch.randn(20, 3, dtype=torch.float64, requires_grad=True)
     q = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     ex = _exclusions(slot_ids, 3, 2)
-    f = lambda q, k_, v: ops.topk_attention(q, k_, v, slot_ids, k, metric=metric, exclude_ids=ex)  # noqa: E731
+
+    def f(q, k_, v):
+        return ops.topk_attention(q, k_, v, slot_ids, k, metric=metric, exclude_ids=ex, backend=backend)
+
     assert torch.autograd.gradcheck(f, (q, keys, values))
 
 
-@pytest.mark.parametrize("k", [4, None])
-def test_gradcheck_label_values(small_chunks, k):
+@pytest.mark.parametrize(("backend", "k"), [(b, k) for k in (4, None) for b in _backends_for(k)])
+def test_gradcheck_label_values(small_chunks, backend, k):
     keys, slot_ids = _memory(20, 5, dead_every=6)
     keys = keys.double().requires_grad_()
     labels = torch.randint(0, 3, (20,))
     q = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    f = lambda q, k_: ops.topk_attention(q, k_, labels, slot_ids, k, num_classes=3)  # noqa: E731
+    f = lambda q, k_: ops.topk_attention(q, k_, labels, slot_ids, k, num_classes=3, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(f, (q, keys))
 
 
-def test_gradients_reach_only_retrieved_rows():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_reach_only_retrieved_rows(backend):
     keys, slot_ids = _memory(100, 8)
     keys.requires_grad_()
     values = torch.randn(100, 4, requires_grad=True)
     q = torch.randn(3, 8)
-    ops.topk_attention(q, keys, values, slot_ids, 5).sum().backward()
+    ops.topk_attention(q, keys, values, slot_ids, 5, backend=backend).sum().backward()
     _, slots = ops.search(q, keys, slot_ids, 5)
     retrieved = torch.zeros(100, dtype=torch.bool)
     retrieved[slots.flatten()] = True
@@ -180,3 +210,26 @@ def test_compaction_reference_is_stable():
 def test_bad_arguments_raise(call, error):
     with pytest.raises(error):
         call(torch.randn(4, 6), torch.randn(10, 6), torch.arange(10))
+
+
+def test_memory_reads_run_the_compiled_search():
+    ext = kmem._ext.compiled()
+    assert ext is not None, kmem._ext.missing_reason()
+    mem = kmem.KeyMemory(8, 3)
+    mem.add(torch.arange(20), torch.randn(20, 8), torch.randn(20, 3))
+    layer = kmem.KeyMemoryAttention(8, mem, k=4)
+    before = ext.call_count("search")
+    mem.search(torch.randn(2, 8), 3)
+    mem.attend(torch.randn(2, 8), k=3)
+    layer(torch.randn(5, 8))
+    assert ext.call_count("search") == before + 3
+
+
+def test_backend_asked_for_by_name_never_falls_back():
+    q, keys, slot_ids = (
+        torch.randn(2, 4, device="meta"),
+        torch.randn(5, 4, device="meta"),
+        torch.arange(5, device="meta"),
+    )
+    with pytest.raises(kmem.BackendUnavailable, match="cpp: device meta not supported"):
+        ops.search(q, keys, slot_ids, 2, backend="cpp")
