@@ -5,6 +5,7 @@
 #include <mutex>
 
 #include "counters.h"
+#include "cpu/attend.h"
 #include "cpu/compact.h"
 #include "cpu/search.h"
 
@@ -45,6 +46,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("search", &kmem::search, "Fused top-k search: slots [B, k] of the best live rows per query",
         py::arg("queries"), py::arg("keys"), py::arg("slot_ids"), py::arg("k"), py::arg("l2"),
         py::arg("exclude_ids") = py::none());
+  m.def("attend_forward", &kmem::attend_forward, "Softmax attention over chosen rows: (out, weights)");
+  m.def("attend_backward", &kmem::attend_backward, "Gradients of attend_forward: (dq, dkeys, dvalues)");
+  m.def("dense_forward", &kmem::dense_forward, "Attention over every live row: (out, lse)");
+  m.def("dense_backward", &kmem::dense_backward, "Gradients of dense_forward: (dq, dkeys, dvalues)");
   m.def("call_count", &kmem::call_count, "How often the compiled op `op` has run in this process",
         py::arg("op"));
 #ifdef KMEM_WITH_CUDA

@@ -17,37 +17,10 @@
 
 #include "counters.h"
 #include "topk.h"
+#include "vec.h"
 
 namespace kmem {
 namespace {
-
-inline float to_float(float x) { return x; }
-inline float to_float(at::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-inline float to_float(at::Half x) { return static_cast<float>(x); }
-
-template <typename KT>
-inline float dot(const float* q, const KT* k, int64_t d) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < d; ++i) acc += q[i] * to_float(k[i]);
-  return acc;
-}
-
-template <typename KT>
-inline float sq_norm(const KT* k, int64_t d) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < d; ++i) {
-    const float x = to_float(k[i]);
-    acc += x * x;
-  }
-  return acc;
-}
 
 // Ids a query must skip: each row of `sorted` ascending, searched by bisection.
 struct Exclusions {

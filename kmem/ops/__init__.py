@@ -36,6 +36,7 @@ fused.register("cpp", cpu.KERNELS)
 OPS["compact_rows"].register(Backend("cpp", cpu.compact_rows, _CPU, missing=cpu.missing))
 OPS["search"].register(Backend("cpp", fused.searcher("cpp"), _CPU, _KEY_DTYPES, cpu.missing))
 OPS["topk_attention"].register(Backend("cpp", fused.topk_attention("cpp"), _CPU, _KEY_DTYPES, cpu.missing))
+OPS["dense_attention"].register(Backend("cpp", fused.dense_attention("cpp"), _CPU, _KEY_DTYPES, cpu.missing))
 
 OPS["compact_rows"].register(Backend("reference", reference.compact_rows, _ANY_DEVICE))
 OPS["search"].register(Backend("reference", reference.search_slots, _ANY_DEVICE))

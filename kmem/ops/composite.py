@@ -47,8 +47,11 @@ def attend_backward(
     scale: float,
     metric: str,
     num_classes: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Gradients ``(d queries [B, d], d keys [N, d], d values [N, V] or None for labels)``.
+    needs_keys: bool = True,
+    needs_values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients ``(d queries [B, d], d keys [N, d], d values [N, V])``; a gradient that is
+    not needed, and d values of a label memory, are None.
 
     With ``w = softmax(z)``, ``z = scale * s``: ``dw_j = g . v_j``,
     ``dz_j = w_j (dw_j - g . out)``; for ``ip`` ``dq = scale * sum_j dz_j k_j`` and
@@ -76,10 +79,11 @@ def attend_backward(
         diff = q[:, None, :] - rows
         dq = -2 * torch.einsum("bk,bkd->bd", ds, diff)
         row_grads = 2 * ds[..., None] * diff
-    dkeys = torch.zeros(keys.shape, dtype=dtype, device=keys.device)
-    dkeys.index_add_(0, flat, (row_grads * valid[..., None]).reshape(-1, keys.shape[1]))
-    dvalues = None
-    if num_classes == 0:
+    dkeys = dvalues = None
+    if needs_keys:
+        dkeys = torch.zeros(keys.shape, dtype=dtype, device=keys.device)
+        dkeys.index_add_(0, flat, (row_grads * valid[..., None]).reshape(-1, keys.shape[1]))
+    if needs_values and num_classes == 0:
         dvalues = torch.zeros(values.shape, dtype=dtype, device=values.device)
         contrib = (weights * valid)[..., None] * g[:, None, :]
         dvalues.index_add_(0, flat, contrib.reshape(-1, values.shape[1]))

@@ -15,11 +15,12 @@ vector values; results in the working dtype, float32 or float64):
   best first by (float32 score desc, slot asc), ``-1`` past the qualifying rows.
 * ``attend_forward(queries, keys, values, slots, scale, metric, num_classes) -> (out, weights [B, k])``
 * ``attend_backward(grad_out, queries, keys, values, slots, weights, scale, metric,
-  num_classes) -> (dq, dkeys [N, d], dvalues [N, V] or None)`` -- see
-  :mod:`kmem.ops.composite`, which is the default for both.
+  num_classes, needs_keys, needs_values) -> (dq, dkeys [N, d], dvalues [N, V])`` --
+  see :mod:`kmem.ops.composite`, which is the default for both; a gradient not needed
+  may be None (or anything: it is dropped), which spares an ``[N, d]`` allocation.
 * ``dense_forward(queries, keys, values, slot_ids, exclude_ids, scale, metric, num_classes) -> (out, lse [B])``
   and ``dense_backward(grad_out, queries, keys, values, slot_ids, exclude_ids, out, lse,
-  scale, metric, num_classes) -> (dq, dkeys, dvalues or None)``; ``lse`` is the
+  scale, metric, num_classes, needs_keys, needs_values) -> (dq, dkeys, dvalues)``; ``lse`` is the
   log-sum-exp of ``scale * score`` over the attended rows (``-inf`` when none).
 """
 
@@ -139,7 +140,7 @@ def topk_attention_backward_op(
     needs_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = KERNELS[backend].attend_backward(
-        grad_out, queries, keys, values, slots, weights, scale, metric, num_classes
+        grad_out, queries, keys, values, slots, weights, scale, metric, num_classes, needs_keys, needs_values
     )
     return _grads_like(queries, keys, values, grads, needs_keys, needs_values)
 
@@ -254,7 +255,19 @@ def dense_attention_backward_op(
     needs_values: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     grads = KERNELS[backend].dense_backward(
-        grad_out, queries, keys, values, slot_ids, exclude_ids, out, lse, scale, metric, num_classes
+        grad_out,
+        queries,
+        keys,
+        values,
+        slot_ids,
+        exclude_ids,
+        out,
+        lse,
+        scale,
+        metric,
+        num_classes,
+        needs_keys,
+        needs_values,
     )
     return _grads_like(queries, keys, values, grads, needs_keys, needs_values)
 
