@@ -12,7 +12,11 @@
 #include <ATen/Parallel.h>
 #include <omp.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <cstdlib>
+#include <functional>
 #include <vector>
 
 #include "counters.h"
@@ -78,32 +82,28 @@ void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B
   });
 }
 
-void gemm_search(const at::Tensor& queries, const at::Tensor& keys, const int64_t* ids, int64_t k, bool l2,
-                 const Exclusions& ex, int64_t* slots_out) {
-  const int64_t B = queries.size(0), N = keys.size(0);
+// Fills scores [B, n] (row stride ld) for the key rows [start, start + n), and their
+// squared norms when the metric is l2.
+using TileScorer = std::function<void(int64_t start, int64_t n, float* scores, int64_t ld, float* norms)>;
+
+// Scores tile after tile into a bounded buffer, then offers each query's row of it to
+// that query's heap (parallel over queries).
+void tiled_search(int64_t B, int64_t N, int64_t k, bool l2, const int64_t* ids, const Exclusions& ex,
+                  const TileScorer& score_tile, int64_t* slots_out) {
   // Bounded scratch: a [B, tile] score block of at most ~16 MiB.
   const int64_t tile = std::clamp<int64_t>((int64_t{4} << 20) / B, 256, 16384);
-  at::Tensor scores = at::empty({B, tile}, queries.options());
+  std::vector<float> scores(B * tile), norms(l2 ? tile : 0);
   std::vector<int64_t> heaps(B * k);
   std::vector<TopK> tk;
   tk.reserve(B);
   for (int64_t b = 0; b < B; ++b) tk.emplace_back(heaps.data() + b * k, k);
   for (int64_t start = 0; start < N; start += tile) {
     const int64_t n = std::min(tile, N - start);
-    at::Tensor block = keys.narrow(0, start, n).to(at::kFloat);
-    at::Tensor s = scores.narrow(1, 0, n);
-    at::mm_out(s, queries, block.t());
-    at::Tensor norms;
-    if (l2) norms = block.pow(2).sum(1);
-    const float* sp = scores.data_ptr<float>();
-    const float* np = l2 ? norms.data_ptr<float>() : nullptr;
+    score_tile(start, n, scores.data(), tile, norms.data());
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
-        const float* row = sp + b * tile;
-        for (int64_t j = 0; j < n; ++j) {
-          const float v = l2 ? 2.f * row[j] - np[j] : row[j];
-          offer(tk[b], v, start + j, ids, ex, b);
-        }
+        const float* row = scores.data() + b * tile;
+        for (int64_t j = 0; j < n; ++j) offer(tk[b], l2 ? 2.f * row[j] - norms[j] : row[j], start + j, ids, ex, b);
       }
     });
   }
@@ -111,6 +111,82 @@ void gemm_search(const at::Tensor& queries, const at::Tensor& keys, const int64_
     for (int64_t b = b0; b < b1; ++b) write_slots(heaps.data() + b * k, 1, k, slots_out + b * k);
   });
 }
+
+// Any key dtype: the tile as float32, scored by BLAS.
+TileScorer blas_scorer(const at::Tensor& queries, const at::Tensor& keys) {
+  return [&queries, &keys](int64_t start, int64_t n, float* scores, int64_t ld, float* norms) {
+    const at::Tensor block = keys.narrow(0, start, n).to(at::kFloat);
+    at::Tensor out = at::from_blob(scores, {queries.size(0), n}, {ld, 1}, queries.options());
+    at::mm_out(out, queries, block.t());
+    if (norms) {
+      const at::Tensor sq = block.pow(2).sum(1);
+      std::copy_n(sq.data_ptr<float>(), n, norms);
+    }
+  };
+}
+
+#if defined(__AVX512BF16__)
+// bfloat16 keys on AVX512-BF16: vdpbf16ps multiplies bf16 pairs and accumulates in
+// float32 at twice the FMA rate, with keys read at half the bytes. A block of 32 keys
+// is transposed ("VNNI" layout: for each pair of dimensions, the pair of every key)
+// into a thread-local buffer, so each instruction yields 16 keys' partial scores for a
+// broadcast query pair and no horizontal sums are needed. Queries are rounded to bf16.
+template <int QN>
+void bf16_block(const uint32_t* qpairs, int64_t pairs, const uint32_t* packed, float* scores, int64_t ld,
+                int64_t rows) {
+  __m512 acc[QN][2];
+  for (int i = 0; i < QN; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh k0 = (__m512bh)_mm512_load_si512(packed + p * 32);
+    const __m512bh k1 = (__m512bh)_mm512_load_si512(packed + p * 32 + 16);
+    for (int i = 0; i < QN; ++i) {
+      const __m512bh q = (__m512bh)_mm512_set1_epi32(static_cast<int>(qpairs[i * pairs + p]));
+      acc[i][0] = _mm512_dpbf16_ps(acc[i][0], k0, q);
+      acc[i][1] = _mm512_dpbf16_ps(acc[i][1], k1, q);
+    }
+  }
+  const __mmask16 m0 = rows >= 16 ? 0xFFFF : (1u << rows) - 1;
+  const __mmask16 m1 = rows >= 32 ? 0xFFFF : rows <= 16 ? 0 : (1u << (rows - 16)) - 1;
+  for (int i = 0; i < QN; ++i) {
+    _mm512_mask_storeu_ps(scores + i * ld, m0, acc[i][0]);
+    _mm512_mask_storeu_ps(scores + i * ld + 16, m1, acc[i][1]);
+  }
+}
+
+TileScorer bf16_scorer(const at::Tensor& queries_bf16, const at::Tensor& keys) {
+  return [&queries_bf16, &keys](int64_t start, int64_t n, float* scores, int64_t ld, float* norms) {
+    const int64_t B = queries_bf16.size(0), d = keys.size(1), pairs = d / 2;
+    const auto* qpairs = reinterpret_cast<const uint32_t*>(queries_bf16.data_ptr<at::BFloat16>());
+    const auto* base = keys.data_ptr<at::BFloat16>() + start * d;
+    at::parallel_for(0, (n + 31) / 32, 1, [&](int64_t kb0, int64_t kb1) {
+      auto* packed = static_cast<uint32_t*>(std::aligned_alloc(64, pairs * 32 * sizeof(uint32_t)));
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
+        const int64_t rows = std::min<int64_t>(32, n - kb * 32);
+        for (int64_t l = 0; l < 32; ++l) {
+          const auto* row = reinterpret_cast<const uint32_t*>(base + (kb * 32 + std::min(l, rows - 1)) * d);
+          for (int64_t p = 0; p < pairs; ++p) packed[p * 32 + l] = l < rows ? row[p] : 0u;
+          if (norms && l < rows) norms[kb * 32 + l] = sq_norm(base + (kb * 32 + l) * d, d);
+        }
+        for (int64_t qb = 0; qb < B; qb += 8) {
+          const uint32_t* qp = qpairs + qb * pairs;
+          float* out = scores + qb * ld + kb * 32;
+          switch (std::min<int64_t>(8, B - qb)) {
+            case 8: bf16_block<8>(qp, pairs, packed, out, ld, rows); break;
+            case 7: bf16_block<7>(qp, pairs, packed, out, ld, rows); break;
+            case 6: bf16_block<6>(qp, pairs, packed, out, ld, rows); break;
+            case 5: bf16_block<5>(qp, pairs, packed, out, ld, rows); break;
+            case 4: bf16_block<4>(qp, pairs, packed, out, ld, rows); break;
+            case 3: bf16_block<3>(qp, pairs, packed, out, ld, rows); break;
+            case 2: bf16_block<2>(qp, pairs, packed, out, ld, rows); break;
+            default: bf16_block<1>(qp, pairs, packed, out, ld, rows); break;
+          }
+        }
+      }
+      std::free(packed);
+    });
+  };
+}
+#endif
 
 }  // namespace
 
@@ -141,7 +217,14 @@ at::Tensor search(const at::Tensor& queries, const at::Tensor& keys, const at::T
   int64_t* out = slots.data_ptr<int64_t>();
   const int64_t* idp = ids.data_ptr<int64_t>();
   if (B > kStreamMaxBatch) {
-    gemm_search(q, kc, idp, k, l2, ex, out);
+#if defined(__AVX512BF16__)
+    if (kc.scalar_type() == at::kBFloat16 && d % 2 == 0) {
+      const at::Tensor qb = q.to(at::kBFloat16).contiguous();
+      tiled_search(B, N, k, l2, idp, ex, bf16_scorer(qb, kc), out);
+      return slots;
+    }
+#endif
+    tiled_search(B, N, k, l2, idp, ex, blas_scorer(q, kc), out);
     return slots;
   }
   AT_DISPATCH_SWITCH(kc.scalar_type(), "kmem_search",
