@@ -38,12 +38,12 @@ def _exclusions(slot_ids, batch, width):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize(("n", "k"), [(1, 1), (37, 1), (37, 5), (37, 37), (37, 60), (200, 33), (3001, 40)])
-@pytest.mark.parametrize("batch", [6, 11])
+@pytest.mark.parametrize("batch", [6, 70])
 @pytest.mark.parametrize("exclude", [False, True])
 def test_search_matches_brute_force_with_ties(small_chunks, backend, metric, n, k, batch, exclude):
     # Integer data: exact scores and many ties, so the tie rule (lower slot first) is
-    # checked exactly. batch 11 takes the C++ GEMM path, 6 its streaming path; 3001
-    # rows span several threads and tiles.
+    # checked exactly. batch 70 takes the C++ BLAS-tile path, 6 its streaming path;
+    # 3001 rows span several threads and tiles.
     keys, slot_ids = _memory(n, 5, dead_every=4, data=integer_data)
     q = integer_data(batch, 5)
     ex = _exclusions(slot_ids, batch, 4) if exclude and n > 1 else None
@@ -57,9 +57,10 @@ def test_search_matches_brute_force_with_ties(small_chunks, backend, metric, n, 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize(("n", "batch"), [(31, 9), (33, 9), (3001, 3), (3001, 17), (3001, 64)])
+@pytest.mark.parametrize(("n", "batch"), [(31, 9), (33, 9), (3001, 3), (3001, 17), (3001, 70)])
 def test_search_low_precision_keys_exact_on_integers(backend, dtype, metric, n, batch):
-    """Even d takes the C++ bf16 dot-product kernel at batch > 8; integers stay exact in it."""
+    """Even d takes the C++ bf16 dot-product kernel from batch 9 up (the others: streaming
+    up to 64, BLAS tiles above); integers stay exact in every path."""
     keys, slot_ids = _memory(n, 20, dead_every=5, data=integer_data)
     q = integer_data(batch, 20)
     _, slots = ops.search(q, keys.to(dtype), slot_ids, 25, metric=metric, backend=backend)
@@ -295,3 +296,18 @@ def test_compiled_attend_kernels_ran():
     ops.topk_attention(q, keys, values, slot_ids, 5, backend="cpp").sum().backward()
     ops.topk_attention(q, keys, values, slot_ids, None, backend="cpp").sum().backward()
     assert all(ext.call_count(n) == before[n] + 1 for n in names)
+
+
+@pytest.mark.parametrize("k", [3, None])
+def test_triton_backend_through_dispatch(k):
+    """Dispatch routes to the Triton kernels (interpreted here) when asked by name."""
+    from kmem.kernels import topk
+
+    keys, slot_ids = _memory(40, 8, dead_every=3)
+    values, q = torch.randn(40, 2), torch.randn(3, 8)
+    before = sum(topk.LAUNCHES.values())
+    out = ops.topk_attention(q, keys, values, slot_ids, k, backend="triton")
+    assert sum(topk.LAUNCHES.values()) > before
+    torch.testing.assert_close(out, ops.topk_attention(q, keys, values, slot_ids, k, backend="reference"))
+    _, slots = ops.search(q, keys, slot_ids, 4, backend="triton")
+    assert torch.equal(slots, ops.search(q, keys, slot_ids, 4, backend="reference")[1])

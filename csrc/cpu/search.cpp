@@ -65,10 +65,11 @@ void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B
       if (ids[j] < 0) continue;
       const KT* row = keys + j * d;
       const float norm = l2 ? sq_norm(row, d) : 0.f;
-      for (int64_t b = 0; b < B; ++b) {
-        float s = dot(q + b * d, row, d);
-        if (l2) s = 2.f * s - norm;
-        offer(tk[b], s, j, ids, ex, b);
+      float s[4];
+      for (int64_t b = 0; b < B; b += 4) {
+        const int64_t group = std::min<int64_t>(4, B - b);
+        dot4(q + b * d, d, group, row, d, s);
+        for (int64_t i = 0; i < group; ++i) offer(tk[b + i], l2 ? 2.f * s[i] - norm : s[i], j, ids, ex, b + i);
       }
     }
   }
@@ -216,14 +217,14 @@ at::Tensor search(const at::Tensor& queries, const at::Tensor& keys, const at::T
   if (B == 0) return slots;
   int64_t* out = slots.data_ptr<int64_t>();
   const int64_t* idp = ids.data_ptr<int64_t>();
-  if (B > kStreamMaxBatch) {
 #if defined(__AVX512BF16__)
-    if (kc.scalar_type() == at::kBFloat16 && d % 2 == 0) {
-      const at::Tensor qb = q.to(at::kBFloat16).contiguous();
-      tiled_search(B, N, k, l2, idp, ex, bf16_scorer(qb, kc), out);
-      return slots;
-    }
+  if (kc.scalar_type() == at::kBFloat16 && d % 2 == 0 && B >= kBf16MinBatch) {
+    const at::Tensor qb = q.to(at::kBFloat16).contiguous();
+    tiled_search(B, N, k, l2, idp, ex, bf16_scorer(qb, kc), out);
+    return slots;
+  }
 #endif
+  if (B > kStreamMaxBatch) {
     tiled_search(B, N, k, l2, idp, ex, blas_scorer(q, kc), out);
     return slots;
   }

@@ -12,7 +12,7 @@ import math
 import torch
 
 from .. import _checks
-from . import cpu, fused, reference
+from . import cpu, fused, reference, triton_backend
 from .dispatch import Backend, BackendUnavailable, Op
 
 __all__ = [
@@ -32,11 +32,24 @@ OPS: dict[str, Op] = {
     name: Op(name) for name in ("compact_rows", "search", "topk_attention", "dense_attention")
 }
 
+
+def _register_fused(name: str, devices: frozenset[str], missing, wrap=None) -> None:
+    """Register a KernelSet backend for search, top-k and dense attention, in that order of
+    priority after the backends already registered. ``wrap`` turns one of fused's op
+    factories into the callable (default: ``factory(name)``)."""
+    for op, factory in (
+        ("search", fused.searcher),
+        ("topk_attention", fused.topk_attention),
+        ("dense_attention", fused.dense_attention),
+    ):
+        fn = wrap(factory) if wrap else factory(name)
+        OPS[op].register(Backend(name, fn, devices, _KEY_DTYPES, missing))
+
+
 fused.register("cpp", cpu.KERNELS)
 OPS["compact_rows"].register(Backend("cpp", cpu.compact_rows, _CPU, missing=cpu.missing))
-OPS["search"].register(Backend("cpp", fused.searcher("cpp"), _CPU, _KEY_DTYPES, cpu.missing))
-OPS["topk_attention"].register(Backend("cpp", fused.topk_attention("cpp"), _CPU, _KEY_DTYPES, cpu.missing))
-OPS["dense_attention"].register(Backend("cpp", fused.dense_attention("cpp"), _CPU, _KEY_DTYPES, cpu.missing))
+_register_fused("cpp", _CPU, cpu.missing)
+_register_fused("triton", triton_backend.devices(), triton_backend.missing, triton_backend.lazily)
 
 OPS["compact_rows"].register(Backend("reference", reference.compact_rows, _ANY_DEVICE))
 OPS["search"].register(Backend("reference", reference.search_slots, _ANY_DEVICE))

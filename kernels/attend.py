@@ -1,0 +1,387 @@
+"""Triton attend step of top-k attention: gather the chosen rows, softmax, weight the values.
+
+One program per query (times a column block of the output); the ``k`` slots, the key
+dimension and the value width are streamed in blocks. Follows
+:mod:`kmem.ops.composite` formula for formula; the working dtype is float32, or
+float64 when queries or keys are float64 (the kernels are generic over it; ``scale``
+enters them as a float32 argument either way, as Triton passes Python floats).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kmem.ops.reference import working_dtype
+
+from ._common import launch, pow2, tl_dtype
+
+_BLOCK_K = 64  # slots per step
+_BLOCK_D = 32  # key columns per step
+_BLOCK_V = 32  # value / class columns per program
+
+
+@triton.jit
+def _slot_logits(
+    q_ptr,
+    k_ptr,
+    slots_ptr,
+    b,
+    k0,
+    scale,
+    K,
+    D,
+    L2: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``(scale * score [BLOCK_K] (-inf where no row), slots [BLOCK_K], valid [BLOCK_K])``
+    for slots ``k0 .. k0 + BLOCK_K`` of query ``b``."""
+    offs = k0 + tl.arange(0, BLOCK_K)
+    slot = tl.load(slots_ptr + b * K + offs, mask=offs < K, other=-1)
+    valid = slot >= 0
+    s = tl.zeros([BLOCK_K], DT)
+    for d0 in range(0, D, BLOCK_D):
+        dc = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dc < D
+        q = tl.load(q_ptr + b * D + dc, mask=d_ok, other=0.0)
+        rows = tl.load(
+            k_ptr + slot[:, None] * D + dc[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0
+        )
+        rows = rows.to(DT)
+        if L2:
+            diff = q[None, :] - rows
+            s -= tl.sum(diff * diff, 1)
+        else:
+            s += tl.sum(q[None, :] * rows, 1)
+    return tl.where(valid, scale * s, float("-inf")), slot, valid
+
+
+@triton.jit
+def _safe_shift(m):
+    """The softmax shift: the running max, or 0 while no row has been seen (avoids inf - inf)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
+def _weights_kernel(
+    q_ptr,
+    k_ptr,
+    slots_ptr,
+    w_ptr,
+    scale,
+    K,
+    D,
+    L2: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``weights [B, K]``: softmax of the logits over the valid slots (all zero if none).
+    An online max/sum pass, then a second pass that recomputes the logits and normalises."""
+    b = tl.program_id(0).to(tl.int64)
+    m = tl.full([], float("-inf"), DT)
+    total = tl.zeros([], DT)
+    for k0 in range(0, K, BLOCK_K):
+        z, _, _ = _slot_logits(q_ptr, k_ptr, slots_ptr, b, k0, scale, K, D, L2, DT, BLOCK_K, BLOCK_D)
+        m_new = tl.maximum(m, tl.max(z))
+        shift = _safe_shift(m_new)
+        total = total * tl.exp(m - shift) + tl.sum(tl.exp(z - shift))
+        m = m_new
+    shift = _safe_shift(m)
+    inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)  # no row: weights 0
+    for k0 in range(0, K, BLOCK_K):
+        z, _, _ = _slot_logits(q_ptr, k_ptr, slots_ptr, b, k0, scale, K, D, L2, DT, BLOCK_K, BLOCK_D)
+        offs = k0 + tl.arange(0, BLOCK_K)
+        tl.store(w_ptr + b * K + offs, tl.exp(z - shift) * inv, mask=offs < K)
+
+
+@triton.jit
+def _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K: tl.constexpr):
+    """``(slots, weights, valid)`` of slots ``k0 .. k0 + BLOCK_K`` of query ``b``."""
+    offs = k0 + tl.arange(0, BLOCK_K)
+    in_k = offs < K
+    slot = tl.load(slots_ptr + b * K + offs, mask=in_k, other=-1)
+    w = tl.load(w_ptr + b * K + offs, mask=in_k, other=0.0)
+    return slot, w, slot >= 0
+
+
+@triton.jit
+def _weighted_values_kernel(
+    v_ptr, slots_ptr, w_ptr, out_ptr, K, V, DT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr
+):
+    """``out [B, V] = sum_j w_j values[slot_j]``; program (query, column block)."""
+    b = tl.program_id(0).to(tl.int64)
+    vc = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = vc < V
+    acc = tl.zeros([BLOCK_V], DT)
+    for k0 in range(0, K, BLOCK_K):
+        slot, w, valid = _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K)
+        vals = tl.load(
+            v_ptr + slot[:, None] * V + vc[None, :], mask=valid[:, None] & v_ok[None, :], other=0.0
+        )
+        acc += tl.sum(w[:, None] * vals.to(DT), 0)
+    tl.store(out_ptr + b * V + vc, acc, mask=v_ok)
+
+
+@triton.jit
+def _class_probs_kernel(labels_ptr, slots_ptr, w_ptr, out_ptr, K, C, BLOCK_K: tl.constexpr):
+    """``out [B, C] += w_j`` at each slot's label (``out`` zeroed by the caller). Atomic,
+    since several retrieved rows usually share a label."""
+    b = tl.program_id(0).to(tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        slot, w, valid = _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K)
+        label = tl.load(labels_ptr + slot, mask=valid, other=0)
+        tl.atomic_add(out_ptr + b * C + label, w, mask=valid)
+
+
+def attend_forward(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    scale: float,
+    metric: str,
+    num_classes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, W], weights [B, k])`` as :func:`kmem.ops.composite.attend_forward`.
+
+    ``values [N, V]`` (``num_classes == 0``, ``W = V``) or int64 labels ``[N]`` (``W = num_classes``).
+    """
+    dtype = working_dtype(queries, keys)
+    q = queries.to(dtype).contiguous()
+    keys, values, slots = keys.contiguous(), values.contiguous(), slots.contiguous()
+    batch, k = slots.shape
+    width = num_classes or values.shape[1]
+    weights = torch.empty((batch, k), dtype=dtype, device=q.device)
+    out = torch.zeros((batch, width), dtype=dtype, device=q.device)
+    if batch == 0:
+        return out, weights
+    dt = tl_dtype(dtype)
+    block_k = min(pow2(k), _BLOCK_K)
+    launch(
+        _weights_kernel,
+        (batch,),
+        q,
+        keys,
+        slots,
+        weights,
+        scale,
+        k,
+        q.shape[1],
+        L2=metric == "l2",
+        DT=dt,
+        BLOCK_K=block_k,
+        BLOCK_D=min(pow2(q.shape[1]), _BLOCK_D),
+    )
+    if num_classes:
+        launch(_class_probs_kernel, (batch,), values, slots, weights, out, k, width, BLOCK_K=block_k)
+    elif width:
+        block_v = min(pow2(width), _BLOCK_V)
+        grid = (batch, triton.cdiv(width, block_v))
+        launch(
+            _weighted_values_kernel,
+            grid,
+            values,
+            slots,
+            weights,
+            out,
+            k,
+            width,
+            DT=dt,
+            BLOCK_K=block_k,
+            BLOCK_V=block_v,
+        )
+    return out, weights
+
+
+@triton.jit
+def _slot_dw(
+    g_ptr,
+    v_ptr,
+    b,
+    slot,
+    valid,
+    V,
+    LABELS: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """``dw_j = g . values[slot_j]`` (or ``g[label_j]``) for a block of slots: ``[BLOCK_K]``."""
+    if LABELS:
+        label = tl.load(v_ptr + slot, mask=valid, other=0)
+        dw = tl.load(g_ptr + b * V + label, mask=valid, other=0.0)
+    else:
+        dw = tl.zeros([BLOCK_K], DT)
+        for v0 in range(0, V, BLOCK_V):
+            vc = v0 + tl.arange(0, BLOCK_V)
+            v_ok = vc < V
+            g = tl.load(g_ptr + b * V + vc, mask=v_ok, other=0.0)
+            vals = tl.load(
+                v_ptr + slot[:, None] * V + vc[None, :], mask=valid[:, None] & v_ok[None, :], other=0.0
+            )
+            dw += tl.sum(g[None, :] * vals.to(DT), 1)
+    return dw
+
+
+@triton.jit
+def _dlogits_kernel(
+    g_ptr,
+    v_ptr,
+    slots_ptr,
+    w_ptr,
+    ds_ptr,
+    scale,
+    K,
+    V,
+    LABELS: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """``ds [B, K] = scale * w_j (dw_j - sum_i w_i dw_i)`` (0 where no row); ``V`` is the
+    width of ``g``. The first pass only sums ``w . dw``, the second recomputes ``dw``."""
+    b = tl.program_id(0).to(tl.int64)
+    w_dw = tl.zeros([], DT)
+    for k0 in range(0, K, BLOCK_K):
+        slot, w, valid = _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K)
+        w_dw += tl.sum(w * _slot_dw(g_ptr, v_ptr, b, slot, valid, V, LABELS, DT, BLOCK_K, BLOCK_V))
+    for k0 in range(0, K, BLOCK_K):
+        slot, w, valid = _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K)
+        dw = _slot_dw(g_ptr, v_ptr, b, slot, valid, V, LABELS, DT, BLOCK_K, BLOCK_V)
+        ds = tl.where(valid, scale * w * (dw - w_dw), 0.0)
+        offs = k0 + tl.arange(0, BLOCK_K)
+        tl.store(ds_ptr + b * K + offs, ds, mask=offs < K)
+
+
+@triton.jit
+def _dq_dkeys_kernel(
+    q_ptr,
+    k_ptr,
+    slots_ptr,
+    ds_ptr,
+    dq_ptr,
+    dk_ptr,
+    K,
+    D,
+    L2: tl.constexpr,
+    KEYS: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program (query, key-column block): ``dq`` columns, and (if ``KEYS``) ``dkeys`` rows scattered
+    with atomic adds (other queries may have retrieved the same rows).
+    ip: ``dq = sum_j ds_j k_j``, ``dk_j += ds_j q``;
+    l2: ``dq = -2 sum_j ds_j (q - k_j)``, ``dk_j += 2 ds_j (q - k_j)``."""
+    b = tl.program_id(0).to(tl.int64)
+    dc = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dc < D
+    q = tl.load(q_ptr + b * D + dc, mask=d_ok, other=0.0)
+    dq = tl.zeros([BLOCK_D], DT)
+    for k0 in range(0, K, BLOCK_K):
+        slot, ds, valid = _slot_block(slots_ptr, ds_ptr, b, k0, K, BLOCK_K)
+        mask = valid[:, None] & d_ok[None, :]
+        rows = tl.load(k_ptr + slot[:, None] * D + dc[None, :], mask=mask, other=0.0).to(DT)
+        if L2:
+            diff = q[None, :] - rows
+            dq -= 2.0 * tl.sum(ds[:, None] * diff, 0)
+            row_grads = 2.0 * ds[:, None] * diff
+        else:
+            dq += tl.sum(ds[:, None] * rows, 0)
+            row_grads = ds[:, None] * q[None, :]
+        if KEYS:
+            tl.atomic_add(dk_ptr + slot[:, None] * D + dc[None, :], row_grads, mask=mask)
+    tl.store(dq_ptr + b * D + dc, dq, mask=d_ok)
+
+
+@triton.jit
+def _dvalues_kernel(
+    g_ptr, slots_ptr, w_ptr, dv_ptr, K, V, DT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr
+):
+    """``dvalues[slot_j] += w_j g`` with atomic adds; program (query, column block)."""
+    b = tl.program_id(0).to(tl.int64)
+    vc = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = vc < V
+    g = tl.load(g_ptr + b * V + vc, mask=v_ok, other=0.0)
+    for k0 in range(0, K, BLOCK_K):
+        slot, w, valid = _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K)
+        mask = valid[:, None] & v_ok[None, :]
+        tl.atomic_add(dv_ptr + slot[:, None] * V + vc[None, :], w[:, None] * g[None, :], mask=mask)
+
+
+def attend_backward(
+    grad_out: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    weights: torch.Tensor,
+    scale: float,
+    metric: str,
+    num_classes: int,
+    needs_keys: bool = True,
+    needs_values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(dq [B, d], dkeys [N, d], dvalues [N, V])`` as :func:`kmem.ops.composite.attend_backward`:
+    only retrieved rows receive gradient; a gradient not needed, and dvalues of labels, are None."""
+    dtype = working_dtype(queries, keys)
+    dt = tl_dtype(dtype)
+    q = queries.to(dtype).contiguous()
+    g = grad_out.to(dtype).contiguous()
+    w = weights.to(dtype).contiguous()
+    keys, values, slots = keys.contiguous(), values.contiguous(), slots.contiguous()
+    batch, k = slots.shape
+    d = q.shape[1]
+    width = g.shape[1]
+    dq = torch.zeros_like(q)
+    dkeys = torch.zeros(keys.shape, dtype=dtype, device=keys.device) if needs_keys else None
+    dvalues = None
+    if needs_values and not num_classes:
+        dvalues = torch.zeros(values.shape, dtype=dtype, device=values.device)
+    if batch == 0:
+        return dq, dkeys, dvalues
+    block_k = min(pow2(k), _BLOCK_K)
+    block_v = min(pow2(width), _BLOCK_V)
+    ds = torch.empty((batch, k), dtype=dtype, device=q.device)
+    launch(
+        _dlogits_kernel,
+        (batch,),
+        g,
+        values,
+        slots,
+        w,
+        ds,
+        scale,
+        k,
+        width,
+        LABELS=bool(num_classes),
+        DT=dt,
+        BLOCK_K=block_k,
+        BLOCK_V=block_v,
+    )
+    block_d = min(pow2(d), _BLOCK_D)
+    launch(
+        _dq_dkeys_kernel,
+        (batch, triton.cdiv(d, block_d)),
+        q,
+        keys,
+        slots,
+        ds,
+        dq,
+        dq if dkeys is None else dkeys,  # never written without KEYS
+        k,
+        d,
+        L2=metric == "l2",
+        KEYS=dkeys is not None,
+        DT=dt,
+        BLOCK_K=block_k,
+        BLOCK_D=block_d,
+    )
+    if dvalues is not None and width:
+        grid = (batch, triton.cdiv(width, block_v))
+        launch(_dvalues_kernel, grid, g, slots, w, dvalues, k, width, DT=dt, BLOCK_K=block_k, BLOCK_V=block_v)
+    return dq, dkeys, dvalues

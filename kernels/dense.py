@@ -1,0 +1,313 @@
+"""Triton dense attention: softmax over every live, non-excluded row, flash-attention style.
+
+The forward keeps a running max, sum and rescaled accumulator per query over key tiles
+and returns the log-sum-exp, from which the backward recomputes each tile's
+probabilities: one kernel per query block for ``dq``, one per key tile for ``dkeys``
+and ``dvalues`` (so no atomics). Key and value widths are held whole in a block (padded
+to a power of two). Labels are handled as one-hot value rows. The working dtype is
+float32, or float64 when queries or keys are float64 (``scale`` enters as float32).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kmem.ops.reference import working_dtype
+
+from ._common import MIN_DOT, launch, live_mask, pow2, tl_dtype
+
+_BLOCK_B = 16  # queries per block
+_BLOCK_N = 32  # key rows per tile
+
+
+@triton.jit
+def _load_rows(ptr, idx, idx_ok, width, DT: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Rows ``idx`` of a row-major ``[*, width]`` matrix as ``[len(idx), BLOCK_W]`` in ``DT``, zero-padded."""
+    wc = tl.arange(0, BLOCK_W)
+    mask = idx_ok[:, None] & (wc < width)[None, :]
+    return tl.load(ptr + idx.to(tl.int64)[:, None] * width + wc[None, :], mask=mask, other=0.0).to(DT)
+
+
+@triton.jit
+def _value_rows(v_ptr, cols, col_ok, W, LABELS: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Value rows ``[BLOCK_N, BLOCK_W]``: the rows of ``values [N, W]``, or one-hot labels."""
+    if LABELS:
+        label = tl.load(v_ptr + cols, mask=col_ok, other=-1)
+        return (label[:, None] == tl.arange(0, BLOCK_W)[None, :]).to(DT)
+    return _load_rows(v_ptr, cols, col_ok, W, DT, BLOCK_W)
+
+
+@triton.jit
+def _logits(q, kt, keep, scale, L2: tl.constexpr, DT: tl.constexpr):
+    """``scale * score [BLOCK_B, BLOCK_N]`` of query rows ``q`` against key rows ``kt``; -inf
+    where not ``keep``. l2 uses the full ``-(||q||^2 - 2 q.k + ||k||^2)``."""
+    s = tl.dot(q, tl.trans(kt), out_dtype=DT, input_precision="ieee")
+    if L2:
+        s = 2.0 * s - tl.sum(kt * kt, 1)[None, :] - tl.sum(q * q, 1)[:, None]
+    return tl.where(keep, scale * s, float("-inf"))
+
+
+@triton.jit
+def _dense_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    ids_ptr,
+    ex_ptr,
+    out_ptr,
+    lse_ptr,
+    scale,
+    B,
+    N,
+    D,
+    W,
+    E,
+    L2: tl.constexpr,
+    LABELS: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """``out [B, W]`` and ``lse [B]`` for one block of queries, by an online softmax over key tiles."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    q = _load_rows(q_ptr, rows, row_ok, D, DT, BLOCK_D)
+    m = tl.full([BLOCK_B], float("-inf"), DT)
+    total = tl.zeros([BLOCK_B], DT)
+    acc = tl.zeros([BLOCK_B, BLOCK_W], DT)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, N, E, BLOCK_B, BLOCK_N)
+        z = _logits(q, _load_rows(k_ptr, cols, col_ok, D, DT, BLOCK_D), keep, scale, L2, DT)
+        m_new = tl.maximum(m, tl.max(z, 1))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no row yet: avoid inf - inf
+        p = tl.exp(z - shift[:, None])
+        rescale = tl.exp(m - shift)
+        total = total * rescale + tl.sum(p, 1)
+        vals = _value_rows(v_ptr, cols, col_ok, W, LABELS, DT, BLOCK_W)
+        acc = acc * rescale[:, None] + tl.dot(p, vals, out_dtype=DT, input_precision="ieee")
+        m = m_new
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    wc = tl.arange(0, BLOCK_W)
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * W + wc[None, :], out, mask=row_ok[:, None] & (wc < W)[None, :]
+    )
+    lse = tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
+    tl.store(lse_ptr + rows, lse, mask=row_ok)
+
+
+@triton.jit
+def _tile_dlogits(q, kt, vals, g, lse, delta, keep, scale, L2: tl.constexpr, DT: tl.constexpr):
+    """``(p, ds)`` of a (query block, key tile): ``p = exp(z - lse)`` recomputed, and
+    ``ds = scale * p * (g . v_j - g . out)``, both ``[BLOCK_B, BLOCK_N]``."""
+    z = _logits(q, kt, keep, scale, L2, DT)
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # such a query keeps no row: p is all 0
+    p = tl.where(keep, tl.exp(z - lse[:, None]), 0.0)
+    dp = tl.dot(g, tl.trans(vals), out_dtype=DT, input_precision="ieee")
+    return p, scale * p * (dp - delta[:, None])
+
+
+@triton.jit
+def _dense_dq_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    ids_ptr,
+    ex_ptr,
+    g_ptr,
+    lse_ptr,
+    delta_ptr,
+    dq_ptr,
+    scale,
+    B,
+    N,
+    D,
+    W,
+    E,
+    L2: tl.constexpr,
+    LABELS: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
+    """``dq`` of one query block: ip ``sum_j ds_j k_j``; l2 ``-2 sum_j ds_j (q - k_j)``."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    q = _load_rows(q_ptr, rows, row_ok, D, DT, BLOCK_D)
+    g = _load_rows(g_ptr, rows, row_ok, W, DT, BLOCK_W)
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+    ds_k = tl.zeros([BLOCK_B, BLOCK_D], DT)
+    ds_sum = tl.zeros([BLOCK_B], DT)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, N, E, BLOCK_B, BLOCK_N)
+        kt = _load_rows(k_ptr, cols, col_ok, D, DT, BLOCK_D)
+        vals = _value_rows(v_ptr, cols, col_ok, W, LABELS, DT, BLOCK_W)
+        _, ds = _tile_dlogits(q, kt, vals, g, lse, delta, keep, scale, L2, DT)
+        ds_k += tl.dot(ds, kt, out_dtype=DT, input_precision="ieee")
+        ds_sum += tl.sum(ds, 1)
+    dq = -2.0 * (ds_sum[:, None] * q - ds_k) if L2 else ds_k
+    dc = tl.arange(0, BLOCK_D)
+    tl.store(
+        dq_ptr + rows.to(tl.int64)[:, None] * D + dc[None, :], dq, mask=row_ok[:, None] & (dc < D)[None, :]
+    )
+
+
+@triton.jit
+def _dense_dkv_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    ids_ptr,
+    ex_ptr,
+    g_ptr,
+    lse_ptr,
+    delta_ptr,
+    dk_ptr,
+    dv_ptr,
+    scale,
+    B,
+    N,
+    D,
+    W,
+    E,
+    L2: tl.constexpr,
+    LABELS: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    KEYS: tl.constexpr,
+    VALUES: tl.constexpr,
+):
+    """``dkeys`` (if ``KEYS``) and ``dvalues`` (if ``VALUES``) of one key tile over all queries: ip ``dk_j = sum_b ds_bj q_b``;
+    l2 ``dk_j = 2 sum_b ds_bj (q_b - k_j)``; ``dv_j = sum_b p_bj g_b``."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    kt = _load_rows(k_ptr, cols, col_ok, D, DT, BLOCK_D)
+    vals = _value_rows(v_ptr, cols, col_ok, W, LABELS, DT, BLOCK_W)
+    ds_q = tl.zeros([BLOCK_N, BLOCK_D], DT)
+    ds_sum = tl.zeros([BLOCK_N], DT)
+    p_g = tl.zeros([BLOCK_N, BLOCK_W], DT)
+    for b0 in range(0, B, BLOCK_B):
+        rows = b0 + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, N, E, BLOCK_B, BLOCK_N)
+        q = _load_rows(q_ptr, rows, row_ok, D, DT, BLOCK_D)
+        g = _load_rows(g_ptr, rows, row_ok, W, DT, BLOCK_W)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        p, ds = _tile_dlogits(q, kt, vals, g, lse, delta, keep, scale, L2, DT)
+        ds_q += tl.dot(tl.trans(ds), q, out_dtype=DT, input_precision="ieee")
+        ds_sum += tl.sum(ds, 0)
+        if VALUES:
+            p_g += tl.dot(tl.trans(p), g, out_dtype=DT, input_precision="ieee")
+    if KEYS:
+        dk = 2.0 * (ds_q - ds_sum[:, None] * kt) if L2 else ds_q
+        dc = tl.arange(0, BLOCK_D)
+        dk_mask = col_ok[:, None] & (dc < D)[None, :]
+        tl.store(dk_ptr + cols.to(tl.int64)[:, None] * D + dc[None, :], dk, mask=dk_mask)
+    if VALUES:
+        wc = tl.arange(0, BLOCK_W)
+        dv_mask = col_ok[:, None] & (wc < W)[None, :]
+        tl.store(dv_ptr + cols.to(tl.int64)[:, None] * W + wc[None, :], p_g, mask=dv_mask)
+
+
+def _setup(queries, keys, values, slot_ids, exclude_ids, metric, num_classes) -> tuple[tuple, dict]:
+    """Contiguous operands and the constexpr arguments shared by the dense kernels."""
+    dtype = working_dtype(queries, keys)
+    width = num_classes or values.shape[1]
+    e = 0 if exclude_ids is None else exclude_ids.shape[1]
+    operands = (
+        queries.to(dtype).contiguous(),
+        keys.contiguous(),
+        values.contiguous(),
+        slot_ids.contiguous(),
+        slot_ids if e == 0 else exclude_ids.contiguous(),  # never read when E == 0
+    )
+    meta = {
+        "L2": metric == "l2",
+        "LABELS": bool(num_classes),
+        "DT": tl_dtype(dtype),
+        "BLOCK_B": _BLOCK_B,
+        "BLOCK_N": _BLOCK_N,
+        "BLOCK_D": pow2(queries.shape[1], MIN_DOT),
+        "BLOCK_W": pow2(width, MIN_DOT),
+    }
+    sizes = (queries.shape[0], keys.shape[0], queries.shape[1], width, e)
+    return operands + sizes, meta
+
+
+def dense_forward(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot_ids: torch.Tensor,
+    exclude_ids: torch.Tensor | None,
+    scale: float,
+    metric: str,
+    num_classes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, W], lse [B])``: attention over every live, non-excluded row; ``lse`` is
+    the log-sum-exp of ``scale * score`` (-inf and ``out = 0`` for a query with no row)."""
+    (q, k, v, ids, ex, batch, n, d, width, e), meta = _setup(
+        queries, keys, values, slot_ids, exclude_ids, metric, num_classes
+    )
+    out = torch.empty((batch, width), dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, dtype=q.dtype, device=q.device)
+    if batch:
+        grid = (triton.cdiv(batch, _BLOCK_B),)
+        launch(_dense_fwd_kernel, grid, q, k, v, ids, ex, out, lse, scale, batch, n, d, width, e, **meta)
+    return out, lse
+
+
+def dense_backward(
+    grad_out: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slot_ids: torch.Tensor,
+    exclude_ids: torch.Tensor | None,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    metric: str,
+    num_classes: int,
+    needs_keys: bool = True,
+    needs_values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``(dq [B, d], dkeys [N, d], dvalues [N, V])`` of :func:`dense_forward`; a gradient not
+    needed, and dvalues of labels, are None."""
+    (q, k, v, ids, ex, batch, n, d, width, e), meta = _setup(
+        queries, keys, values, slot_ids, exclude_ids, metric, num_classes
+    )
+    g = grad_out.to(q.dtype).contiguous()
+    lse = lse.to(q.dtype).contiguous()
+    delta = (g * out.to(q.dtype)).sum(1)  # g . out per query: [B], shared by every tile
+    dq = torch.zeros_like(q)
+    dkeys = torch.zeros(keys.shape, dtype=q.dtype, device=keys.device) if needs_keys else None
+    dvalues = None
+    if needs_values and not num_classes:
+        dvalues = torch.zeros(values.shape, dtype=q.dtype, device=values.device)
+    if batch == 0 or n == 0:
+        return dq, dkeys, dvalues
+    common = (ids, ex, g, lse, delta)
+    sizes = (scale, batch, n, d, width, e)
+    launch(_dense_dq_kernel, (triton.cdiv(batch, _BLOCK_B),), q, k, v, *common, dq, *sizes, **meta)
+    if dkeys is not None or dvalues is not None:
+        dk = dq if dkeys is None else dkeys  # placeholders are never written
+        dv = dq if dvalues is None else dvalues
+        grid = (triton.cdiv(n, _BLOCK_N),)
+        flags = {"KEYS": dkeys is not None, "VALUES": dvalues is not None}
+        launch(_dense_dkv_kernel, grid, q, k, v, *common, dk, dv, *sizes, **meta, **flags)
+    return dq, dkeys, dvalues

@@ -1,0 +1,236 @@
+"""Triton top-k search: scores key tiles, keeps a running top-k of packed (score, slot) keys.
+
+A packed key is one int64 that orders like (float32 score desc, slot asc): the score's
+order-preserving int32 bits in the high word, ``0xFFFFFFFF - slot`` in the low word. So
+one integer max/sort ranks by the tie rule, and "no row" is INT64_MIN, below every row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.jit import constexpr_function
+
+from ._common import MIN_DOT, launch, live_mask, pow2
+
+_NONE = torch.iinfo(torch.int64).min
+_LOW32 = 0xFFFFFFFF
+_NONE_TL: tl.constexpr = tl.constexpr(_NONE)
+
+_BLOCK_B = 16  # queries per program (the M side of tl.dot)
+_MIN_TILE = 64  # key rows per tile when k is small
+_MAX_BLOCK_D = 64  # the key dimension is streamed in chunks of this width
+_CANDIDATES = 1 << 16  # bound on per-query candidates left for the final merge
+
+
+@triton.jit
+def _tile_scores(
+    q_ptr,
+    k_ptr,
+    rows,
+    row_ok,
+    cols,
+    B,
+    N,
+    D,
+    L2: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """float32 ranking scores ``[BLOCK_B, BLOCK_N]``; for l2 ``2 q.k - ||k||^2`` (the
+    per-query ``-||q||^2`` does not change a query's ranking)."""
+    acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+    sq = tl.zeros([BLOCK_N], tl.float32)
+    col_ok = cols < N
+    for d0 in range(0, D, BLOCK_D):
+        dc = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dc < D
+        q = tl.load(
+            q_ptr + rows.to(tl.int64)[:, None] * D + dc[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        kt = tl.load(
+            k_ptr + cols.to(tl.int64)[:, None] * D + dc[None, :],
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        kt = kt.to(tl.float32)  # fp16/bf16 keys are scored in float32
+        acc += tl.dot(q, tl.trans(kt), input_precision="ieee")
+        if L2:
+            sq += tl.sum(kt * kt, 1)
+    if L2:
+        acc = 2.0 * acc - sq[None, :]
+    return acc
+
+
+@triton.jit
+def _pack(scores, cols):
+    """int64 keys ``[BLOCK_B, BLOCK_N]`` ordering like (score desc, slot asc)."""
+    bits = (scores + 0.0).to(tl.int32, bitcast=True)  # + 0.0 turns -0.0 into +0.0
+    bits = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # order-preserving as signed int
+    low = 4294967295 - cols.to(tl.int64)
+    return (bits.to(tl.int64) << 32) | low[None, :]
+
+
+@constexpr_function
+def _log2(n: int) -> int:
+    return n.bit_length() - 1
+
+
+@triton.jit
+def _compare_swap(
+    x, R: tl.constexpr, W: tl.constexpr, S: tl.constexpr, DIR_BIT: tl.constexpr, DESC: tl.constexpr
+):
+    """One bitonic step on ``x [R, W]``: order each pair (j, j + S) (bit S of j clear),
+    descending where bit ``DIR_BIT`` of j differs from ``DESC``.
+
+    A min/max over an axis of size 2 rather than tl.sort's xor reduction: the interpreter
+    runs min/max in numpy but a custom reduction element by element.
+    """
+    h = tl.reshape(x, [R, W // (2 * S), 2, S])
+    lo = tl.min(h, axis=2, keep_dims=True)
+    hi = tl.max(h, axis=2, keep_dims=True)
+    j = tl.reshape(tl.arange(0, W), [1, W // (2 * S), 2, S])
+    right = (j & S) != 0
+    flip = (j >> DIR_BIT) & 1
+    if DESC:
+        flip = 1 - flip
+    desc = flip == 1
+    return tl.reshape(tl.where(right != desc, hi, lo), [R, W])
+
+
+@triton.jit
+def _bitonic_merge(x, R: tl.constexpr, W: tl.constexpr, BLOCK: tl.constexpr, DESC: tl.constexpr):
+    """Sort every bitonic block of ``BLOCK`` columns of ``x [R, W]``; block b goes
+    descending when bit log2(BLOCK) of its start differs from ``DESC`` (so all the
+    same way when ``BLOCK == W``)."""
+    LOG: tl.constexpr = _log2(BLOCK)
+    for t in tl.static_range(LOG):
+        x = _compare_swap(x, R, W, BLOCK >> (t + 1), LOG, DESC)
+    return x
+
+
+@triton.jit
+def _top(x, R: tl.constexpr, W: tl.constexpr, KP: tl.constexpr, DESC: tl.constexpr):
+    """The ``KP`` largest of each row of ``x [R, W]``, sorted (descending if ``DESC``): ``[R, KP]``.
+
+    Bitonic sort into blocks of KP, then halve: the elementwise max of an ascending and a
+    descending block holds their KP largest, as a bitonic block to merge again.
+    """
+    LOG_KP: tl.constexpr = _log2(KP)
+    for stage in tl.static_range(1, LOG_KP + 1):
+        x = _bitonic_merge(x, R, W, 1 << stage, DESC)
+    LOG_W: tl.constexpr = _log2(W)
+    for r in tl.static_range(LOG_W - LOG_KP):
+        half: tl.constexpr = W >> (r + 1)
+        x = tl.reshape(tl.max(tl.reshape(x, [R, half // KP, 2, KP]), axis=2), [R, half])
+        x = _bitonic_merge(x, R, half, KP, DESC)
+    return x
+
+
+@triton.jit
+def _search_kernel(
+    q_ptr,
+    k_ptr,
+    ids_ptr,
+    ex_ptr,
+    cand_ptr,
+    B,
+    N,
+    D,
+    E,
+    n_tiles,
+    L2: tl.constexpr,
+    SPLITS: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program (query block, split) keeps the top ``KP`` packed keys of tiles
+    ``split, split + SPLITS, ...`` and writes them, best first, to ``cand [B, SPLITS, KP]``."""
+    pid_b = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    row_ok = rows < B
+    best = tl.full([BLOCK_B, KP], _NONE_TL, tl.int64)
+    for t in range(split, n_tiles, SPLITS):
+        cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        scores = _tile_scores(q_ptr, k_ptr, rows, row_ok, cols, B, N, D, L2, BLOCK_B, BLOCK_N, BLOCK_D)
+        keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, N, E, BLOCK_B, BLOCK_N)
+        packed = tl.where(keep, _pack(scores, cols), _NONE_TL)
+        top = _top(packed, BLOCK_B, BLOCK_N, KP, False)
+        # best descending, top ascending: their elementwise max holds the KP largest of
+        # both as a bitonic sequence; merge it back into descending order.
+        best = _bitonic_merge(tl.maximum(best, top), BLOCK_B, KP, KP, True)
+    ks = tl.arange(0, KP)
+    out = cand_ptr + (rows.to(tl.int64)[:, None] * SPLITS + split) * KP + ks[None, :]
+    tl.store(out, best, mask=row_ok[:, None])
+
+
+def _grid_shape(batch: int, n: int, k: int) -> tuple[int, int, int]:
+    """``(candidates per split KP, tile rows, splits)`` for a search of ``k`` among ``n`` rows."""
+    kp = pow2(min(k, n))
+    tile = max(kp, _MIN_TILE)
+    n_tiles = triton.cdiv(n, tile)
+    q_blocks = triton.cdiv(batch, _BLOCK_B)
+    # Enough programs to fill a GPU, few enough that the merge input stays small.
+    splits = max(1, min(n_tiles, triton.cdiv(512, q_blocks), _CANDIDATES // kp))
+    return kp, tile, splits
+
+
+def _unpack_slots(packed: torch.Tensor) -> torch.Tensor:
+    return torch.where(packed == _NONE, -1, _LOW32 - (packed & _LOW32))
+
+
+def search(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    slot_ids: torch.Tensor,
+    k: int,
+    metric: str,
+    exclude_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """Slots ``[B, k]`` int64 of the top-``k`` live, non-excluded rows, best first, -1 past the end.
+
+    ``queries [B, d]`` float32/64 (scored in float32), ``keys [N, d]`` float32/16/bf16,
+    ``slot_ids [N]`` int64, ``exclude_ids [B, E]`` int64 or None.
+    """
+    batch, n = queries.shape[0], keys.shape[0]
+    slots = torch.full((batch, k), -1, dtype=torch.int64, device=queries.device)
+    if batch == 0 or n == 0:
+        return slots
+    q = queries.float().contiguous()
+    width = 0 if exclude_ids is None else exclude_ids.shape[1]
+    exclude = slot_ids if width == 0 else exclude_ids.contiguous()  # never read when E == 0
+    kp, tile, splits = _grid_shape(batch, n, k)
+    cand = torch.empty((batch, splits, kp), dtype=torch.int64, device=q.device)
+    d = q.shape[1]
+    launch(
+        _search_kernel,
+        (triton.cdiv(batch, _BLOCK_B), splits),
+        q,
+        keys.contiguous(),
+        slot_ids.contiguous(),
+        exclude,
+        cand,
+        batch,
+        n,
+        d,
+        width,
+        triton.cdiv(n, tile),
+        L2=metric == "l2",
+        SPLITS=splits,
+        KP=kp,
+        BLOCK_B=_BLOCK_B,
+        BLOCK_N=tile,
+        BLOCK_D=min(pow2(d, MIN_DOT), _MAX_BLOCK_D),
+    )
+    # The merge runs on [B, splits * KP] candidates, independent of N.
+    flat = cand.view(batch, -1)
+    best = flat.topk(min(k, flat.shape[1]), dim=1).values
+    slots[:, : best.shape[1]] = _unpack_slots(best)
+    return slots

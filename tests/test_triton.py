@@ -1,0 +1,334 @@
+"""The Triton backend (``kmem.kernels.topk``) against the reference twins, autograd through
+them, and the brute-force oracle.
+
+Without a GPU the kernels run on CPU tensors through Triton's interpreter (conftest sets
+``TRITON_INTERPRET=1``), which is slow: sizes stay small. With CUDA they run on the GPU.
+"""
+
+from __future__ import annotations
+
+import kmem.kernels.topk as triton_kernels
+import pytest
+import torch
+import triton  # a dev dependency: without it this module must fail, not skip
+from conftest import brute_attention, brute_scores, brute_topk, integer_data
+from kmem.kernels import search as triton_search
+
+from kmem.ops import composite, fused, reference
+
+fused.register("triton", triton_kernels.KERNELS)
+
+METRICS = ["ip", "l2"]
+KEY_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(params=["cuda" if torch.cuda.is_available() else "cpu"])
+def device(request) -> str:
+    return request.param
+
+
+def _memory(n, d, dead_every=4, data=torch.randn):
+    """``(keys [n, d], slot_ids [n])``: ids 100.., every ``dead_every``-th row dead (its key
+    kept, so a dead row that would score high must still be skipped)."""
+    keys = data(n, d)
+    slot_ids = torch.arange(100, 100 + n)
+    if dead_every:
+        slot_ids[::dead_every] = -1
+    return keys, slot_ids
+
+
+def _exclusions(slot_ids, batch, width=4):
+    """Random live ids per query, -1 padding, and an id that is not in the memory."""
+    live = slot_ids[slot_ids >= 0]
+    ex = live[torch.randint(0, len(live), (batch, width))]
+    ex[:, -1] = -1
+    ex[0, 0] = 10**9
+    return ex
+
+
+def _values(n, labels, width=3):
+    return torch.randint(0, 4, (n,)) if labels else torch.randn(n, width)
+
+
+def _grads(fn, tensors, device):
+    """``fn`` output and the gradients of a fixed weighting of it w.r.t. the float tensors."""
+    leaves = [t.to(device).requires_grad_(t.is_floating_point()) for t in tensors]
+    out = fn(*leaves)
+    weight = torch.linspace(-1.0, 2.0, out.numel(), dtype=out.dtype, device=device).view_as(out)
+    floats = [t for t in leaves if t.requires_grad]
+    return out.detach(), torch.autograd.grad((out * weight).sum(), floats)
+
+
+def _close(got, want, dtype=torch.float32):
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(got.cpu().to(want.dtype), want.cpu(), **tol)
+
+
+# ------------------------------------------------------------------------- search
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize(
+    ("n", "k", "batch"), [(1, 1, 3), (37, 1, 5), (37, 5, 5), (37, 60, 5), (201, 33, 19), (300, 256, 5)]
+)
+@pytest.mark.parametrize("exclude", [False, True])
+def test_search_matches_brute_force_with_ties(device, metric, n, k, batch, exclude):
+    # Integer data: exact scores and many ties, so the tie rule (lower slot first) is
+    # checked exactly; odd sizes leave ragged tiles, k = 60 > live rows pads with -1.
+    keys, slot_ids = _memory(n, 5, data=integer_data)
+    q = integer_data(batch, 5)
+    ex = _exclusions(slot_ids, batch) if exclude and n > 1 else None
+    on = [t.to(device) if t is not None else None for t in (q, keys, slot_ids, ex)]
+    slots = triton_kernels.KERNELS.search(*on[:3], k, metric, on[3])
+    expected = brute_topk(q, keys, slot_ids, k, metric, ex)
+    assert torch.equal(slots.cpu(), expected)
+    assert torch.equal(slots.cpu(), reference.search_slots(q, keys, slot_ids, k, metric, ex))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", KEY_DTYPES)
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.float64])
+def test_search_key_and_query_dtypes(device, metric, dtype, query_dtype):
+    # Small integers are exact in every dtype, so the upcast keys give the exact answer.
+    keys, slot_ids = _memory(77, 6, data=integer_data)
+    q = integer_data(4, 6).to(query_dtype)
+    slots = fused.searcher("triton")(
+        q.to(device), keys.to(dtype).to(device), slot_ids.to(device), 9, metric, None
+    )
+    assert torch.equal(slots.cpu(), brute_topk(q, keys, slot_ids, 9, metric))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_search_random_floats_is_topk(device, metric):
+    keys, slot_ids = _memory(201, 32, dead_every=3)
+    q = torch.randn(6, 32)
+    slots = triton_kernels.KERNELS.search(
+        q.to(device), keys.to(device), slot_ids.to(device), 20, metric, None
+    )
+    slots = slots.cpu()
+    full = brute_scores(q, keys, metric).masked_fill(slot_ids < 0, float("-inf"))
+    assert bool((slot_ids[slots] >= 0).all())
+    torch.testing.assert_close(torch.gather(full, 1, slots), full.topk(20).values, rtol=1e-5, atol=1e-4)
+
+
+def test_search_splits_loop_over_several_tiles(device, monkeypatch):
+    # Cap the candidates so each program merges several tiles into its running top-k.
+    monkeypatch.setattr(triton_search, "_CANDIDATES", 16)
+    keys, slot_ids = _memory(301, 5, data=integer_data)
+    q = integer_data(5, 5)
+    assert triton_search._grid_shape(5, 301, 8)[2] < triton.cdiv(301, 64)
+    for k in (1, 8):
+        slots = triton_kernels.KERNELS.search(
+            q.to(device), keys.to(device), slot_ids.to(device), k, "ip", None
+        )
+        assert torch.equal(slots.cpu(), brute_topk(q, keys, slot_ids, k))
+
+
+def test_search_largest_k(device):
+    # k = 4096, the largest supported, over 4200 rows of which 3150 are live: -1 padding.
+    keys, slot_ids = _memory(4200, 4, data=integer_data)
+    q = integer_data(2, 4)
+    ex = _exclusions(slot_ids, 2)
+    on = [t.to(device) for t in (q, keys, slot_ids, ex)]
+    slots = triton_kernels.KERNELS.search(*on[:3], 4096, "l2", on[3])
+    assert torch.equal(slots.cpu(), brute_topk(q, keys, slot_ids, 4096, "l2", ex))
+
+
+def test_search_all_dead_and_empty(device):
+    keys, slot_ids = torch.randn(10, 4, device=device), torch.full((10,), -1, device=device)
+    q = torch.randn(3, 4, device=device)
+    assert bool((triton_kernels.KERNELS.search(q, keys, slot_ids, 4, "ip", None) == -1).all())
+    slots = triton_kernels.KERNELS.search(q, keys[:0], slot_ids[:0], 2, "l2", None)
+    assert slots.shape == (3, 2) and bool((slots == -1).all())
+
+
+# ---------------------------------------------------------------- top-k attention
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("dtype", KEY_DTYPES)
+@pytest.mark.parametrize(("k", "exclude"), [(1, False), (6, True), (60, True)])
+def test_topk_attention_forward_and_gradients(device, metric, labels, dtype, k, exclude):
+    keys, slot_ids = _memory(37, 7)
+    keys = keys.to(dtype)
+    values, q = _values(37, labels), torch.randn(5, 7)
+    ex = _exclusions(slot_ids, 5) if exclude else None
+    num_classes = 4 if labels else None
+
+    def run(backend_fn):
+        return lambda q, keys, values: backend_fn(
+            q,
+            keys,
+            values,
+            slot_ids.to(device),
+            k,
+            0.7,
+            metric,
+            None if ex is None else ex.to(device),
+            num_classes,
+        )
+
+    out, grads = _grads(run(fused.topk_attention("triton")), (q, keys, values), device)
+    want, want_grads = _grads(run(reference.topk_attention), (q, keys, values), device)
+    _close(out, want)
+    for got, exp in zip(grads, want_grads, strict=True):
+        _close(got, exp, dtype)
+    oracle = brute_attention(q, keys.float(), values, slot_ids, k, 0.7, metric, ex, num_classes)
+    _close(out, oracle.float())
+
+
+def test_attend_kernels_match_composite(device):
+    keys, slot_ids = _memory(41, 5)
+    q, values = torch.randn(4, 5, device=device), torch.randn(41, 2, device=device)
+    keys, slot_ids = keys.to(device), slot_ids.to(device)
+    slots = reference.search_slots(q, keys, slot_ids, 7, "l2")
+    slots[1, 3:] = -1  # a query with fewer rows than k
+    args = (q, keys, values, slots, 0.3, "l2", 0)
+    got, want = triton_kernels.KERNELS.attend_forward(*args), composite.attend_forward(*args)
+    for a, b in zip(got, want, strict=True):
+        _close(a, b)
+    g = torch.randn(4, 2, device=device)
+    back = (g, q, keys, values, slots, want[1], 0.3, "l2", 0)
+    for a, b in zip(
+        triton_kernels.KERNELS.attend_backward(*back), composite.attend_backward(*back), strict=True
+    ):
+        _close(a, b)
+    dq, dk, dv = triton_kernels.KERNELS.attend_backward(*back, needs_keys=False, needs_values=False)
+    assert dk is None and dv is None
+    _close(dq, composite.attend_backward(*back)[0])
+
+
+# ---------------------------------------------------------------- dense attention
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("dtype", KEY_DTYPES)
+@pytest.mark.parametrize(("n", "batch", "exclude"), [(37, 5, True), (70, 19, False)])
+def test_dense_attention_forward_and_gradients(device, metric, labels, dtype, n, batch, exclude):
+    keys, slot_ids = _memory(n, 7)
+    keys = keys.to(dtype)
+    values, q = _values(n, labels), torch.randn(batch, 7)
+    ex = _exclusions(slot_ids, batch) if exclude else None
+    num_classes = 4 if labels else None
+
+    def run(backend_fn):
+        return lambda q, keys, values: backend_fn(
+            q,
+            keys,
+            values,
+            slot_ids.to(device),
+            0.7,
+            metric,
+            None if ex is None else ex.to(device),
+            num_classes,
+        )
+
+    out, grads = _grads(run(fused.dense_attention("triton")), (q, keys, values), device)
+    want, want_grads = _grads(run(reference.dense_attention), (q, keys, values), device)
+    _close(out, want)
+    for got, exp in zip(grads, want_grads, strict=True):
+        _close(got, exp, dtype)
+    oracle = brute_attention(q, keys.float(), values, slot_ids, None, 0.7, metric, ex, num_classes)
+    _close(out, oracle.float())
+
+
+def test_dense_lse_is_logsumexp_of_attended_rows(device):
+    keys, slot_ids = _memory(45, 6)
+    q, values = torch.randn(3, 6), torch.randn(45, 2)
+    ex = _exclusions(slot_ids, 3)
+    on = [t.to(device) for t in (q, keys, values, slot_ids, ex)]
+    _, lse = triton_kernels.KERNELS.dense_forward(*on, 0.4, "l2", 0)
+    s = 0.4 * brute_scores(q, keys, "l2")
+    dropped = (slot_ids < 0) | (slot_ids[None, :, None] == ex[:, None, :]).any(-1)
+    _close(lse, torch.logsumexp(s.masked_fill(dropped, float("-inf")), 1).float())
+
+
+# ------------------------------------------------------------------ corner cases
+@pytest.mark.parametrize("labels", [False, True])
+def test_no_live_rows_gives_zeros_and_zero_gradients(device, labels):
+    keys, slot_ids = torch.randn(9, 4), torch.full((9,), -1)
+    values, q = _values(9, labels), torch.randn(3, 4)
+    num_classes = 4 if labels else None
+    topk = fused.topk_attention("triton")
+    out, grads = _grads(
+        lambda *t: topk(*t, slot_ids.to(device), 3, 1.0, "ip", None, num_classes), (q, keys, values), device
+    )
+    assert bool((out == 0).all()) and all(bool((g == 0).all()) for g in grads)
+    dense = fused.dense_attention("triton")
+    out, grads = _grads(
+        lambda *t: dense(*t, slot_ids.to(device), 1.0, "l2", None, num_classes), (q, keys, values), device
+    )
+    assert bool((out == 0).all()) and all(bool((g == 0).all()) for g in grads)
+    _, lse = triton_kernels.KERNELS.dense_forward(
+        q.to(device),
+        keys.to(device),
+        values.to(device),
+        slot_ids.to(device),
+        None,
+        1.0,
+        "ip",
+        num_classes or 0,
+    )
+    assert bool(torch.isneginf(lse).all())
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_float64_matches_reference_and_gradcheck(device, metric):
+    # float64 runs through the same kernels in float64; 0.5 is exact as the kernels' float32 scale.
+    keys, slot_ids = _memory(11, 3)
+    keys, values, q = (
+        keys.double(),
+        torch.randn(11, 2, dtype=torch.float64),
+        torch.randn(2, 3, dtype=torch.float64),
+    )
+    ids = slot_ids.to(device)
+    for backend_fn, ref_fn, extra in (
+        (fused.topk_attention("triton"), reference.topk_attention, (4,)),
+        (fused.dense_attention("triton"), reference.dense_attention, ()),
+    ):
+
+        def f(q, keys, values, fn=backend_fn, extra=extra):
+            return fn(q, keys, values, ids, *extra, 0.5, metric, None, None)
+
+        out, grads = _grads(f, (q, keys, values), device)
+        want, want_grads = _grads(
+            lambda q, keys, values, fn=ref_fn, extra=extra: fn(
+                q, keys, values, ids, *extra, 0.5, metric, None, None
+            ),
+            (q, keys, values),
+            device,
+        )
+        assert out.dtype == torch.float64
+        for a, b in zip((out, *grads), (want, *want_grads), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        inputs = [t.to(device).requires_grad_() for t in (q, keys, values)]
+        assert torch.autograd.gradcheck(f, inputs)
+
+
+def test_triton_kernels_ran(device, monkeypatch):
+    # The reference and composite paths raise, so every result below came from Triton.
+    def refuse(*args, **kwargs):
+        raise AssertionError("reference path called")
+
+    for module, name in (
+        (reference, "search_slots"),
+        (reference, "dense_attention"),
+        (reference, "topk_attention"),
+        (composite, "attend_forward"),
+        (composite, "attend_backward"),
+    ):
+        monkeypatch.setattr(module, name, refuse)
+    triton_kernels.LAUNCHES.clear()
+    keys, slot_ids = _memory(20, 4)
+    values = torch.randn(20, 2)
+    inputs = [t.to(device).requires_grad_() for t in (torch.randn(3, 4), keys, values)]
+    out = fused.topk_attention("triton")(*inputs, slot_ids.to(device), 3, 1.0, "ip", None, None)
+    out = out + fused.dense_attention("triton")(*inputs, slot_ids.to(device), 1.0, "ip", None, None)
+    out.sum().backward()
+    assert set(triton_kernels.LAUNCHES) == {
+        "_search_kernel",
+        "_weights_kernel",
+        "_weighted_values_kernel",
+        "_dlogits_kernel",
+        "_dq_dkeys_kernel",
+        "_dvalues_kernel",
+        "_dense_fwd_kernel",
+        "_dense_dq_kernel",
+        "_dense_dkv_kernel",
+    }
