@@ -31,3 +31,4 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest bench --benchmark-json=bench/results.json
+	$(BIN)/python bench/plot.py bench/results.json bench/attend_vs_rows.png

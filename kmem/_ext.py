@@ -2,7 +2,8 @@
 
 A pure-Python checkout (no build) still works through the reference ops; dispatch asks
 :func:`compiled` and reports :func:`missing_reason` when a compiled backend was asked
-for explicitly.
+for explicitly. The extension is loaded once, at import, so these are plain reads
+(torch.compile traces through dispatch).
 """
 
 from __future__ import annotations
@@ -10,27 +11,22 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-_module: ModuleType | None = None
-_error: str | None = None
 
-
-def _load() -> None:
-    global _module, _error
-    if _module is not None or _error is not None:
-        return
+def _load() -> tuple[ModuleType | None, str | None]:
     try:
-        _module = importlib.import_module("kmem._C")
+        return importlib.import_module("kmem._C"), None
     except ImportError as err:
-        _error = f"kmem._C is not built or failed to load ({err}); reinstall with the README's command"
+        return None, f"kmem._C is not built or failed to load ({err}); reinstall with the README's command"
+
+
+_module, _error = _load()
 
 
 def compiled() -> ModuleType | None:
     """The loaded ``kmem._C`` module, or None when it is not available."""
-    _load()
     return _module
 
 
 def missing_reason() -> str | None:
     """Why ``kmem._C`` is unavailable, or None when it loaded."""
-    _load()
     return _error

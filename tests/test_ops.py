@@ -311,3 +311,19 @@ def test_triton_backend_through_dispatch(k):
     torch.testing.assert_close(out, ops.topk_attention(q, keys, values, slot_ids, k, backend="reference"))
     _, slots = ops.search(q, keys, slot_ids, 4, backend="triton")
     assert torch.equal(slots, ops.search(q, keys, slot_ids, 4, backend="reference")[1])
+
+
+@pytest.mark.parametrize("k", [8, None])
+def test_custom_ops_compile_in_one_graph_with_autograd(k):
+    """The compiled backends are torch.library ops with fake kernels: torch.compile
+    captures them whole (fullgraph) and their own backward runs under it."""
+    keys, slot_ids = _memory(100, 8)
+    values = torch.randn(100, 3)
+    f = torch.compile(
+        lambda q: ops.topk_attention(q, keys, values, slot_ids, k, backend="cpp").sum(), fullgraph=True
+    )
+    q = torch.randn(4, 8, requires_grad=True)
+    f(q).backward()
+    eager = q.detach().clone().requires_grad_()
+    ops.topk_attention(eager, keys, values, slot_ids, k, backend="cpp").sum().backward()
+    torch.testing.assert_close(q.grad, eager.grad)

@@ -21,9 +21,12 @@ def devices() -> frozenset[str]:
     return frozenset({"cuda", "cpu"} if interpreted else {"cuda"})
 
 
+_MISSING = None if importlib.util.find_spec("triton") else "triton is not installed (pip install triton)"
+
+
 def missing() -> str | None:
     """Why the Triton backend cannot run, or None."""
-    return None if importlib.util.find_spec("triton") else "triton is not installed (pip install triton)"
+    return _MISSING
 
 
 def lazily(make: Callable[[str], Callable]) -> Callable:
