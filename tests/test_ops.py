@@ -327,3 +327,18 @@ def test_custom_ops_compile_in_one_graph_with_autograd(k):
     eager = q.detach().clone().requires_grad_()
     ops.topk_attention(eager, keys, values, slot_ids, k, backend="cpp").sum().backward()
     torch.testing.assert_close(q.grad, eager.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [3, 70])
+def test_k_4096(backend, batch):
+    """SPM-sized retrieval: k = 4096 of 5,000 rows, exact on integer data."""
+    keys, slot_ids = _memory(5000, 6, dead_every=9, data=integer_data)
+    q = integer_data(batch, 6)
+    ex = _exclusions(slot_ids, batch, 5)
+    _, slots = ops.search(q, keys, slot_ids, 4096, exclude_ids=ex, backend=backend)
+    assert torch.equal(slots, brute_topk(q, keys, slot_ids, 4096, "ip", ex))
+    values = torch.randn(5000, 3)
+    out = ops.topk_attention(q, keys, values, slot_ids, 4096, exclude_ids=ex, backend=backend)
+    want = brute_attention(q, keys, values, slot_ids, 4096, 6**-0.5, "ip", ex)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)  # float32 sums of 4096 terms
