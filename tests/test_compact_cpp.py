@@ -56,7 +56,7 @@ def test_auto_picks_the_compiled_kernel_on_cpu(ext):
     before = ext.call_count("compact_rows")
     ops.compact_rows(src, keep, torch.empty(10, 2))
     assert ext.call_count("compact_rows") == before + 1
-    assert ops.OPS["compact_rows"].names() == ["cpp", "reference"]
+    assert ops.OPS["compact_rows"].names()[0] == "cpp"
 
 
 def test_out_too_small_is_an_error(ext):
@@ -87,4 +87,4 @@ def test_reference_backend_on_request_does_not_touch_the_extension(ext):
         torch.randn(5, 1), torch.ones(5, dtype=torch.bool), out, backend="reference"
     )
     assert reference_n == 5 and ext.call_count("compact_rows") == before
-    assert reference.compact_rows is ops.OPS["compact_rows"].backends[1].fn
+    assert reference.compact_rows is ops.OPS["compact_rows"].backends[-1].fn

@@ -7,13 +7,14 @@ Without a GPU the kernels run on CPU tensors through Triton's interpreter (conft
 
 from __future__ import annotations
 
-import kmem.kernels.topk as triton_kernels
 import pytest
 import torch
 import triton  # a dev dependency: without it this module must fail, not skip
 from conftest import brute_attention, brute_scores, brute_topk, integer_data
-from kmem.kernels import search as triton_search
 
+import kmem
+import kmem.kernels.topk as triton_kernels
+from kmem.kernels import search as triton_search
 from kmem.ops import composite, fused, reference
 
 fused.register("triton", triton_kernels.KERNELS)
@@ -332,3 +333,15 @@ def test_triton_kernels_ran(device, monkeypatch):
         "_dense_dq_kernel",
         "_dense_dkv_kernel",
     }
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.bool])
+@pytest.mark.parametrize(("rows", "row_shape"), [(0, (3,)), (1, ()), (257, (5,)), (300, (2, 3))])
+def test_compaction_matches_reference(device, dtype, rows, row_shape):
+    src = (torch.randn(rows, *row_shape) * 10).to(dtype).to(device)
+    keep = (torch.rand(rows) < 0.6).to(device)
+    out, want = torch.zeros_like(src), torch.zeros_like(src)
+    before = triton_kernels.LAUNCHES["_scatter_kernel"]
+    n = kmem.ops.compact_rows(src, keep, out, backend="triton")
+    assert n == reference.compact_rows(src, keep, want) and torch.equal(out, want)
+    assert triton_kernels.LAUNCHES["_scatter_kernel"] == before + (rows > 0)

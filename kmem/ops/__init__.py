@@ -50,6 +50,9 @@ fused.register("cpp", cpu.KERNELS)
 OPS["compact_rows"].register(Backend("cpp", cpu.compact_rows, _CPU, missing=cpu.missing))
 _register_fused("cpp", _CPU, cpu.missing)
 _register_fused("triton", triton_backend.devices(), triton_backend.missing, triton_backend.lazily)
+OPS["compact_rows"].register(
+    Backend("triton", triton_backend.compact_rows, triton_backend.devices(), missing=triton_backend.missing)
+)
 
 OPS["compact_rows"].register(Backend("reference", reference.compact_rows, _ANY_DEVICE))
 OPS["search"].register(Backend("reference", reference.search_slots, _ANY_DEVICE))

@@ -41,3 +41,9 @@ def lazily(make: Callable[[str], Callable]) -> Callable:
         return run(*args)
 
     return call
+
+
+def compact_rows(src, keep, out) -> int:
+    from ..kernels import compact
+
+    return compact.compact_rows(src, keep, out)
