@@ -30,7 +30,7 @@ def _result() -> RequestResult:
             MethodResult("baseline", "GA", s(30.0, 40.0, seconds=0.5, gap=12.0)),
         ],
         retrain_seconds={"munkey": 40.0, "baseline": 6.0},
-        exactness=[Exactness("munkey", 144, True, 0, "ab" * 32, 0.001, "the classifier head")],
+        exactness=[Exactness("munkey", 144, True, 0, True, "ab" * 32, 0.001, "the classifier head")],
         notes=["a tiny run"],
     )
 
@@ -67,5 +67,5 @@ def test_summary_says_whether_exact():
     text = summary([r])
     assert "digits, random-10% (144 forgotten, 1,293 kept):" in text
     assert "munkey: memory after forget == memory of the retained ids alone: yes" in text
-    r.exactness[0] = Exactness("munkey", 144, False, 0, "00" * 32, 0.0, "the head")
+    r.exactness[0] = Exactness("munkey", 144, False, 0, True, "00" * 32, 0.0, "the head")
     assert "retained ids alone: NO" in summary([r])

@@ -135,8 +135,9 @@ def _exactness_lines(result: RequestResult) -> list[str]:
         lines.append(
             f"- {FAMILY_NAMES.get(e.family, e.family)}: `forget` deleted {e.forgotten_rows:,} rows; after "
             f"compaction ({_seconds(e.compact_seconds)}) the memory equals the memory built from the retained "
-            f"ids alone (fingerprint `{e.fingerprint[:16]}…`): {verdict}; forgotten ids left in memory: "
-            f"{e.forgotten_ids_left}. Weights that did see the forgotten samples: {e.weights_that_saw}."
+            f"ids alone (fingerprint `{e.fingerprint[:16]}…`): {verdict}; predictions on the forget and test "
+            f"sets identical to those from that memory: {'yes' if e.predictions_equal else 'NO'}; forgotten "
+            f"ids left in memory: {e.forgotten_ids_left}. Weights that did see the forgotten samples: {e.weights_that_saw}."
         )
     return lines
 

@@ -32,6 +32,8 @@ class Exactness:
             (SHA-256 of its settings and live ids, keys, values) equals that of the memory
             the same model builds from the retained samples alone (``memory_for``).
         forgotten_ids_left: forgotten ids still in any memory (must be 0).
+        predictions_equal: the model's predictions on the forget and test sets equal, bit
+            for bit, those of the same weights reading the memory of the retained samples.
         fingerprint: the first memory's fingerprint after forgetting.
         compact_seconds: the compaction after the timed ``forget``.
         weights_that_saw: the trained weights that were fitted with the forgotten samples
@@ -42,13 +44,14 @@ class Exactness:
     forgotten_rows: int
     fingerprints_equal: bool
     forgotten_ids_left: int
+    predictions_equal: bool
     fingerprint: str
     compact_seconds: float
     weights_that_saw: str
 
     @property
     def ok(self) -> bool:
-        return self.fingerprints_equal and self.forgotten_ids_left == 0
+        return self.fingerprints_equal and self.predictions_equal and self.forgotten_ids_left == 0
 
 
 @dataclass
