@@ -21,8 +21,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..models import Classifier, Samples, load_checkpoint, predict_proba, save_checkpoint
+from ..models import load_checkpoint, predict_proba, save_checkpoint
 from ..models import train as train_model
+from ..models.base import Classifier
+from ..models.samples import Samples
 from . import posthoc
 from .metrics import Predictions, score
 from .requests import ForgetRequest
@@ -106,17 +108,26 @@ class _Sets:
 
 
 def weights_that_saw(model: Classifier) -> str:
-    """Plain words for the trained weights of ``model``: all of them saw the whole training set."""
+    """Plain words for the trained weights of ``model`` that ``forget`` leaves as they are.
+
+    Every dense weight was fitted with the whole training set, forgotten samples included.
+    Per-row tables (``row_tables``: one trained row per sample, e.g. MUNKEY's exemplar
+    tokens) are not counted: ``forget`` deletes the forgotten samples' rows from them.
+    """
+    tables = {id(t) for t in model.row_tables()}
     parts = [
         f"{name} ({sum(p.numel() for p in child.parameters()):,} parameters)"
         for name, child in model.named_children()
-        if any(True for _ in child.parameters())
+        if id(child) not in tables and any(True for _ in child.parameters())
     ]
-    return (
-        "every trained weight -- "
-        + ", ".join(parts)
-        + " -- was fitted with the forgotten samples in the training set and is unchanged by forget"
-    )
+    parts += [f"{name} ({p.numel():,})" for name, p in model.named_parameters(recurse=False)]
+    text = "all dense weights -- " + ", ".join(parts)
+    text += " -- were fitted with the forgotten samples in the training set and are unchanged by forget"
+    if tables:
+        text += (
+            " (the forgotten samples' own rows of the per-sample tables are deleted with their memory rows)"
+        )
+    return text
 
 
 def _copy(model: Classifier, folder: Path) -> Classifier:
@@ -138,7 +149,7 @@ def _memory_family(
     step(f"{family}: forget {len(request):,} samples by deleting their rows")
     model = _copy(original, folder)
     start = time.perf_counter()
-    deleted = model.forget(request.ids, request_id=f"eval-{request.name}", reason="unlearning evaluation")
+    deleted = model.forget(request.ids)
     seconds = time.perf_counter() - start
     start = time.perf_counter()
     for mem in model.memories():

@@ -117,7 +117,7 @@ def prediction_gaps(probs: torch.Tensor, oracle: torch.Tensor) -> tuple[float, f
     # 0 * log(0 / q) = 0; a class the oracle gives mass but the method gives none costs inf
     # -- clamp q so the gap stays finite and comparable (log(1e-12) ~ -27.6 nats).
     kl = torch.where(p > 0, p * (p.clamp_min(1e-300).log() - q.clamp_min(1e-12).log()), 0.0).sum(1)
-    return hard, kl.mean().item()
+    return hard, kl.clamp_min(0.0).mean().item()  # >= 0: only rounding makes a row's sum negative
 
 
 def avg_gap(scores: Scores, oracle: Scores) -> float:

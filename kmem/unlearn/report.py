@@ -46,6 +46,12 @@ def _seconds(value: float | None) -> str:
     return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"
 
 
+def _times(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:,.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
+
+
 def speedup(row: MethodResult, result: RequestResult) -> float | None:
     """Retraining seconds of the row's family over the row's forgetting seconds."""
     retrain = result.retrain_seconds.get(row.family)
@@ -68,7 +74,7 @@ def table(result: RequestResult) -> str:
         lines.append(
             f"| {FAMILY_NAMES.get(r.family, r.family)} | {r.method} | {_fmt(s.ua)} | {_fmt(s.ra)} | {_fmt(s.ta)} "
             f"| {_fmt(s.mia)} | {_fmt(s.avg_gap)} | {_fmt(s.hard_gap)} | {_fmt(s.soft_gap, 4)} "
-            f"| {_seconds(time)} | {'-' if up is None else f'{up:,.0f}x'} |"
+            f"| {_seconds(time)} | {_times(up)} |"
         )
     return "\n".join(lines)
 
@@ -154,7 +160,7 @@ def _headline(result: RequestResult) -> list[str]:
             + (f" (best post-hoc: {best.method} {_fmt(best.scores.avg_gap)})" if best else "")
             + f"; MIA-Eff. {_fmt(r.scores.mia)} vs the oracle's {_fmt(oracle.mia)}"
             + f"; forgot in {_seconds(r.scores.seconds)}"
-            + ("" if up is None else f", {up:,.0f}x faster than retraining")
+            + ("" if up is None else f", {_times(up)} faster than retraining")
         )
     return lines
 
