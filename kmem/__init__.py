@@ -11,9 +11,11 @@ Public API:
   with stable int64 sample ids).
 * :class:`KeyEncoder`, :func:`encode` -- the frozen EfficientNet-Lite0 key encoder and
   its features of a split (cached on disk) or of images.
+* :mod:`kmem.unlearn` -- evidence of forgetting: forget requests, metrics against a
+  retrained oracle, post-hoc unlearning baselines, the evaluation and its report.
 """
 
-from . import ops
+from . import ops, unlearn
 from .data import DATASETS, Dataset, DatasetNotInstalled, Split, load_dataset
 from .encoder import KeyEncoder
 from .features import cache_path, encode
@@ -37,5 +39,6 @@ __all__ = [
     "encode",
     "load_dataset",
     "ops",
+    "unlearn",
 ]
 __version__ = "0.1.0"

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from sklearn.svm import SVC
 
 GAP_METRICS = ("ua", "ra", "ta", "mia")
 
@@ -96,6 +95,8 @@ def mia_efficacy(retain_conf: torch.Tensor, test_conf: torch.Tensor, forget_conf
     confidences (members, label 1) and the first ``n`` test confidences (non-members,
     label 0), ``n = min(len(retain), len(test))``; all arguments are float ``[m]``.
     """
+    from sklearn.svm import SVC  # here: importing kmem should not pull in scikit-learn's SVMs
+
     n = min(len(retain_conf), len(test_conf))
     if n == 0 or len(forget_conf) == 0:
         raise ValueError("MIA needs retain, test and forget samples")
