@@ -11,9 +11,11 @@ Public API:
   with stable int64 sample ids).
 * :class:`KeyEncoder`, :func:`encode` -- the frozen EfficientNet-Lite0 key encoder and
   its features of a split (cached on disk) or of images.
+* :mod:`kmem.models` -- MUNKEY-style and SPM-style classifiers and a parametric
+  baseline: training, predictions, checkpoints, ``forget(ids)``.
 """
 
-from . import ops
+from . import models, ops
 from .data import DATASETS, Dataset, DatasetNotInstalled, Split, load_dataset
 from .encoder import KeyEncoder
 from .features import cache_path, encode
@@ -36,6 +38,7 @@ __all__ = [
     "cache_path",
     "encode",
     "load_dataset",
+    "models",
     "ops",
 ]
 __version__ = "0.1.0"
