@@ -11,11 +11,13 @@ Public API:
   with stable int64 sample ids).
 * :class:`KeyEncoder`, :func:`encode` -- the frozen EfficientNet-Lite0 key encoder and
   its features of a split (cached on disk) or of images.
+* :mod:`kmem.models` -- MUNKEY-style and SPM-style classifiers and a parametric
+  baseline: training, predictions, checkpoints, ``forget(ids)``.
 * :mod:`kmem.unlearn` -- evidence of forgetting: forget requests, metrics against a
   retrained oracle, post-hoc unlearning baselines, the evaluation and its report.
 """
 
-from . import ops, unlearn
+from . import models, ops, unlearn
 from .data import DATASETS, Dataset, DatasetNotInstalled, Split, load_dataset
 from .encoder import KeyEncoder
 from .features import cache_path, encode
@@ -38,6 +40,7 @@ __all__ = [
     "cache_path",
     "encode",
     "load_dataset",
+    "models",
     "ops",
     "unlearn",
 ]

@@ -9,6 +9,7 @@ import sys
 import time
 
 from .data import DATASETS, DatasetNotInstalled, load_dataset
+from .models import MODELS
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -32,6 +33,108 @@ def _features(args: argparse.Namespace) -> int:
             f"{split.name}: {features.shape[0]} x {features.shape[1]} features ({NAME}, {args.resolution} px) "
             f"in {time.perf_counter() - start:.1f} s -> {cache_path(split, args.resolution, args.cache_dir)}"
         )
+    return 0
+
+
+def _setting(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE read as JSON where it parses (numbers, true, null), else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _test_samples(model, name: str, data_dir: str | None, resolution: int):
+    from .models import samples
+
+    inputs = "images" if model.config.get("encoder") == "cnn" else "features"
+    return samples(load_dataset(name, root=data_dir).test, inputs, resolution)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .models import accuracy, samples, save_checkpoint, train
+
+    config = dict(args.set)
+    if args.mode:
+        if args.model != "spm":
+            print("kmem: error: --mode is an SPM setting (spm-r or spm-c)", file=sys.stderr)
+            return 2
+        config["mode"] = args.mode
+    data = load_dataset(args.data, root=args.data_dir)
+    inputs = "images" if config.get("encoder") == "cnn" else "features"
+    train_set = samples(data.train, inputs, args.resolution)
+    try:
+        model, report = train(
+            args.model, train_set, num_classes=data.num_classes, seed=args.seed, epochs=args.epochs, **config
+        )
+    except (TypeError, ValueError) as err:  # a bad setting is a user error, not a crash
+        print(f"kmem: error: {err}", file=sys.stderr)
+        return 2
+    losses = ", ".join(f"{loss:.4f}" for loss in report.losses)
+    print(
+        f"trained {args.model} on {data.train.name} ({len(train_set)} samples, seed {args.seed}) "
+        f"in {report.seconds:.1f} s; loss per epoch: {losses}"
+    )
+    test = samples(data.test, inputs, args.resolution)
+    print(f"test accuracy: {100 * accuracy(model, test):.2f}% on {len(test)} {data.test.name} samples")
+    if args.out:
+        save_checkpoint(model, args.out)
+        print(f"checkpoint -> {args.out}")
+    return 0
+
+
+def _forget_ids(args: argparse.Namespace, model) -> list[int]:
+    if args.ids is not None:
+        return [int(i) for i in args.ids.split(",") if i.strip()]
+    if args.ids_file is not None:
+        with open(args.ids_file) as f:
+            return [int(i) for i in f.read().split()]
+    import torch
+
+    held = model.memories()[0].ids()
+    count = round(args.fraction * len(held))
+    pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(args.seed))[:count]
+    return held[pick].tolist()
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from .ledger import Ledger
+    from .models import accuracy, load_checkpoint, save_checkpoint
+
+    try:
+        model = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"kmem: error: {err}", file=sys.stderr)
+        return 2
+    if not model.memories():
+        print(
+            f"kmem: error: {model.name} has no memory to delete rows from: it cannot forget by id",
+            file=sys.stderr,
+        )
+        return 2
+    ids = _forget_ids(args, model)
+    test = _test_samples(model, args.data, args.data_dir, args.resolution) if args.data else None
+    if test is not None:
+        print(f"test accuracy before: {100 * accuracy(model, test):.2f}%")
+    if args.ledger:
+        model.memories()[0].ledger = Ledger(args.ledger)
+    start = time.perf_counter()
+    try:
+        n = model.forget(ids, request_id=args.request_id, reason=args.reason)
+    except (KeyError, ValueError, TypeError) as err:
+        print(f"kmem: error: {err}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - start
+    rows = len(model.memories()[0])
+    print(f"forgot {n} samples in {1000 * seconds:.1f} ms (no weight update, no data); {rows} rows left")
+    if test is not None:
+        print(f"test accuracy after:  {100 * accuracy(model, test):.2f}%")
+    out = args.out or args.checkpoint
+    save_checkpoint(model, out)  # replaces the file: the forgotten rows are not written
+    print(f"checkpoint -> {out}")
     return 0
 
 
@@ -98,6 +201,37 @@ def main(argv: list[str] | None = None) -> int:
         "--data-dir", help="folder of the dataset's files (default: where its package puts them)"
     )
     feats.set_defaults(func=_features)
+
+    tr = sub.add_parser("train", help="train a model on a dataset, report test accuracy, save a checkpoint")
+    tr.add_argument("--model", choices=MODELS, required=True)
+    tr.add_argument("--data", choices=DATASETS, default="digits")
+    tr.add_argument("--mode", choices=("spm-r", "spm-c"), help="SPM's mode (default spm-r)")
+    tr.add_argument("--epochs", type=int, help="default: the family's")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resolution", type=int, default=64, help="key-encoder resolution of the features")
+    tr.add_argument(
+        "--set", action="append", type=_setting, default=[], metavar="KEY=VALUE",
+        help="any setting of the family, e.g. --set k=512 --set encoder=cnn (repeatable)",
+    )  # fmt: skip
+    tr.add_argument("--out", "-o", help="checkpoint file to write")
+    tr.add_argument("--data-dir", help="folder of the dataset's files (default: where its package puts them)")
+    tr.set_defaults(func=_train)
+
+    fg = sub.add_parser("forget", help="forget samples by id: delete their rows from a checkpoint's memory")
+    fg.add_argument("checkpoint", help="a checkpoint written by kmem train")
+    which = fg.add_mutually_exclusive_group(required=True)
+    which.add_argument("--ids", help="comma-separated sample ids")
+    which.add_argument("--ids-file", help="file of sample ids separated by white space")
+    which.add_argument("--fraction", type=float, help="a random fraction of the rows held")
+    fg.add_argument("--seed", type=int, default=0, help="for --fraction")
+    fg.add_argument("--out", "-o", help="checkpoint to write (default: replace the one read)")
+    fg.add_argument("--data", choices=DATASETS, help="report test accuracy on this dataset before and after")
+    fg.add_argument("--resolution", type=int, default=64)
+    fg.add_argument("--data-dir")
+    fg.add_argument("--ledger", help="SQLite ledger that records the deletion")
+    fg.add_argument("--request-id", help="request id in the ledger's receipt (needs --ledger)")
+    fg.add_argument("--reason", help="reason in the ledger's receipt (needs --ledger)")
+    fg.set_defaults(func=_forget)
 
     ledger = sub.add_parser("ledger", help="read and check a deletion ledger")
     actions = ledger.add_subparsers(dest="action", required=True)

@@ -337,6 +337,19 @@ class KeyMemory:
             ids = torch.where(slots >= 0, self._slot_ids[slots.clamp(min=0)], -1)
         return scores, ids
 
+    def get(self, ids: IdsLike) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies ``(keys [n, key_dim], values)`` of the live rows ``ids``, in that order.
+
+        ``KeyError`` for an id not in the memory. O(n) in the ids asked for.
+        """
+        id_list = _id_list("ids", ids)
+        with self._lock:
+            unknown = [i for i in id_list if i not in self._slot_of]
+            if unknown:
+                raise KeyError(f"{len(unknown)} id(s) not in the memory, e.g. {unknown[:5]}")
+            slots = torch.tensor([self._slot_of[i] for i in id_list], dtype=torch.int64, device=self.device)
+            return self._keys.index_select(0, slots), self._values.index_select(0, slots)
+
     def attend(
         self,
         queries: torch.Tensor,

@@ -1,0 +1,97 @@
+"""Checkpoints: a model's weights, memories and settings in one snapshot file.
+
+One safetensors file (format ``kmem.Classifier``) written atomically with checksums by
+:mod:`kmem.snapshot`: the ``state_dict`` tensors under their own names, each memory's
+live rows as ``memory.<i>.ids|keys|values``, and as settings the family, its config
+and each memory's settings and version counter. Loading rebuilds the model from the
+settings, checks every tensor against its checksum and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .. import snapshot
+from ..memory import _DTYPES, KeyMemory
+from .base import Classifier
+from .registry import model_class
+
+FORMAT = "kmem.Classifier"
+_MEMORY_FIELDS = ("ids", "keys", "values")
+
+
+def save_checkpoint(model: Classifier, path: str | Path) -> None:
+    """Write ``model`` (weights, memories, settings) to ``path`` atomically."""
+    tensors = dict(model.state_dict())
+    memories = []
+    for i, mem in enumerate(model.memories()):
+        with mem._lock:  # rows and version from the same moment
+            rows = mem.state()
+            memories.append({**mem._config(), "version": mem.version})
+        tensors.update({f"memory.{i}.{f}": t for f, t in zip(_MEMORY_FIELDS, rows, strict=True)})
+    config = {
+        "model": model.name,
+        "num_classes": model.num_classes,
+        "input_shape": list(model.input_shape),
+        "config": model.config,
+        "memories": memories,
+    }
+    snapshot.write(path, tensors, config, fmt=FORMAT)
+
+
+def load_checkpoint(path: str | Path) -> Classifier:
+    """The model saved at ``path`` by :func:`save_checkpoint`, in eval mode.
+
+    ``ValueError`` for a file that is not an intact checkpoint. Memories are loaded
+    without a ledger: attach one with ``mem.ledger = kmem.Ledger(...)``.
+    """
+    config = _peek_config(path)
+    try:
+        model = model_class(config["model"])(config["num_classes"], config["input_shape"], **config["config"])
+        names = [*model.state_dict()] + [
+            f"memory.{i}.{f}" for i in range(len(config["memories"])) for f in _MEMORY_FIELDS
+        ]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not a valid kmem checkpoint: {err}") from err
+    tensors, checked = snapshot.read(path, tuple(names), fmt=FORMAT)
+    if checked != config:
+        raise ValueError(f"{path} is corrupted: its settings changed while it was read")
+    try:
+        memories = [_memory(settings, tensors, i) for i, settings in enumerate(config["memories"])]
+        model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("memory.")}, strict=True)
+        model.use_memories(memories)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{path} is not a valid kmem checkpoint: {err}") from err
+    return model.eval()
+
+
+def _peek_config(path: str | Path) -> dict:
+    """The settings in ``path``'s metadata (checked against their checksum by the read after)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}")
+        config = json.loads(meta["config"])
+    except (SafetensorError, KeyError, ValueError) as err:
+        raise ValueError(f"{path} is not a kmem checkpoint ({FORMAT}): {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is corrupted: its settings are not a JSON object")
+    return config
+
+
+def _memory(settings: dict, tensors: dict[str, torch.Tensor], i: int) -> KeyMemory:
+    settings = dict(settings)
+    version = settings.pop("version")
+    dtype = _DTYPES[settings.pop("dtype")]
+    ids, keys, values = (tensors[f"memory.{i}.{f}"] for f in _MEMORY_FIELDS)
+    mem = KeyMemory(**settings, dtype=dtype, capacity=max(1, len(ids)))
+    mem.add(ids, keys, values)
+    mem.version = version
+    return mem

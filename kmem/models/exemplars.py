@@ -1,0 +1,175 @@
+"""ExemplarTokens: learnable per-sample vectors addressed by sample id, each row with its
+own optimiser state, so rows can be added, deleted and compacted mid-training.
+
+MUNKEY's memory values are learnable. :meth:`KeyMemory.attend` is differentiable in the
+queries only, so the model searches the memory for ids and gathers the rows' tokens
+from this table; the gather is sparse, so only the rows retrieved get gradient.
+
+Optimiser state follows its row. The table is trained by its own lazy Adam
+(:meth:`step`): the first and second moments and the step count of every row are
+buffers beside the weights, indexed like them, and every operation that moves rows
+moves them together -- growth (:meth:`add`) appends rows with zero state, deletion
+zeroes a row's weight and state and frees its id, compaction moves the live rows
+(weight, moments, step count) to the front in order. A row's update depends only on
+its own gradients and step count, so a row's trajectory is the same whatever other
+rows are added, deleted or compacted meanwhile. No weight decay on tokens: a row that
+is not retrieved is not touched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..memory import IdsLike, _id_list
+
+
+class ExemplarTokens(nn.Module):
+    """Rows ``weight [n, dim]`` (a parameter) with ids ``ids [n]`` (``-1``: deleted).
+
+    Args:
+        dim: token width.
+        lr: learning rate of :meth:`step`; betas, eps: Adam's.
+        compact_threshold: compact once this fraction of rows is deleted.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        compact_threshold: float = 0.25,
+    ) -> None:
+        super().__init__()
+        self.dim, self.lr, self.betas, self.eps = dim, lr, betas, eps
+        self.compact_threshold = compact_threshold
+        self.weight = nn.Parameter(torch.empty(0, dim))
+        self.register_buffer("ids", torch.empty(0, dtype=torch.int64))
+        # Optimiser state: not part of a checkpoint (training restarts it).
+        self.register_buffer("exp_avg", torch.empty(0, dim), persistent=False)
+        self.register_buffer("exp_avg_sq", torch.empty(0, dim), persistent=False)
+        self.register_buffer("steps", torch.empty(0, dtype=torch.int64), persistent=False)
+        self._row_of: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def __contains__(self, id_: object) -> bool:
+        try:
+            return int(id_) in self._row_of
+        except (TypeError, ValueError):
+            return False
+
+    # -------------------------------------------------------------- rows
+    def add(self, ids: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Append rows ``ids`` (int64 ``[n]``, new) holding ``tokens [n, dim]``, state zero."""
+        id_list = _id_list("ids", ids)
+        if tokens.shape != (len(id_list), self.dim):
+            raise ValueError(f"tokens must be [{len(id_list)}, {self.dim}], got {list(tokens.shape)}")
+        taken = [i for i in id_list if i in self._row_of]
+        if taken or len(set(id_list)) != len(id_list) or any(i < 0 for i in id_list):
+            raise ValueError(f"ids must be new, distinct and >= 0 (already held: {taken[:5]})")
+        n = self.weight.shape[0]
+        self._set_rows(
+            torch.cat([self.weight.detach(), tokens.detach().to(self.weight.dtype)]),
+            torch.cat([self.ids, torch.as_tensor(id_list, dtype=torch.int64)]),
+            torch.cat([self.exp_avg, torch.zeros(len(id_list), self.dim)]),
+            torch.cat([self.exp_avg_sq, torch.zeros(len(id_list), self.dim)]),
+            torch.cat([self.steps, torch.zeros(len(id_list), dtype=torch.int64)]),
+        )
+        self._row_of.update(zip(id_list, range(n, n + len(id_list)), strict=True))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Row of each id (any shape, int64; ``-1`` stays ``-1``); ``KeyError`` if unknown."""
+        flat = ids.reshape(-1).tolist()
+        try:
+            rows = [-1 if i < 0 else self._row_of[i] for i in flat]
+        except KeyError as err:
+            raise KeyError(f"id {err.args[0]} has no exemplar token") from None
+        return torch.tensor(rows, dtype=torch.int64).reshape(ids.shape)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Tokens of ``ids`` (any shape) -> ``[*ids.shape, dim]``; zeros where ``ids == -1``.
+        The gather is sparse: only these rows get gradient."""
+        rows = self.rows(ids)
+        out = nn.functional.embedding(rows.clamp(min=0), self.weight, sparse=True)
+        return out * (rows >= 0).unsqueeze(-1)
+
+    def get(self, ids: IdsLike) -> torch.Tensor:
+        """Copies of the tokens of ``ids`` ``[n, dim]`` (no gradient)."""
+        rows = self.rows(torch.as_tensor(_id_list("ids", ids), dtype=torch.int64))
+        if bool((rows < 0).any()):
+            raise KeyError("ids must be >= 0")
+        return self.weight.detach()[rows].clone()
+
+    def delete(self, ids: IdsLike) -> int:
+        """Delete rows by id: weight and optimiser state zeroed, id freed; returns how many.
+        Unknown ids raise ``KeyError`` and then nothing is deleted."""
+        id_list = _id_list("ids", ids)
+        unknown = [i for i in id_list if i not in self._row_of]
+        if unknown:
+            raise KeyError(f"{len(unknown)} id(s) have no exemplar token, e.g. {unknown[:5]}")
+        rows = torch.tensor([self._row_of.pop(i) for i in id_list], dtype=torch.int64)
+        with torch.no_grad():
+            for t in (self.weight, self.exp_avg, self.exp_avg_sq, self.steps):
+                t.index_fill_(0, rows, 0)
+            self.ids.index_fill_(0, rows, -1)
+        if self.weight.shape[0] and (self.ids < 0).sum() > self.compact_threshold * self.weight.shape[0]:
+            self.compact()
+        return len(id_list)
+
+    def compact(self) -> int:
+        """Drop deleted rows, moving the live ones (weight and state together) to the
+        front in order; returns how many rows were dropped."""
+        keep = self.ids >= 0
+        dropped = int((~keep).sum())
+        if dropped:
+            self._set_rows(
+                self.weight.detach()[keep],
+                self.ids[keep],
+                self.exp_avg[keep],
+                self.exp_avg_sq[keep],
+                self.steps[keep],
+            )
+            self._row_of = {i: r for r, i in enumerate(self.ids.tolist())}
+        return dropped
+
+    def _set_rows(self, weight, ids, exp_avg, exp_avg_sq, steps) -> None:
+        # A new Parameter: rows changed number, so the optimiser state above (not a
+        # torch.optim optimiser's, which would point at the old tensor) is what follows them.
+        self.weight = nn.Parameter(weight.contiguous())
+        self.ids, self.exp_avg, self.exp_avg_sq, self.steps = ids, exp_avg, exp_avg_sq, steps
+
+    # --------------------------------------------------------- optimiser
+    @torch.no_grad()
+    def step(self, lr_scale: float = 1.0) -> None:
+        """One lazy-Adam step on the rows that received gradient (then cleared); each row
+        keeps its own step count for bias correction."""
+        grad = self.weight.grad
+        self.weight.grad = None
+        if grad is None:
+            return
+        grad = grad.coalesce() if grad.is_sparse else grad.to_sparse().coalesce()
+        rows, g = grad.indices()[0], grad.values()
+        b1, b2 = self.betas
+        self.steps[rows] += 1
+        t = self.steps[rows].unsqueeze(1).to(g.dtype)
+        m = self.exp_avg[rows].mul_(b1).add_(g, alpha=1 - b1)
+        v = self.exp_avg_sq[rows].mul_(b2).addcmul_(g, g, value=1 - b2)
+        self.exp_avg[rows], self.exp_avg_sq[rows] = m, v
+        update = (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + self.eps)
+        self.weight[rows] -= self.lr * lr_scale * update
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A checkpoint holds however many rows it holds: take its size, zero state.
+        n = state_dict[prefix + "weight"].shape[0] if prefix + "weight" in state_dict else 0
+        self._set_rows(
+            torch.zeros(n, self.dim),
+            torch.full((n,), -1, dtype=torch.int64),
+            torch.zeros(n, self.dim),
+            torch.zeros(n, self.dim),
+            torch.zeros(n, dtype=torch.int64),
+        )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._row_of = {i: r for r, i in enumerate(self.ids.tolist()) if i >= 0}

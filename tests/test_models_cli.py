@@ -1,0 +1,83 @@
+"""kmem train and kmem forget, end to end on digits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kmem.cli import main
+from kmem.ledger import Ledger
+from kmem.models import load_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _private_cache(tmp_path_factory):
+    """One private feature cache for the module: digits are encoded once, not per test."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KMEM_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+def _train(tmp_path, capsys, *args):
+    path = tmp_path / "model.kmodel"
+    code = main(
+        ["train", "--data", "digits", "--resolution", "16", "--epochs", "1", "--out", str(path), *args]
+    )
+    return code, path, capsys.readouterr()
+
+
+def test_train_then_forget(tmp_path, capsys):
+    code, path, out = _train(tmp_path, capsys, "--model", "spm", "--mode", "spm-c", "--set", "supports=256")
+    assert code == 0, out.err
+    assert "trained spm on digits/train (1437 samples, seed 0)" in out.out
+    assert "test accuracy:" in out.out and f"checkpoint -> {path}" in out.out
+    model = load_checkpoint(path)
+    assert model.config["mode"] == "spm-c" and model.config["supports"] == 256
+    assert len(model.memories()[0]) == 1437
+
+    ledger = tmp_path / "ledger.db"
+    args = ["forget", str(path), "--ids", "3,14,15", "--ledger", str(ledger), "--request-id", "t-1"]
+    assert main([*args, "--data", "digits", "--resolution", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "forgot 3 samples" in out and "1434 rows left" in out and "test accuracy after" in out
+    after = load_checkpoint(path)  # replaced in place
+    assert not any(i in after.memories()[0] for i in (3, 14, 15))
+    with Ledger(ledger, create=False) as led:
+        (receipt,) = led.receipts(request_id="t-1")
+        assert receipt.ids == (3, 14, 15)
+
+    out2 = tmp_path / "less.kmodel"
+    assert main(["forget", str(path), "--fraction", "0.1", "--out", str(out2)]) == 0
+    assert len(load_checkpoint(out2).memories()[0]) == 1434 - round(0.1 * 1434)
+    assert main(["forget", str(path), "--ids", "3"]) == 2  # already forgotten
+    assert "not in the memory" in capsys.readouterr().err
+
+
+def test_train_settings_and_the_baseline(tmp_path, capsys):
+    code, path, out = _train(tmp_path, capsys, "--model", "baseline", "--set", "head=mlp", "--seed", "2")
+    assert code == 0, out.err
+    model = load_checkpoint(path)
+    assert model.config["head"] == "mlp"
+    assert main(["forget", str(path), "--ids", "1"]) == 2
+    assert "cannot forget by id" in capsys.readouterr().err
+    assert _train(tmp_path, capsys, "--model", "baseline", "--set", "depth=3")[0] == 2
+    assert _train(tmp_path, capsys, "--model", "munkey", "--mode", "spm-c")[0] == 2
+    with pytest.raises(SystemExit):
+        main(["train", "--model", "baseline", "--set", "novalue"])
+
+
+def test_a_missing_dataset_is_one_line_and_status_2(tmp_path, capsys):
+    code = main(["train", "--model", "spm", "--data", "fashion-mnist", "--data-dir", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("kmem: ") and "apt-get install dataset-fashion-mnist" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert main(["forget", str(tmp_path / "none.kmodel"), "--ids", "1"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_munkey_from_the_command_line(tmp_path, capsys):
+    code, path, out = _train(tmp_path, capsys, "--model", "munkey", "--set", "layers=1")
+    assert code == 0, out.err
+    model = load_checkpoint(path)
+    ids, _, values = model.memories()[0].state()
+    assert torch.equal(values, model.tokens.get(ids))
