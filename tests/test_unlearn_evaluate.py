@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("kmem.models", reason="the model families (issue 4) are not on this branch yet")
-
 import kmem
 from kmem.models import samples
 from kmem.unlearn import random_request
