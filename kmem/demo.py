@@ -93,7 +93,7 @@ def run(
         progress=progress,
     )
     results = evaluate(data, train, test, asked, setup, families)
-    lines = _setup_lines(data, train, test, setup, families, quick)
+    lines = _setup_lines(data, train, test, setup, families, mode)
     shown = command or "kmem " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = write_report(
         results, out, title=f"kmem: proof of forgetting on {data}", command=shown, setup=lines
@@ -102,16 +102,17 @@ def run(
 
 
 def _setup_lines(
-    data: str, train: Samples, test: Samples, setup: Setup, families: Sequence[str], quick: bool
+    data: str, train: Samples, test: Samples, setup: Setup, families: Sequence[str], mode: Mode
 ) -> list[str]:
     epochs = "each family's default epochs" if setup.epochs is None else f"{setup.epochs} training epoch(s)"
-    return [
+    lines = [
         f"data: {data}, {len(train):,} training and {len(test):,} test samples, frozen EfficientNet-Lite0 "
         f"features ({train.inputs.shape[1]}-d)",
         f"models: {', '.join(families)}; {epochs}; seed {setup.seed} (the oracle: same recipe and seed)",
-        f"post-hoc methods on the baseline: {', '.join(setup.methods)}"
-        + (f" ({setup.recipes[setup.methods[0]]['epochs']} epochs each)" if setup.recipes else ""),
-        "mode: --quick (fewer epochs and requests: a smoke run, not the full-size figures)"
-        if quick
-        else "mode: full",
     ]
+    if "baseline" in families:
+        each = f" ({mode.recipe_epochs} epochs each)" if mode.recipe_epochs else ""
+        lines.append(f"post-hoc methods on the baseline: {', '.join(setup.methods)}{each}")
+    quick = "--quick (fewer epochs and requests: a smoke run, not the full-size figures)"
+    lines.append(f"mode: {quick if mode is QUICK else 'full'}")
+    return lines

@@ -238,20 +238,19 @@ def evaluate(
     requests: Sequence[ForgetRequest],
     setup: Setup,
     families: Sequence[str] = (*MEMORY_FAMILIES, "baseline"),
-    originals: dict[str, Classifier] | None = None,
 ) -> list[RequestResult]:
     """Run every request against every family; returns one :class:`RequestResult` per request.
 
-    Each family's original model is trained once on ``train`` (or taken from
-    ``originals``) and copied for each request, so requests do not see each other.
+    Each family's original model is trained once on ``train`` and copied for each
+    request, so requests do not see each other.
     """
     unknown = sorted(set(families) - {*MEMORY_FAMILIES, "baseline"})
     if unknown:
         raise ValueError(f"unknown model famil(ies) {unknown}; choose from {[*MEMORY_FAMILIES, 'baseline']}")
-    originals = dict(originals or {})
+    originals: dict[str, Classifier] = {}
     memory = [f for f in families if f != "baseline"]
     per_request = 3 * len(memory) + ("baseline" in families) * (1 + len(setup.methods))
-    total = sum(f not in originals for f in families) + len(requests) * per_request
+    total = len(families) + len(requests) * per_request
     results = []
     with (
         tempfile.TemporaryDirectory(prefix="kmem-eval-") as tmp,
@@ -259,9 +258,8 @@ def evaluate(
     ):
         step = _stepper(bar)
         for family in families:
-            if family not in originals:
-                step(f"{family}: train on all {len(train):,} samples")
-                originals[family], _ = setup.train(family, train)
+            step(f"{family}: train on all {len(train):,} samples")
+            originals[family], _ = setup.train(family, train)
         for request in requests:
             sets = _Sets.split(train, test, request, setup)
             result = RequestResult(

@@ -118,17 +118,17 @@ def _plot_accuracy(result: RequestResult, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = (("ua", "UA"), ("ra", "RA"), ("ta", "TA"), ("mia", "MIA-Eff."))
-    names = [f"{r.family}\n{r.method}" for r in result.rows]
+    names = [f"{r.family}: {r.method}" for r in result.rows]
     width = 0.8 / len(metrics)
     fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(names) + 1), 4))
     for j, (key, label) in enumerate(metrics):
         xs = [i + (j - 1.5) * width for i in range(len(names))]
         ax.bar(xs, [getattr(r.scores, key) for r in result.rows], width, label=label)
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
-    ax.set_title(f"{result.dataset}, {result.request}")
-    ax.legend(ncol=4, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.45))
+    ax.set_title(f"{result.dataset}, {result.request}", pad=24)
+    ax.legend(ncol=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
