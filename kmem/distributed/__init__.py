@@ -1,0 +1,14 @@
+"""A KeyMemory sharded over the ranks of a ``torch.distributed`` process group.
+
+* :class:`ShardedKeyMemory` -- ``KeyMemory``'s interface; rows live on the rank
+  :func:`owner_of` their id; search and attention return the exact global result.
+* :class:`ShardError` -- a collective failed (a rank died or timed out).
+
+Works with ``gloo`` (CPU tensors) and ``nccl`` (CUDA tensors, one GPU per rank).
+"""
+
+from .comm import ShardError
+from .memory import ShardedKeyMemory
+from .routing import owner_of
+
+__all__ = ["ShardError", "ShardedKeyMemory", "owner_of"]
