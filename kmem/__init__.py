@@ -6,6 +6,8 @@ Public API:
   ``attend``, ``save``/``load``; safe to share between threads.
 * :class:`Ledger` -- a tamper-evident SQLite record of every deletion (:class:`Receipt`).
 * :class:`KeyMemoryAttention` -- an ``nn.Module`` that attends over a memory.
+* :class:`ShardedKeyMemory` (:mod:`kmem.distributed`) -- a memory split over the ranks
+  of a ``torch.distributed`` process group, with exact global top-k.
 * :mod:`kmem.ops` -- the functional ops and their backends.
 * :func:`load_dataset` -- offline image datasets (a :class:`Dataset` of :class:`Split` objects
   with stable int64 sample ids).
@@ -13,7 +15,7 @@ Public API:
   its features of a split (cached on disk) or of images.
 """
 
-from . import ops
+from . import distributed, ops
 from .data import DATASETS, Dataset, DatasetNotInstalled, Split, load_dataset
 from .encoder import KeyEncoder
 from .features import cache_path, encode
@@ -21,6 +23,8 @@ from .layers import KeyMemoryAttention
 from .ledger import Ledger, Receipt
 from .memory import KeyMemory
 from .ops import BackendUnavailable
+
+ShardedKeyMemory = distributed.ShardedKeyMemory
 
 __all__ = [
     "DATASETS",
@@ -32,8 +36,10 @@ __all__ = [
     "KeyMemoryAttention",
     "Ledger",
     "Receipt",
+    "ShardedKeyMemory",
     "Split",
     "cache_path",
+    "distributed",
     "encode",
     "load_dataset",
     "ops",

@@ -58,8 +58,8 @@ class ShardedKeyMemory:
             :class:`~kmem.KeyMemory`, the same on every rank (checked); ``capacity`` is
             per shard. ``device`` is this rank's (``cuda:<local rank>`` with NCCL).
         compact_threshold: each shard compacts itself once this fraction of its slots is dead.
-        ledger: this rank's :class:`~kmem.Ledger` (one per rank: receipts of the rows
-            it owns), or None.
+        ledger: this rank's :class:`~kmem.Ledger` (one file per rank: receipts of the
+            rows it owns), or None; every rank has one or none does.
         group: the process group (default: the default group).
     """
 
@@ -96,7 +96,9 @@ class ShardedKeyMemory:
         except (TypeError, ValueError) as e:
             err = e
         configs = self._agree(
-            "ShardedKeyMemory()", err, None if shard is None else {**shard._config(), "backend": backend}
+            "ShardedKeyMemory()",
+            err,
+            None if shard is None else {**shard._config(), "backend": backend, "ledger": ledger is not None},
         )
         if any(c != configs[0] for c in configs):
             raise ValueError(f"ranks built ShardedKeyMemory with different settings: {configs}")
@@ -233,6 +235,11 @@ class ShardedKeyMemory:
             err, counts, id_list = None, [0] * comm.world_size, []
             try:
                 id_list = _id_list("ids", ids)
+                if shard.ledger is None and (request_id is not None or reason is not None):
+                    raise ValueError(
+                        "request_id and reason are kept by a ledger and this memory has none: give every "
+                        "rank's ShardedKeyMemory one with ShardedKeyMemory(..., ledger=kmem.Ledger(path))"
+                    )
                 if len(set(id_list)) != len(id_list):
                     raise ValueError(f"ids repeats {_repeats(id_list)[:5]}")
                 wanted = torch.tensor(id_list, dtype=torch.int64, device=self.device)
@@ -253,11 +260,6 @@ class ShardedKeyMemory:
             elif unknown:
                 err = KeyError(
                     f"{len(unknown)} id(s) not in the memory, e.g. {unknown[:5]}; nothing was deleted"
-                )
-            elif shard.ledger is None and any(a[1] is not None or a[2] is not None for a in asked):
-                err = ValueError(
-                    f"request_id and reason are kept by a ledger and rank {comm.rank}'s shard has none: "
-                    "give every rank's ShardedKeyMemory a ledger"
                 )
             self._agree("delete", err, None)
             # No collective from here on.
