@@ -169,6 +169,12 @@ def _check_memory(rank, world, tmp, **kw):
     dist.barrier()
     pair.sharded = ShardedKeyMemory.load(path)
     pair.check(queries, exclude)
+    # A damaged shard file fails the load on every rank.
+    if rank == 1:
+        with open(path.format(rank=1, world_size=world), "r+b") as f:
+            f.truncate(100)
+    with pytest.raises(ValueError, match="not a valid shard snapshot" if rank == 1 else "failed on rank 1"):
+        ShardedKeyMemory.load(path)
     return pair
 
 
@@ -261,28 +267,54 @@ def _check_ledger(rank: int, world: int, tmp: str) -> None:
     ledger.close()
 
 
+def _check_dtypes(rank: int, world: int) -> None:
+    """Half-precision and float64 memories travel through the exchanges intact."""
+    for dtype in (torch.bfloat16, torch.float64):
+        gen = torch.Generator().manual_seed(0)
+        pair = Pair(rank, world, key_dim=4, value_dim=2, dtype=dtype)
+        pair.add(
+            [
+                (torch.arange(6) + 10 * r, torch.randn(6, 4, generator=gen), torch.randn(6, 2, generator=gen))
+                for r in range(world)
+            ]
+        )
+        q = torch.randn(
+            2,
+            4,
+            generator=torch.Generator().manual_seed(rank),
+            dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+        )
+        assert torch.equal(pair.sharded.search(q, 3)[1], pair.single.search(q, 3)[1])
+        for k in (3, None):
+            torch.testing.assert_close(pair.sharded.attend(q, k=k), pair.single.attend(q, k=k))
+
+
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     _init(rank, world, port)
     _check_ties(rank, world)
     _check_ledger(rank, world, tmp)
+    _check_dtypes(rank, world)
     pair = _check_memory(rank, world, tmp, value_dim=3, metric="ip")
     _check_errors(pair, rank, world)
     _check_layer(pair, world)
     labels = _check_memory(rank, world, tmp, num_classes=4, metric="l2", compact_threshold=None)
     _check_errors(labels, rank, world)
+    if world == 2:
+        _check_dead_rank(rank, world)
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_memory_equals_one_memory(world, tmp_path):
+    """Every operation against one KeyMemory; with 2 ranks, then a rank that dies."""
     _spawn(_worker, world, str(tmp_path))
 
 
-def _dying_worker(rank: int, world: int, port: int) -> None:
+def _check_dead_rank(rank: int, world: int) -> None:
     """Rank 1 stops answering, then exits: rank 0's calls raise ShardError, not hang,
-    and leave its shard as it was."""
-    _init(rank, world, port, timeout=datetime.timedelta(seconds=1))
-    mem = ShardedKeyMemory(2, 1)
+    and leave its shard as it was. Runs last: the group is then broken."""
+    group = dist.new_group(timeout=datetime.timedelta(seconds=1))
+    mem = ShardedKeyMemory(2, 1, group=group)
     mem.add(torch.tensor([rank]), torch.ones(1, 2), torch.ones(1, 1))
     if rank == 1:
         time.sleep(2)  # alive but silent past the timeout, then gone
@@ -294,11 +326,7 @@ def _dying_worker(rank: int, world: int, port: int) -> None:
     with pytest.raises(ShardError, match="add failed on rank 0"):
         mem.add(torch.tensor([7]), torch.ones(1, 2), torch.ones(1, 1))
     assert mem.shard.fingerprint() == before and len(mem) == 2
-    os._exit(0)  # skip tearing down a broken process group, which may abort
-
-
-def test_dead_or_hung_rank_raises():
-    _spawn(_dying_worker, 2)
+    os._exit(0)  # skip tearing down broken process groups, which may abort
 
 
 def test_needs_a_process_group():

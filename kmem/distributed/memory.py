@@ -12,13 +12,15 @@ import torch.distributed as dist
 
 from .. import _checks, ops, snapshot
 from ..ledger import Ledger
-from ..memory import IdsLike, KeyMemory, _cast, _id_list, _repeats
+from ..memory import _DTYPES, IdsLike, KeyMemory, _cast, _id_list, _repeats
+from ..memory import _SNAPSHOT_KEYS as _MEMORY_KEYS
 from ..ops import reference
 from . import merge
 from .comm import Comm
 from .routing import owner_of
 
 FORMAT = "kmem.ShardedKeyMemory"
+_SNAPSHOT_KEYS = {*_MEMORY_KEYS, "next_seq", "rank", "world_size"}
 _ERRORS = {"KeyError": KeyError, "TypeError": TypeError, "ValueError": ValueError}
 _READS = ("search", "attend")
 
@@ -78,7 +80,6 @@ class ShardedKeyMemory:
         ledger: Ledger | None = None,
         group: dist.ProcessGroup | None = None,
     ) -> None:
-        self._comm = Comm(group)
         err, shard = None, None
         try:
             shard = KeyMemory(
@@ -95,13 +96,20 @@ class ShardedKeyMemory:
             )
         except (TypeError, ValueError) as e:
             err = e
-        configs = self._agree(
-            "ShardedKeyMemory()",
-            err,
-            None if shard is None else {**shard._config(), "backend": backend, "ledger": ledger is not None},
+        self._setup(Comm(group), shard, err)
+
+    def _setup(self, comm: Comm, shard: KeyMemory | None, err: Exception | None, info: object = None) -> list:
+        """Adopt ``shard`` once every rank has built one with the same settings (``err``:
+        this rank could not); returns every rank's ``info``."""
+        self._comm = comm
+        mine = (
+            None
+            if shard is None
+            else {**shard._config(), "backend": shard.backend, "ledger": shard.ledger is not None}
         )
-        if any(c != configs[0] for c in configs):
-            raise ValueError(f"ranks built ShardedKeyMemory with different settings: {configs}")
+        got = self._agree("ShardedKeyMemory()", err, (mine, info))
+        if any(config != got[0][0] for config, _ in got):
+            raise ValueError(f"ranks built ShardedKeyMemory with different settings: {[c for c, _ in got]}")
         self.shard = shard
         # The shard never compacts on its own: _seq must follow its slots.
         self.compact_threshold, shard.compact_threshold = shard.compact_threshold, None
@@ -110,6 +118,7 @@ class ShardedKeyMemory:
         self._rows = 0  # live rows on all ranks
         self.version = 0  # bumped by every collective mutation, the same on every rank
         self._lock = threading.RLock()
+        return [i for _, i in got]
 
     # ------------------------------------------------------------------ state
     key_dim = property(lambda self: self.shard.key_dim)
@@ -367,41 +376,39 @@ class ShardedKeyMemory:
         same number of ranks): each rank reads its own file. ``ValueError`` on every
         rank if any rank's file is missing, corrupted or from another rank or layout."""
         comm = Comm(group)
-        err, config, tensors = None, {}, {}
+        err, shard, seq, info = None, None, None, None
+        target = Path(str(path).format(rank=comm.rank, world_size=comm.world_size))
         try:
-            target = Path(str(path).format(rank=comm.rank, world_size=comm.world_size))
             tensors, config = snapshot.read(target, ("ids", "keys", "values", "seq"), fmt=FORMAT)
-            where = (config.get("rank"), config.get("world_size"))
+            if set(config) != _SNAPSHOT_KEYS:
+                raise ValueError(f"settings {sorted(config)}, expected {sorted(_SNAPSHOT_KEYS)}")
+            where = (config.pop("rank"), config.pop("world_size"))
             if where != (comm.rank, comm.world_size):
-                raise ValueError(
-                    f"{target} is shard {where[0]} of {where[1]}, this is rank {comm.rank} of {comm.world_size}"
-                )
-            if bool((owner_of(tensors["ids"], comm.world_size) != comm.rank).any()):
-                raise ValueError(f"{target} holds ids that rank {comm.rank} does not own")
-            seq = tensors["seq"]
-            if seq.shape != tensors["ids"].shape or bool((seq[1:] <= seq[:-1]).any()):
-                raise ValueError(f"{target} has insertion numbers that are not increasing")
-        except (OSError, ValueError) as e:
-            err = ValueError(str(e))
-        states = cls._agree_comm(
-            comm, "load", err, (config.get("version"), config.get("next_seq"), len(tensors.get("ids", ())))
-        )
+                raise ValueError(f"shard {where[0]} of {where[1]}, not rank {comm.rank} of {comm.world_size}")
+            ids, seq = tensors["ids"], tensors["seq"]
+            if bool((owner_of(ids, comm.world_size) != comm.rank).any()):
+                raise ValueError(f"holds ids that rank {comm.rank} does not own")
+            if seq.shape != ids.shape or bool((seq[1:] <= seq[:-1]).any()):
+                raise ValueError("insertion numbers that do not increase")
+            info = (config.pop("version"), config.pop("next_seq"), len(ids))
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in info):
+                raise ValueError(f"version and next_seq must be ints >= 0, got {info[:2]}")
+            dtype = _DTYPES.get(str(config.pop("dtype")))
+            if dtype is None:
+                raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
+            shard = KeyMemory(
+                **config, dtype=dtype, device=device or "cpu", capacity=max(1, len(ids)), ledger=ledger
+            )
+            shard.add(
+                ids.to(shard.device), tensors["keys"].to(shard.device), tensors["values"].to(shard.device)
+            )
+        except (OSError, TypeError, ValueError) as e:
+            err = ValueError(f"{target} is not a valid shard snapshot: {e}")
+        mem = cls.__new__(cls)
+        states = mem._setup(comm, shard, err, info)
         if len({s[0] for s in states}) != 1:
             raise ValueError(f"the shards were saved at different versions: {[s[0] for s in states]}")
-        settings = {
-            k: config[k] for k in ("key_dim", "value_dim", "num_classes", "metric", "compact_threshold")
-        }
-        dtype = getattr(torch, str(config["dtype"]))
-        mem = cls(
-            **settings,
-            dtype=dtype,
-            device=device or "cpu",
-            capacity=max(1, len(tensors["ids"])),
-            ledger=ledger,
-            group=group,
-        )
-        dev = mem.device
-        mem._append(*(tensors[name].to(dev) for name in ("ids", "keys", "values", "seq")))
+        mem._seq[: len(seq)] = seq.to(mem.device)
         mem.version = states[0][0]
         mem._next_seq = max(s[1] for s in states)
         mem._rows = sum(s[2] for s in states)
@@ -409,14 +416,10 @@ class ShardedKeyMemory:
 
     # -------------------------------------------------------------- internals
     def _agree(self, what: str, err: Exception | None, info: object) -> list:
-        return self._agree_comm(self._comm, what, err, info)
-
-    @staticmethod
-    def _agree_comm(comm: Comm, what: str, err: Exception | None, info: object) -> list:
         """Every rank's ``info``, once every rank has passed its checks. ``err`` is this
         rank's failed check: then it raises here, and every other rank raises saying so."""
         mine = None if err is None else (type(err).__name__, str(err))
-        got = comm.gather_objects((mine, info), what)
+        got = self._comm.gather_objects((mine, info), what)
         if err is not None:
             raise err
         failed = [(rank, e) for rank, (e, _) in enumerate(got) if e is not None]
