@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kmem import ops
 from kmem.distributed import ShardedKeyMemory
 
 BATCH = 64
@@ -116,3 +117,14 @@ def test_sharded_read(benchmark, sharded, name):
         shard_rows=len(mem.shard),
         bytes_sent_per_query=(mem.bytes_sent - sent) / (calls * BATCH),
     )
+
+
+def test_shard_local_topk(benchmark, sharded):
+    """The compute inside a sharded search: rank 0's fused top-k over its shard for the
+    P * B queries of all ranks, with no exchange (the helpers wait)."""
+    world, mem, queries = sharded
+    keys, _, slot_ids = mem.shard.buffers()
+    every = queries.repeat(world, 1)
+    benchmark.group = f"sharded search, B = {BATCH}, N = {len(mem)}"
+    benchmark.extra_info.update(shards=world, shard_rows=len(mem.shard))
+    benchmark.pedantic(ops.search, args=(every, keys, slot_ids, K), rounds=ROUNDS, iterations=1)

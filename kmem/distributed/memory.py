@@ -502,11 +502,12 @@ class ShardedKeyMemory:
         in ``q``, ``-inf`` past the end), ``ints [Q, k, 2 or 3]`` (id, insertion number,
         label) and vector values ``[Q, k, V]`` (else None)."""
         keys, values, slot_ids = self.shard.buffers()
-        _, slots = ops.search(
+        scores, slots = ops.search(
             q.detach(), keys, slot_ids, k, metric=self.metric, exclude_ids=exclude, backend=self.backend
         )
+        if q.requires_grad:  # the same scores again, now differentiable in q
+            scores = reference.gather_scores(q, keys, slots, self.metric)
         missing = slots < 0
-        scores = reference.gather_scores(q, keys, slots, self.metric)
         ids = reference._take(slot_ids, slots).masked_fill(missing, -1)
         seq = reference._take(self._seq[: len(slot_ids)], slots).masked_fill(missing, merge._LAST)
         fields = [ids, seq]
