@@ -210,6 +210,12 @@ def _check_errors(pair: Pair, rank: int, world: int) -> None:
         mem.search(torch.zeros(1, mem.key_dim), 2 + rank)
     with pytest.raises(ValueError, match="different reads"):
         mem.attend(torch.zeros(1, mem.key_dim, requires_grad=rank == 0), k=2)
+    with pytest.raises(ValueError, match="different reads"):
+        mem.attend(torch.zeros(1, mem.key_dim), k=2, scale=1.0 + rank)
+    with pytest.raises(
+        TypeError if rank == 1 else ValueError, match="k must be an int" if rank == 1 else "rank 1"
+    ):
+        mem.attend(torch.zeros(1, mem.key_dim), k="2" if rank == 1 else 2)
     with pytest.raises(ValueError, match="\\{rank\\}"):
         mem.save("one-file-for-all.kmem")
     assert mem.fingerprint() == before

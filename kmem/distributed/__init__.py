@@ -4,7 +4,9 @@
   :func:`owner_of` their id; search and attention return the exact global result.
 * :class:`ShardError` -- a collective failed (a rank died or timed out).
 
-Works with ``gloo`` (CPU tensors) and ``nccl`` (CUDA tensors, one GPU per rank).
+Works with ``gloo`` (CPU tensors) and ``nccl`` (CUDA tensors, one GPU per rank; set
+``TORCH_NCCL_BLOCKING_WAIT=1`` so that a timed-out collective raises in the caller
+rather than NCCL's watchdog ending the process).
 """
 
 from .comm import ShardError

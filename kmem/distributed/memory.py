@@ -306,7 +306,7 @@ class ShardedKeyMemory:
         :meth:`KeyMemory.search` (``(scores [B, k], ids [B, k])``, ties to the row added
         first), ``B`` may differ between ranks. Every rank passes the same ``k``."""
         with self._lock, torch.no_grad():
-            q, exclude, batch = self._exchange_queries("search", queries, k, exclude_ids)
+            q, exclude, batch, _ = self._exchange_queries("search", queries, k, exclude_ids)
             scores, ints, _ = self._candidates(q, exclude, k, with_values=False)
             scores, ints = self._return(scores, batch, k), self._return(ints, batch, k)
             order = merge.topk_order(scores, ints[..., 1], k)
@@ -322,9 +322,8 @@ class ShardedKeyMemory:
         """Collective. :meth:`KeyMemory.attend` of this rank's queries over all shards:
         ``[B, out_dim]``, differentiable in ``queries`` (every rank then runs backward).
         Every rank passes the same ``k`` and ``scale``."""
-        scale = 1.0 / math.sqrt(self.key_dim) if scale is None else float(scale)
         with self._lock:
-            q, exclude, batch = self._exchange_queries("attend", queries, k, exclude_ids, scale)
+            q, exclude, batch, scale = self._exchange_queries("attend", queries, k, exclude_ids, scale)
             if k is None:
                 return self._dense(q, exclude, batch, scale)
             scores, ints, values = self._candidates(q, exclude, k, with_values=True)
@@ -448,25 +447,26 @@ class ShardedKeyMemory:
         queries: torch.Tensor,
         k: int | None,
         exclude_ids: torch.Tensor | None,
-        scale: float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int, float]:
         """Check the call's arguments on every rank, then send every rank's queries and
         exclusions to every rank: ``(queries [P * Bmax, d], exclude [P * Bmax, Emax] or
-        None, B)``, rank-major, padded with zero queries and ``-1``."""
+        None, B, scale)``, rank-major, padded with zero queries and ``-1``."""
         comm = self._comm
-        err, batch, width = None, 0, 0
+        err, batch, width, k_code = None, 0, 0, -1
         try:
+            scale = 1.0 / math.sqrt(self.key_dim) if scale is None else float(scale)
             self.shard._check_queries(queries)
             _checks.finite("queries", queries)
             if k is not None:
-                k = _checks.k(k)
+                k_code = _checks.k(k)
             exclude_ids = _checks.exclude_ids(exclude_ids, queries.shape[0], self.device)
             batch = queries.shape[0]
             width = 0 if exclude_ids is None else exclude_ids.shape[1]
         except (TypeError, ValueError) as e:
             err = e
         needs_grad = torch.is_grad_enabled() and err is None and queries.requires_grad
-        call = [_READS.index(op), -1 if k is None else k, int(needs_grad), hash(scale) & 0xFFFFFFFF]
+        call = [_READS.index(op), k_code, int(needs_grad), hash(scale) & 0xFFFFFFFF]
         meta = comm.gather_ints([int(err is not None), batch, width, *call], op, self.device)
         if err is not None:
             raise err
@@ -493,7 +493,7 @@ class ShardedKeyMemory:
             if exclude_ids is not None:
                 padded[:batch, : exclude_ids.shape[1]] = exclude_ids
             exclude = comm.all_to_all(padded.expand(world, -1, -1), op).reshape(world * rows, cols)
-        return q.reshape(world * rows, self.key_dim), exclude, batch
+        return q.reshape(world * rows, self.key_dim), exclude, batch, scale
 
     def _candidates(
         self, q: torch.Tensor, exclude: torch.Tensor | None, k: int, with_values: bool
