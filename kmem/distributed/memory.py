@@ -1,4 +1,16 @@
-"""ShardedKeyMemory: one KeyMemory split across the ranks of a torch.distributed group."""
+"""ShardedKeyMemory: one KeyMemory split across the ranks of a torch.distributed group.
+
+How gradients cross the ranks. A rank's attention result depends on its queries
+through scores computed on other ranks. Two ways to differentiate that: ship each
+candidate's key back with it and recompute its score locally (the backward stays
+local, but every query then moves ``P * k * d`` key elements), or recompute the
+candidates' scores on their owners under autograd and make each exchange an autograd
+function whose backward is the reverse exchange (``comm._AllToAll``). kmem does the
+second: a candidate travels as a 4-byte score instead of a ``d``-element key (84 vs
+1,104 bytes per candidate with its ids and value at d = 256, V = 16, fp32), and dense
+attention -- where every row is a candidate -- has no other option. The price is that backward is a collective, as in DDP. The top-k *selection*
+is made without gradient (as in ``KeyMemory``); only the winners' scores carry it.
+"""
 
 from __future__ import annotations
 
