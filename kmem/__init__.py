@@ -17,14 +17,13 @@ Public API:
 
 from . import distributed, ops
 from .data import DATASETS, Dataset, DatasetNotInstalled, Split, load_dataset
+from .distributed import ShardedKeyMemory
 from .encoder import KeyEncoder
 from .features import cache_path, encode
 from .layers import KeyMemoryAttention
 from .ledger import Ledger, Receipt
 from .memory import KeyMemory
 from .ops import BackendUnavailable
-
-ShardedKeyMemory = distributed.ShardedKeyMemory
 
 __all__ = [
     "DATASETS",

@@ -243,7 +243,10 @@ def _check_ties(rank: int, world: int) -> None:
         ids = torch.tensor([100 * call + 10 * rank + j for j in range(2)])
         mem.add(ids, torch.ones(2, 2), torch.full((2, 1), float(rank)))
     order = [100 * call + 10 * r + j for call in range(3) for r in range(world) for j in range(2)]
+    sent = mem.bytes_sent
     scores, ids = mem.search(torch.ones(1, 2), k=5)
+    # To each peer: one query (2 fp32), then 5 candidates of (fp32 score, int64 id, int64 number).
+    assert mem.bytes_sent - sent == (world - 1) * (2 * 4 + 5 * (4 + 8 + 8))
     assert ids[0].tolist() == order[:5]
     assert scores[0].tolist() == [2.0] * 5
     mem.delete([order[0]] if rank == world - 1 else [])
@@ -333,6 +336,14 @@ def _check_dead_rank(rank: int, world: int) -> None:
         mem.add(torch.tensor([7]), torch.ones(1, 2), torch.ones(1, 1))
     assert mem.shard.fingerprint() == before and len(mem) == 2
     os._exit(0)  # skip tearing down broken process groups, which may abort
+
+
+def test_owner_of_is_stable_and_even():
+    """Saved shards rely on the hash never changing: pinned values, and an even spread."""
+    assert owner_of(torch.tensor([0, 1, 2, 2**62]), 3).tolist() == [0, 2, 2, 0]
+    assert owner_of(torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]), 4).tolist() == [3, 0, 3, 2, 1, 1, 0, 3]
+    counts = torch.bincount(owner_of(torch.arange(40_000), 4), minlength=4)
+    assert bool((counts - 10_000).abs().max() < 300)  # ~3 standard deviations
 
 
 def test_needs_a_process_group():
