@@ -298,11 +298,29 @@ def _check_dtypes(rank: int, world: int) -> None:
             torch.testing.assert_close(pair.sharded.attend(q, k=k), pair.single.attend(q, k=k))
 
 
+def _check_empty_shards(rank: int, world: int) -> None:
+    """One row in all: the other shards are empty, yet every read and its backward run."""
+    pair = Pair(rank, world, key_dim=3, value_dim=2)
+    rows = [_empty(3, lambda g, n: torch.randn(n, 2, generator=g))] * world
+    rows[world - 1] = (torch.tensor([5]), torch.ones(1, 3), torch.ones(1, 2))
+    pair.add(rows)
+    q = torch.full((2, 3), float(rank))
+    assert pair.sharded.search(q, 2)[1].tolist() == [[5, -1], [5, -1]]
+    for k in (2, None):
+        qg, qs = q.clone().requires_grad_(True), q.clone().requires_grad_(True)
+        out, want = pair.sharded.attend(qg, k=k), pair.single.attend(qs, k=k)
+        torch.testing.assert_close(out, want)
+        out.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(qg.grad, qs.grad)
+
+
 def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     _init(rank, world, port)
     _check_ties(rank, world)
     _check_ledger(rank, world, tmp)
     _check_dtypes(rank, world)
+    _check_empty_shards(rank, world)
     pair = _check_memory(rank, world, tmp, value_dim=3, metric="ip")
     _check_errors(pair, rank, world)
     _check_layer(pair, world)

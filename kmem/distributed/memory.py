@@ -339,7 +339,7 @@ class ShardedKeyMemory:
             if k is None:
                 return self._dense(q, exclude, batch, scale)
             scores, ints, values = self._candidates(q, exclude, k, with_values=True)
-            scores, ints = self._return(scores, batch, k), self._return(ints, batch, k)
+            scores, ints = self._return(scores, batch, k, q.requires_grad), self._return(ints, batch, k)
             order = merge.topk_order(scores, ints[..., 1], k)
             chosen = ints[..., 0].gather(1, order) >= 0
             weights = reference._masked_softmax(scale * scores.gather(1, order), chosen)
@@ -528,10 +528,15 @@ class ShardedKeyMemory:
         vectors = reference._take(values, slots) if with_values and not self.is_labels else None
         return scores, torch.stack(fields, -1), vectors
 
-    def _return(self, t: torch.Tensor, batch: int, k: int) -> torch.Tensor:
+    def _return(self, t: torch.Tensor, batch: int, k: int, grad: bool = False) -> torch.Tensor:
         """Send each rank its queries' rows of ``t [P * Bmax, k, ...]``; returns this rank's
-        ``[B, P * k, ...]``: every shard's candidates side by side."""
+        ``[B, P * k, ...]``: every shard's candidates side by side. ``grad``: the exchange
+        is part of a differentiated call."""
         world = self._comm.world_size
+        if grad and not t.requires_grad:
+            # A shard with no path to the queries (e.g. empty) must still join the
+            # backward's reverse exchange, or the other ranks would wait for it.
+            t = t.detach().requires_grad_()
         got = self._comm.all_to_all(t.reshape(world, -1, k, *t.shape[2:]), "the exchange of candidates")
         got = got.transpose(0, 1)[:batch]  # [B, P, k, ...]
         return got.reshape(batch, world * k, *t.shape[2:])
@@ -553,5 +558,5 @@ class ShardedKeyMemory:
         )
         lse = merge.local_logsumexp(q, keys, slot_ids, scale, self.metric, exclude)
         payload = torch.cat([partial, lse[:, None].to(partial.dtype)], 1)
-        got = self._return(payload[:, None], batch, 1)  # [B, P, out_dim + 1]
+        got = self._return(payload[:, None], batch, 1, q.requires_grad)  # [B, P, out_dim + 1]
         return merge.combine_dense(got[..., :-1], got[..., -1])
