@@ -233,6 +233,11 @@ def _check_layer(pair: Pair, world: int) -> None:
     out.sum().backward()
     want.sum().backward()
     torch.testing.assert_close(sharded.q_proj.weight.grad, single.q_proj.weight.grad, rtol=1e-4, atol=1e-5)
+    # Forgetting through the layer: each rank asks for one id, wherever it lives.
+    live = pair.single.ids()
+    assert sharded.forget([int(live[pair.rank])]) == 1
+    single.forget(live[:world])
+    assert pair.sharded.fingerprint() == pair.single.fingerprint()
 
 
 def _check_ties(rank: int, world: int) -> None:
