@@ -212,6 +212,8 @@ def _check_errors(pair: Pair, rank: int, world: int) -> None:
         mem.attend(torch.zeros(1, mem.key_dim, requires_grad=rank == 0), k=2)
     with pytest.raises(ValueError, match="different reads"):
         mem.attend(torch.zeros(1, mem.key_dim), k=2, scale=1.0 + rank)
+    with pytest.raises(ValueError, match="different reads"):
+        mem.search(torch.zeros(1, mem.key_dim, dtype=torch.float64 if rank else torch.float32), 2)
     with pytest.raises(
         TypeError if rank == 1 else ValueError, match="k must be an int" if rank == 1 else "rank 1"
     ):

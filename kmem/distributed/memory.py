@@ -35,6 +35,7 @@ FORMAT = "kmem.ShardedKeyMemory"
 _SNAPSHOT_KEYS = {*_MEMORY_KEYS, "next_seq", "rank", "world_size"}
 _ERRORS = {"KeyError": KeyError, "TypeError": TypeError, "ValueError": ValueError}
 _READS = ("search", "attend")
+_QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class ShardedKeyMemory:
@@ -465,11 +466,12 @@ class ShardedKeyMemory:
         exclusions to every rank: ``(queries [P * Bmax, d], exclude [P * Bmax, Emax] or
         None, B, scale)``, rank-major, padded with zero queries and ``-1``."""
         comm = self._comm
-        err, batch, width, k_code = None, 0, 0, -1
+        err, batch, width, k_code, dtype_code = None, 0, 0, -1, -1
         try:
             scale = 1.0 / math.sqrt(self.key_dim) if scale is None else float(scale)
             self.shard._check_queries(queries)
             _checks.finite("queries", queries)
+            dtype_code = _QUERY_DTYPES.index(queries.dtype)  # the exchange needs one dtype
             if k is not None:
                 k_code = _checks.k(k)
             exclude_ids = _checks.exclude_ids(exclude_ids, queries.shape[0], self.device)
@@ -478,7 +480,7 @@ class ShardedKeyMemory:
         except (TypeError, ValueError) as e:
             err = e
         needs_grad = torch.is_grad_enabled() and err is None and queries.requires_grad
-        call = [_READS.index(op), k_code, int(needs_grad), hash(scale) & 0xFFFFFFFF]
+        call = [_READS.index(op), k_code, int(needs_grad), hash(scale) & 0xFFFFFFFF, dtype_code]
         meta = comm.gather_ints([int(err is not None), batch, width, *call], op, self.device)
         if err is not None:
             raise err
@@ -488,17 +490,14 @@ class ShardedKeyMemory:
             )
         if bool((meta[:, 3:] != meta[0, 3:]).any()):
             raise ValueError(
-                f"ranks called different reads [op index, k (-1: dense), needs grad, hash of scale] per rank: "
-                f"{meta[:, 3:].tolist()}; every rank must call the same read with the same k and scale, "
-                "with queries that all need grad or none"
+                f"ranks called different reads [op index, k (-1: dense), needs grad, hash of scale, "
+                f"query dtype] per rank: {meta[:, 3:].tolist()}; every rank must call the same read with "
+                "the same k and scale, with queries of one dtype that all need grad or none"
             )
         rows, cols = int(meta[:, 1].max()), int(meta[:, 2].max())
         world = comm.world_size
         q = torch.cat([queries, queries.new_zeros(rows - batch, self.key_dim)])
-        if needs_grad:
-            q = comm.all_to_all(q.expand(world, -1, -1), op)
-        else:
-            q = comm.all_to_all(q.detach().expand(world, -1, -1), op)
+        q = comm.all_to_all((q if needs_grad else q.detach()).expand(world, -1, -1), op)
         exclude = None
         if cols:
             padded = torch.full((rows, cols), -1, dtype=torch.int64, device=self.device)
