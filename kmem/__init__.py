@@ -15,7 +15,7 @@ Public API:
   its features of a split (cached on disk) or of images.
 """
 
-from . import distributed, ops
+from . import ops
 from .data import DATASETS, Dataset, DatasetNotInstalled, Split, load_dataset
 from .distributed import ShardedKeyMemory
 from .encoder import KeyEncoder
@@ -38,7 +38,6 @@ __all__ = [
     "ShardedKeyMemory",
     "Split",
     "cache_path",
-    "distributed",
     "encode",
     "load_dataset",
     "ops",
