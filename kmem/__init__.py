@@ -6,6 +6,8 @@ Public API:
   ``attend``, ``save``/``load``; safe to share between threads.
 * :class:`Ledger` -- a tamper-evident SQLite record of every deletion (:class:`Receipt`).
 * :class:`KeyMemoryAttention` -- an ``nn.Module`` that attends over a memory.
+* :class:`ShardedKeyMemory` (:mod:`kmem.distributed`) -- a memory split over the ranks
+  of a ``torch.distributed`` process group, with exact global top-k.
 * :mod:`kmem.ops` -- the functional ops and their backends.
 * :func:`load_dataset` -- offline image datasets (a :class:`Dataset` of :class:`Split` objects
   with stable int64 sample ids).
@@ -19,6 +21,7 @@ Public API:
 
 from . import models, ops, unlearn
 from .data import DATASETS, Dataset, DatasetNotInstalled, Split, load_dataset
+from .distributed import ShardedKeyMemory
 from .encoder import KeyEncoder
 from .features import cache_path, encode
 from .layers import KeyMemoryAttention
@@ -36,6 +39,7 @@ __all__ = [
     "KeyMemoryAttention",
     "Ledger",
     "Receipt",
+    "ShardedKeyMemory",
     "Split",
     "cache_path",
     "encode",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .distributed import ShardedKeyMemory
 from .memory import IdsLike, KeyMemory
 
 
@@ -21,7 +22,8 @@ class KeyMemoryAttention(nn.Module):
 
     Args:
         embed_dim: width of ``x`` and of the output.
-        memory: the memory to read.
+        memory: the memory to read; a :class:`~kmem.distributed.ShardedKeyMemory` makes
+            every forward (and backward) a collective over its process group.
         num_heads: query heads.
         k: rows retrieved per query (None: attend over all live rows).
         scale: softmax temperature on scores; default ``1/sqrt(key_dim)``.
@@ -31,15 +33,15 @@ class KeyMemoryAttention(nn.Module):
     def __init__(
         self,
         embed_dim: int,
-        memory: KeyMemory,
+        memory: KeyMemory | ShardedKeyMemory,
         num_heads: int = 1,
         k: int | None = 32,
         scale: float | None = None,
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(memory, KeyMemory):
-            raise TypeError(f"memory must be a KeyMemory, got {type(memory).__name__}")
+        if not isinstance(memory, KeyMemory | ShardedKeyMemory):
+            raise TypeError(f"memory must be a KeyMemory or ShardedKeyMemory, got {type(memory).__name__}")
         if num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {num_heads}")
         self.memory = memory
