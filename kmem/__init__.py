@@ -15,9 +15,11 @@ Public API:
   its features of a split (cached on disk) or of images.
 * :mod:`kmem.models` -- MUNKEY-style and SPM-style classifiers and a parametric
   baseline: training, predictions, checkpoints, ``forget(ids)``.
+* :mod:`kmem.unlearn` -- evidence of forgetting: forget requests, metrics against a
+  retrained oracle, post-hoc unlearning baselines, the evaluation and its report.
 """
 
-from . import models, ops
+from . import models, ops, unlearn
 from .data import DATASETS, Dataset, DatasetNotInstalled, Split, load_dataset
 from .distributed import ShardedKeyMemory
 from .encoder import KeyEncoder
@@ -44,5 +46,6 @@ __all__ = [
     "load_dataset",
     "models",
     "ops",
+    "unlearn",
 ]
 __version__ = "0.1.0"

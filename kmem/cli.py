@@ -12,13 +12,33 @@ from .data import DATASETS, DatasetNotInstalled, load_dataset
 from .models import MODELS
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _evaluate(args: argparse.Namespace, families: list[str]) -> int:
     from . import demo
 
-    result = demo.run(forget_fraction=args.forget_fraction, k=args.k, seed=args.seed)
-    print(result.summary())
-    exact = result.same_fingerprint and result.same_predictions and not result.forgotten_retrieved
-    return 0 if exact else 1
+    result = demo.run(
+        args.data,
+        quick=args.quick,
+        out=args.out,
+        families=families,
+        requests=args.request,
+        methods=args.methods,
+        seed=args.seed,
+        epochs=args.epochs,
+        progress=False if args.no_progress else None,
+    )
+    print(result.summary)
+    print(f"report: {result.report}")
+    return 0 if result.exact else 1
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import FAMILIES
+
+    return _evaluate(args, list(FAMILIES))
+
+
+def _eval(args: argparse.Namespace) -> int:
+    return _evaluate(args, list(dict.fromkeys(args.model)))
 
 
 def _features(args: argparse.Namespace) -> int:
@@ -181,13 +201,36 @@ def main(argv: list[str] | None = None) -> int:
         prog="kmem", description="A deletable key/value memory for models that must forget."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build a memory from the bundled digits, forget rows, check exactness")
-    demo.add_argument(
-        "--forget-fraction", type=float, default=0.1, help="fraction of training rows to forget"
+    from .unlearn.posthoc import METHODS
+
+    demo = sub.add_parser(
+        "demo",
+        help="the main job: train the memory models, the baseline and their oracles, forget, "
+        "compare with the post-hoc baselines, write the report",
     )
-    demo.add_argument("--k", type=int, default=10, help="rows retrieved per query")
-    demo.add_argument("--seed", type=int, default=0)
+    evaluate = sub.add_parser(
+        "eval", help="the same evaluation for chosen model families, dataset and requests"
+    )
+    evaluate.add_argument(
+        "--model", action="append", required=True, choices=("munkey", "spm", "baseline"),
+        help="model family (repeat for several); the baseline brings the post-hoc methods",
+    )  # fmt: skip
+    for cmd in (demo, evaluate):
+        cmd.add_argument("--data", default="digits", choices=DATASETS, help="dataset (default: digits)")
+        cmd.add_argument("--quick", action="store_true", help="a smoke run: few epochs, one request (10%%)")
+        cmd.add_argument(
+            "--request", action="append",
+            help="forget request, repeatable: '10%%', 'random:0.01', 'class:3' (default: 1%%, 10%%, class:0)",
+        )  # fmt: skip
+        cmd.add_argument(
+            "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="post-hoc methods"
+        )
+        cmd.add_argument("--epochs", type=int, help="training epochs of every model (default: each family's)")
+        cmd.add_argument("--seed", type=int, default=0)
+        cmd.add_argument("--out", default="kmem-report", help="report folder (default: ./kmem-report)")
+        cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+    evaluate.set_defaults(func=_eval)
     feats = sub.add_parser(
         "features", help="compute (or find) the cached key-encoder features of a dataset's splits"
     )

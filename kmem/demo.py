@@ -1,107 +1,118 @@
-"""The memory demo: a label memory over the bundled digits, then forgetting.
+"""The main job: prove forgetting on a dataset and write the evidence as a report.
 
-Builds a :class:`KeyMemory` from scikit-learn's digits (always there offline),
-classifies the test split by attention over the top-k training rows, forgets a random
-fraction of the training samples by id, and checks that the memory -- and every
-prediction -- is exactly that of a memory that never received them.
+``run`` trains the MUNKEY-style and SPM-style memory models and the parametric baseline
+on a dataset's frozen-encoder features, then for each forget request: the memory models
+forget by deleting rows (exactness checked against the memory of the retained samples),
+the baseline gets the post-hoc methods (FT, GA, RL, SalUn, SCRUB), every family is
+retrained without the forget set (the oracle), and every method is scored against its
+family's oracle. The report (Markdown + PNG plots + JSON) goes to ``out``.
 """
 
 from __future__ import annotations
 
-import time
+import shlex
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
-import torch
-from sklearn.datasets import load_digits
+from .data import load_dataset
+from .models.samples import Samples, samples
+from .unlearn import posthoc
+from .unlearn.evaluate import MEMORY_FAMILIES, Setup, evaluate
+from .unlearn.report import summary, write_report
+from .unlearn.requests import parse_request
+from .unlearn.results import RequestResult
 
-from .memory import KeyMemory
+FAMILIES = (*MEMORY_FAMILIES, "baseline")
+REQUESTS = ("1%", "10%", "class:0")  # random 1% and 10% of the training set, and all of class 0
+
+
+@dataclass(frozen=True)
+class Mode:
+    """What ``--quick`` changes: fewer epochs, fewer requests, a cap on scored retained samples."""
+
+    epochs: int | None
+    requests: tuple[str, ...]
+    max_retain: int | None
+    recipe_epochs: int | None  # post-hoc methods' epochs (None: their recipes')
+
+
+FULL = Mode(epochs=None, requests=REQUESTS, max_retain=10_000, recipe_epochs=None)
+QUICK = Mode(epochs=2, requests=("10%",), max_retain=2_000, recipe_epochs=2)
 
 
 @dataclass
 class DemoResult:
-    """Figures of one demo run."""
+    """The evaluation's results, the report's path and the terminal summary."""
 
-    train_rows: int
-    test_rows: int
-    forgotten: int
-    accuracy_before: float
-    accuracy_after: float
-    predictions_changed: int
-    delete_seconds: float
-    rebuild_seconds: float
-    same_fingerprint: bool
-    same_predictions: bool
-    forgotten_retrieved: int
+    results: list[RequestResult]
+    report: Path
+    summary: str
 
-    def summary(self) -> str:
-        ok = (
-            "yes"
-            if self.same_fingerprint and self.same_predictions and not self.forgotten_retrieved
-            else "NO"
-        )
-        return "\n".join(
-            [
-                f"memory: {self.train_rows} digits rows (64-d keys, 10 classes), {self.test_rows} test queries",
-                f"accuracy before forgetting: {100 * self.accuracy_before:.2f}%",
-                f"forgot {self.forgotten} rows in {1e3 * self.delete_seconds:.3f} ms "
-                f"(rebuilding the memory without them: {1e3 * self.rebuild_seconds:.3f} ms)",
-                f"accuracy after forgetting:  {100 * self.accuracy_after:.2f}% "
-                f"({self.predictions_changed} test predictions changed)",
-                f"identical to a memory that never held them (state fingerprint, every prediction): {ok}",
-                f"forgotten ids retrieved by any test query afterwards: {self.forgotten_retrieved}",
-            ]
-        )
+    @property
+    def exact(self) -> bool:
+        """Every memory model's forgetting passed the exactness checks."""
+        return all(e.ok for r in self.results for e in r.exactness)
 
 
-def _digits(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(train_ids, train_keys, train_labels, test_keys, test_labels)``; keys unit-norm."""
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    x = torch.nn.functional.normalize(x - x.mean(0), dim=1)
-    y = torch.tensor(data.target, dtype=torch.int64)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    split = int(0.8 * len(x))
-    train, test = order[:split], order[split:]
-    return train, x[train], y[train], x[test], y[test]  # a sample's id is its index in the dataset
+def run(
+    data: str = "digits",
+    *,
+    quick: bool = False,
+    out: str | Path = "kmem-report",
+    families: Sequence[str] = FAMILIES,
+    requests: Sequence[str] | None = None,
+    methods: Sequence[str] = posthoc.METHODS,
+    seed: int = 0,
+    epochs: int | None = None,
+    limit: int | None = None,
+    progress: bool | None = None,
+    command: str | None = None,
+) -> DemoResult:
+    """Evaluate forgetting on dataset ``data`` and write the report into ``out``.
 
-
-def _build(ids: torch.Tensor, keys: torch.Tensor, labels: torch.Tensor, chunk: int = 256) -> KeyMemory:
-    mem = KeyMemory(keys.shape[1], num_classes=10)
-    for start in range(0, len(ids), chunk):
-        mem.add(ids[start : start + chunk], keys[start : start + chunk], labels[start : start + chunk])
-    return mem
-
-
-def run(forget_fraction: float = 0.1, k: int = 10, scale: float = 20.0, seed: int = 0) -> DemoResult:
-    """Run the demo; ``scale`` sharpens the softmax over cosine similarities."""
-    if not 0.0 < forget_fraction < 1.0:
-        raise ValueError(f"forget_fraction must be in (0, 1), got {forget_fraction}")
-    torch.manual_seed(seed)
-    ids, keys, labels, test_keys, test_labels = _digits(seed)
-    mem = _build(ids, keys, labels)
-    before = mem.attend(test_keys, k=k, scale=scale)
-
-    gone = ids[torch.randperm(len(ids))[: int(forget_fraction * len(ids))]]
-    start = time.perf_counter()
-    mem.delete(gone)
-    delete_seconds = time.perf_counter() - start
-    after = mem.attend(test_keys, k=k, scale=scale)
-
-    keep = ~torch.isin(ids, gone)
-    start = time.perf_counter()
-    never = _build(ids[keep], keys[keep], labels[keep])
-    rebuild_seconds = time.perf_counter() - start
-    _, retrieved = mem.search(test_keys, k)
-    return DemoResult(
-        train_rows=len(ids),
-        test_rows=len(test_keys),
-        forgotten=len(gone),
-        accuracy_before=(before.argmax(1) == test_labels).float().mean().item(),
-        accuracy_after=(after.argmax(1) == test_labels).float().mean().item(),
-        predictions_changed=int((before.argmax(1) != after.argmax(1)).sum()),
-        delete_seconds=delete_seconds,
-        rebuild_seconds=rebuild_seconds,
-        same_fingerprint=mem.fingerprint() == never.fingerprint(),
-        same_predictions=torch.equal(after, never.attend(test_keys, k=k, scale=scale)),
-        forgotten_retrieved=int(torch.isin(retrieved, gone).sum()),
+    ``requests`` are spelled as on the command line (``"10%"``, ``"random:0.01"``,
+    ``"class:3"``; default: the mode's). ``epochs`` overrides the mode's training epochs;
+    ``limit`` keeps only the first ``limit`` training samples (for tests). ``command`` is
+    the command line printed in the report (default: this process's).
+    """
+    mode = QUICK if quick else FULL
+    dataset = load_dataset(data)
+    train, test = samples(dataset.train), samples(dataset.test)
+    if limit is not None:
+        train = train[:limit]
+    asked = [parse_request(spec, train.ids, train.labels, seed) for spec in (requests or mode.requests)]
+    setup = Setup(
+        num_classes=dataset.num_classes,
+        seed=seed,
+        epochs=epochs if epochs is not None else mode.epochs,
+        methods=tuple(methods),
+        recipes={m: {"epochs": mode.recipe_epochs} for m in methods} if mode.recipe_epochs else {},
+        max_retain=mode.max_retain,
+        progress=progress,
     )
+    results = evaluate(data, train, test, asked, setup, families)
+    lines = _setup_lines(data, train, test, setup, families, mode)
+    shown = command or "kmem " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = write_report(
+        results, out, title=f"kmem: proof of forgetting on {data}", command=shown, setup=lines
+    )
+    return DemoResult(results, report, summary(results))
+
+
+def _setup_lines(
+    data: str, train: Samples, test: Samples, setup: Setup, families: Sequence[str], mode: Mode
+) -> list[str]:
+    epochs = "each family's default epochs" if setup.epochs is None else f"{setup.epochs} training epoch(s)"
+    lines = [
+        f"data: {data}, {len(train):,} training and {len(test):,} test samples, frozen EfficientNet-Lite0 "
+        f"features ({train.inputs.shape[1]}-d)",
+        f"models: {', '.join(families)}; {epochs}; seed {setup.seed} (the oracle: same recipe and seed)",
+    ]
+    if "baseline" in families:
+        each = f" ({mode.recipe_epochs} epochs each)" if mode.recipe_epochs else ""
+        lines.append(f"post-hoc methods on the baseline: {', '.join(setup.methods)}{each}")
+    quick = "--quick (fewer epochs and requests: a smoke run, not the full-size figures)"
+    lines.append(f"mode: {quick if mode is QUICK else 'full'}")
+    return lines

@@ -1,4 +1,4 @@
-"""The README's main job runs and proves exact forgetting."""
+"""The README's main job: `kmem demo` / `kmem eval` run the whole evaluation and write the report."""
 
 from __future__ import annotations
 
@@ -7,19 +7,50 @@ import pytest
 from kmem import cli, demo
 
 
-def test_demo_forgets_exactly():
-    result = demo.run(forget_fraction=0.2, seed=1)
-    assert result.forgotten == int(0.2 * result.train_rows)
-    assert result.same_fingerprint and result.same_predictions and result.forgotten_retrieved == 0
-    assert result.accuracy_before > 0.9 and result.accuracy_after > 0.9
-    assert "identical" in result.summary()
+def test_demo_writes_the_report(tmp_path):
+    result = demo.run(
+        "digits",
+        quick=True,
+        out=tmp_path,
+        epochs=1,
+        limit=300,
+        methods=("GA",),
+        progress=False,
+        command="kmem demo",
+    )
+    assert result.exact
+    (r,) = result.results
+    assert r.request == "random-10%" and r.forgotten == 30
+    text = result.report.read_text()
+    assert "Reproduce with: `kmem demo`" in text and "| MUNKEY-style | kmem forget |" in text
+    assert "| baseline (parametric) | GA |" in text and "**yes**" in text
+    assert {p.name for p in tmp_path.glob("*.png")} == {
+        "digits-random-10-time.png",
+        "digits-random-10-accuracy.png",
+    }
+    assert "memory after forget == memory of the retained ids alone: yes" in result.summary
 
 
-def test_cli_demo(capsys):
-    assert cli.main(["demo", "--forget-fraction", "0.05"]) == 0
-    assert "accuracy after forgetting" in capsys.readouterr().out
+def test_cli_eval(tmp_path, capsys):
+    out = tmp_path / "report"
+    argv = [
+        "eval",
+        "--model",
+        "spm",
+        "--request",
+        "class:3",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "digits, class-3" in printed and "SPM-style: Avg. Gap" in printed and f"report: {out}" in printed
+    assert (out / "report.md").exists() and (out / "results.json").exists()
 
 
-def test_cli_rejects_bad_fraction():
-    with pytest.raises(ValueError, match="forget_fraction"):
-        cli.main(["demo", "--forget-fraction", "1.5"])
+def test_cli_rejects_bad_request(tmp_path):
+    with pytest.raises(ValueError, match="must look like"):
+        cli.main(["eval", "--model", "spm", "--request", "half", "--out", str(tmp_path)])

@@ -1,0 +1,308 @@
+"""Evaluate forgetting against the retrained oracle: one forget request, every method.
+
+For a memory family (``munkey``, ``spm``) the original model forgets by deleting rows
+(``Classifier.forget``, timed), its memory is checked against the memory the same model
+builds from the retained samples alone, and the oracle is the same recipe trained from
+scratch on the retained samples -- weights retrained *and* memory rebuilt. For the
+parametric ``baseline`` the post-hoc methods (:mod:`kmem.unlearn.posthoc`) update copies
+of the trained model, and its oracle is the baseline retrained without the forget set.
+Every method is scored against its own family's oracle (:mod:`kmem.unlearn.metrics`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models import load_checkpoint, predict_proba, save_checkpoint
+from ..models import train as train_model
+from ..models.base import Classifier
+from ..models.samples import Samples
+from . import posthoc
+from .metrics import Predictions, score
+from .requests import ForgetRequest
+from .results import KMEM, ORACLE, ORIGINAL, Exactness, MethodResult, RequestResult
+
+MEMORY_FAMILIES = ("munkey", "spm")
+
+
+@dataclass
+class Setup:
+    """How models are trained and methods run: the same for the original and the oracle.
+
+    Attributes:
+        num_classes: classes of the dataset.
+        seed: seeds training (the oracle uses the same seed) and the post-hoc methods.
+        epochs: overrides each family's default number of epochs (None: the default).
+        configs: per family, extra settings passed to ``kmem.models.train``.
+        methods: the post-hoc methods applied to the baseline.
+        recipes: per method, overrides of its :class:`~kmem.unlearn.posthoc.Recipe`.
+        max_retain: score RA and the MIA on at most this many retained samples (a seeded
+            draw; None: all) -- predicting every retained sample is the costliest part
+            of the evaluation for memory models on large datasets.
+        progress: progress bars (None: when stderr is a terminal).
+    """
+
+    num_classes: int
+    seed: int = 0
+    epochs: int | None = None
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    methods: Sequence[str] = posthoc.METHODS
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    max_retain: int | None = None
+    progress: bool | None = None
+
+    def train(self, family: str, data: Samples) -> tuple[Classifier, float]:
+        """A model of ``family`` trained on ``data``, and the wall time it took."""
+        start = time.perf_counter()
+        model, _ = train_model(
+            family,
+            data,
+            num_classes=self.num_classes,
+            seed=self.seed,
+            epochs=self.epochs,
+            progress=self.progress,
+            **self.configs.get(family, {}),
+        )
+        return model, time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class _Sets:
+    retain: Samples  # every retained training sample (what the oracle trains on)
+    forget: Samples
+    test: Samples
+    retain_eval: Samples  # the retained samples that are scored
+
+    @classmethod
+    def split(cls, train: Samples, test: Samples, request: ForgetRequest, setup: Setup) -> _Sets:
+        missing = ~torch.isin(request.ids, train.ids)
+        if missing.any():
+            raise ValueError(
+                f"request {request.name!r} names {int(missing.sum())} id(s) not in the training set"
+            )
+        gone = request.mask(train.ids)
+        retain = train[~gone]
+        scored = retain
+        if setup.max_retain is not None and len(retain) > setup.max_retain:
+            pick = torch.randperm(len(retain), generator=torch.Generator().manual_seed(setup.seed))
+            scored = retain[torch.sort(pick[: setup.max_retain]).values]
+        return cls(retain, train[gone], test, scored)
+
+    def predict(self, model: Classifier) -> Predictions:
+        return Predictions(
+            forget=predict_proba(model, self.forget.inputs),
+            retain=predict_proba(model, self.retain_eval.inputs),
+            test=predict_proba(model, self.test.inputs),
+            forget_labels=self.forget.labels,
+            retain_labels=self.retain_eval.labels,
+            test_labels=self.test.labels,
+        )
+
+
+def weights_that_saw(model: Classifier) -> str:
+    """Plain words for the trained weights of ``model`` that ``forget`` leaves as they are.
+
+    Every dense weight was fitted with the whole training set, forgotten samples included.
+    Per-row tables (``row_tables``: one trained row per sample, e.g. MUNKEY's exemplar
+    tokens) are not counted: ``forget`` deletes the forgotten samples' rows from them.
+    """
+    tables = {id(t) for t in model.row_tables()}
+    parts = [
+        f"{name} ({sum(p.numel() for p in child.parameters()):,} parameters)"
+        for name, child in model.named_children()
+        if id(child) not in tables and any(True for _ in child.parameters())
+    ]
+    parts += [f"{name} ({p.numel():,})" for name, p in model.named_parameters(recurse=False)]
+    text = "all dense weights -- " + ", ".join(parts)
+    text += " -- were fitted with the forgotten samples in the training set and are unchanged by forget"
+    if tables:
+        text += (
+            " (the forgotten samples' own rows of the per-sample tables are deleted with their memory rows)"
+        )
+    return text
+
+
+def _copy(model: Classifier, folder: Path) -> Classifier:
+    """An independent copy (weights and memories) through a checkpoint, which round-trips exactly."""
+    path = folder / f"{model.name}.kmem"
+    if not path.exists():
+        save_checkpoint(model, path)
+    return load_checkpoint(path)
+
+
+def _memory_family(
+    family: str, original: Classifier, sets: _Sets, request: ForgetRequest, setup: Setup, folder: Path, step
+) -> tuple[list[MethodResult], float, Exactness]:
+    step(f"{family}: retrain without the forget set (oracle)")
+    oracle, retrain_seconds = setup.train(family, sets.retain)
+    oracle_pred = sets.predict(oracle)
+    oracle_scores = score(oracle_pred)
+
+    step(f"{family}: forget {len(request):,} samples by deleting their rows")
+    model = _copy(original, folder)
+    start = time.perf_counter()
+    deleted = model.forget(request.ids)
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    for mem in model.memories():
+        mem.compact()
+    compact_seconds = time.perf_counter() - start
+    rebuilt = model.memory_for(sets.retain)
+    held = model.memories()
+    never = model.with_memories(rebuilt)
+    same_predictions = all(
+        torch.equal(predict_proba(model, s.inputs), predict_proba(never, s.inputs))
+        for s in (sets.forget, sets.test)
+    )
+    exact = Exactness(
+        family=family,
+        forgotten_rows=deleted,
+        fingerprints_equal=len(held) == len(rebuilt)
+        and all(a.fingerprint() == b.fingerprint() for a, b in zip(held, rebuilt, strict=True)),
+        forgotten_ids_left=sum(int(torch.isin(m.ids(), request.ids).sum()) for m in held),
+        predictions_equal=same_predictions,
+        fingerprint=held[0].fingerprint() if held else "",
+        compact_seconds=compact_seconds,
+        weights_that_saw=weights_that_saw(model),
+    )
+
+    step(f"{family}: score")
+    rows = [
+        MethodResult(
+            family, ORIGINAL, score(sets.predict(original), oracle=oracle_pred, oracle_scores=oracle_scores)
+        ),
+        MethodResult(family, ORACLE, score(oracle_pred, oracle=oracle_pred, oracle_scores=oracle_scores)),
+        MethodResult(
+            family,
+            KMEM,
+            score(sets.predict(model), oracle=oracle_pred, oracle_scores=oracle_scores, seconds=seconds),
+        ),
+    ]
+    return rows, retrain_seconds, exact
+
+
+def _baseline(
+    original: Classifier, sets: _Sets, request: ForgetRequest, setup: Setup, step
+) -> tuple[list[MethodResult], float]:
+    step("baseline: retrain without the forget set (oracle)")
+    oracle, retrain_seconds = setup.train("baseline", sets.retain)
+    oracle_pred = sets.predict(oracle)
+    oracle_scores = score(oracle_pred)
+    rows = [
+        MethodResult(
+            "baseline",
+            ORIGINAL,
+            score(sets.predict(original), oracle=oracle_pred, oracle_scores=oracle_scores),
+        ),
+        MethodResult("baseline", ORACLE, score(oracle_pred, oracle=oracle_pred, oracle_scores=oracle_scores)),
+    ]
+    for method in setup.methods:
+        step(f"baseline: {method}")
+        out = posthoc.unlearn(
+            method,
+            original,
+            sets.retain,
+            sets.forget,
+            num_classes=setup.num_classes,
+            seed=setup.seed,
+            progress=setup.progress,
+            **setup.recipes.get(method, {}),
+        )
+        rows.append(
+            MethodResult(
+                "baseline",
+                method,
+                score(
+                    sets.predict(out.model),
+                    oracle=oracle_pred,
+                    oracle_scores=oracle_scores,
+                    seconds=out.seconds,
+                ),
+            )
+        )
+    return rows, retrain_seconds
+
+
+def evaluate(
+    dataset: str,
+    train: Samples,
+    test: Samples,
+    requests: Sequence[ForgetRequest],
+    setup: Setup,
+    families: Sequence[str] = (*MEMORY_FAMILIES, "baseline"),
+) -> list[RequestResult]:
+    """Run every request against every family; returns one :class:`RequestResult` per request.
+
+    Each family's original model is trained once on ``train`` and copied for each
+    request, so requests do not see each other.
+    """
+    unknown = sorted(set(families) - {*MEMORY_FAMILIES, "baseline"})
+    if unknown:
+        raise ValueError(f"unknown model famil(ies) {unknown}; choose from {[*MEMORY_FAMILIES, 'baseline']}")
+    originals: dict[str, Classifier] = {}
+    memory = [f for f in families if f != "baseline"]
+    per_request = 3 * len(memory) + ("baseline" in families) * (1 + len(setup.methods))
+    total = len(families) + len(requests) * per_request
+    results = []
+    with (
+        tempfile.TemporaryDirectory(prefix="kmem-eval-") as tmp,
+        tqdm(total=total, desc="evaluation", unit="step", disable=_no_bar(setup.progress)) as bar,
+    ):
+        step = _stepper(bar)
+        for family in families:
+            step(f"{family}: train on all {len(train):,} samples")
+            originals[family], _ = setup.train(family, train)
+        for request in requests:
+            sets = _Sets.split(train, test, request, setup)
+            result = RequestResult(
+                dataset=dataset,
+                request=request.name,
+                forgotten=len(sets.forget),
+                retained=len(sets.retain),
+                test=len(test),
+            )
+            if len(sets.retain_eval) < len(sets.retain):
+                result.notes.append(
+                    f"RA and MIA-Efficacy use {len(sets.retain_eval):,} retained samples drawn with seed "
+                    f"{setup.seed} (of {len(sets.retain):,})."
+                )
+            folder = Path(tmp) / request.name
+            folder.mkdir()
+            for family in families:
+                if family == "baseline":
+                    rows, seconds = _baseline(originals[family], sets, request, setup, step)
+                else:
+                    rows, seconds, exact = _memory_family(
+                        family, originals[family], sets, request, setup, folder, step
+                    )
+                    result.exactness.append(exact)
+                result.rows += rows
+                result.retrain_seconds[family] = seconds
+            results.append(result)
+        step("done")
+    return results
+
+
+def _no_bar(progress: bool | None) -> bool | None:
+    return None if progress is None else not progress  # tqdm: None = off unless a terminal
+
+
+def _stepper(bar: tqdm) -> Callable[[str], None]:
+    """Advance ``bar`` by one step, showing what runs next."""
+    started = [False]
+
+    def step(what: str) -> None:
+        if started[0]:
+            bar.update()
+        started[0] = True
+        bar.set_postfix_str(what)
+
+    return step

@@ -1,0 +1,237 @@
+"""The evaluation report: a Markdown file with the metrics tables, PNG plots and the raw JSON.
+
+``write_report`` writes, into one folder, ``report.md`` (a table per forget request, the
+exactness evidence and what is not guaranteed), ``results.json`` and per request
+``<request>-time.png`` (forgetting time vs retraining, log scale) and
+``<request>-accuracy.png`` (UA, RA, TA and MIA-Efficacy per method).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from .results import KMEM, ORACLE, ORIGINAL, MethodResult, RequestResult
+
+FAMILY_NAMES = {"munkey": "MUNKEY-style", "spm": "SPM-style", "baseline": "baseline (parametric)"}
+
+NOT_GUARANTEED = """\
+**What forgetting guarantees here, and what it does not.** For the memory models
+(`kmem forget`), the rows of the forgotten samples are deleted: the memory is then
+bit-for-bit the memory the same model builds from the retained samples alone (the
+fingerprints above), and no prediction can retrieve a forgotten row. The *trained
+weights* are not retrained: they were fitted while the forgotten samples were in the
+training set, and whatever they absorbed of them stays. That residual influence is what
+the MIA-Efficacy and the gaps to the retrained oracle measure. The post-hoc baselines
+change every weight approximately and guarantee nothing exact; the oracle is the
+reference all methods are compared with. Copies made outside the model (checkpoints,
+logs, predictions computed before the deletion) are out of scope (see the README's
+"What deletion guarantees")."""
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.3g} s"
+
+
+def _times(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    return f"{ratio:,.0f}x" if ratio >= 10 else f"{ratio:.2g}x"
+
+
+def speedup(row: MethodResult, result: RequestResult) -> float | None:
+    """Retraining seconds of the row's family over the row's forgetting seconds."""
+    retrain = result.retrain_seconds.get(row.family)
+    if retrain is None or row.scores.seconds is None or row.method in (ORIGINAL, ORACLE):
+        return None
+    return retrain / max(row.scores.seconds, 1e-9)
+
+
+def table(result: RequestResult) -> str:
+    """The Markdown metrics table of one request: one line per (family, method)."""
+    head = (
+        "| model | method | UA | RA | TA | MIA-Eff. | Avg. Gap ↓ | hard gap % ↓ | soft gap (KL) ↓ "
+        "| time | x faster than retraining |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    lines = [head]
+    for r in result.rows:
+        s, up = r.scores, speedup(r, result)
+        time = result.retrain_seconds.get(r.family) if r.method == ORACLE else s.seconds
+        lines.append(
+            f"| {FAMILY_NAMES.get(r.family, r.family)} | {r.method} | {_fmt(s.ua)} | {_fmt(s.ra)} | {_fmt(s.ta)} "
+            f"| {_fmt(s.mia)} | {_fmt(s.avg_gap)} | {_fmt(s.hard_gap)} | {_fmt(s.soft_gap, 4)} "
+            f"| {_seconds(time)} | {_times(up)} |"
+        )
+    return "\n".join(lines)
+
+
+def _plot_times(result: RequestResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, values, colors = [], [], []
+    palette = {"munkey": "tab:blue", "spm": "tab:green", "baseline": "tab:orange"}
+    for family, seconds in result.retrain_seconds.items():
+        labels.append(f"{family}: {ORACLE}")
+        values.append(seconds)
+        colors.append("tab:gray")
+        for r in result.rows:
+            if r.family == family and r.method not in (ORIGINAL, ORACLE) and r.scores.seconds is not None:
+                labels.append(f"{family}: {r.method}")
+                values.append(max(r.scores.seconds, 1e-7))
+                colors.append(palette.get(family, "tab:purple"))
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(labels) + 1.2))
+    ax.barh(range(len(labels)), values, color=colors)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time of forgetting (s, log scale)")
+    ax.set_title(f"{result.dataset}, {result.request}: forgetting vs retraining")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {_seconds(v)}", va="center", fontsize=8)
+    ax.set_xlim(min(values) / 3, max(values) * 30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_accuracy(result: RequestResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = (("ua", "UA"), ("ra", "RA"), ("ta", "TA"), ("mia", "MIA-Eff."))
+    names = [f"{r.family}: {r.method}" for r in result.rows]
+    width = 0.8 / len(metrics)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(names) + 1), 4))
+    for j, (key, label) in enumerate(metrics):
+        xs = [i + (j - 1.5) * width for i in range(len(names))]
+        ax.bar(xs, [getattr(r.scores, key) for r in result.rows], width, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{result.dataset}, {result.request}", pad=24)
+    ax.legend(ncol=4, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _exactness_lines(result: RequestResult) -> list[str]:
+    lines = []
+    for e in result.exactness:
+        verdict = "**yes**" if e.ok else "**NO**"
+        lines.append(
+            f"- {FAMILY_NAMES.get(e.family, e.family)}: `forget` deleted {e.forgotten_rows:,} rows; after "
+            f"compaction ({_seconds(e.compact_seconds)}) the memory equals the memory built from the retained "
+            f"ids alone (fingerprint `{e.fingerprint[:16]}…`): {verdict}; predictions on the forget and test "
+            f"sets identical to those from that memory: {'yes' if e.predictions_equal else 'NO'}; forgotten "
+            f"ids left in memory: {e.forgotten_ids_left}. Weights that did see the forgotten samples: {e.weights_that_saw}."
+        )
+    return lines
+
+
+def _headline(result: RequestResult) -> list[str]:
+    """One line per memory family: its Avg. Gap against the best post-hoc baseline's, and the speed-up."""
+    posthoc = [r for r in result.rows if r.family == "baseline" and r.method not in (ORIGINAL, ORACLE)]
+    best = min(posthoc, key=lambda r: r.scores.avg_gap or math.inf, default=None)
+    lines = []
+    for r in (r for r in result.rows if r.method == KMEM):
+        oracle, up = result.row(r.family, ORACLE).scores, speedup(r, result)
+        lines.append(
+            f"{FAMILY_NAMES.get(r.family, r.family)}: Avg. Gap {_fmt(r.scores.avg_gap)}"
+            + (f" (best post-hoc: {best.method} {_fmt(best.scores.avg_gap)})" if best else "")
+            + f"; MIA-Eff. {_fmt(r.scores.mia)} vs the oracle's {_fmt(oracle.mia)}"
+            + f"; forgot in {_seconds(r.scores.seconds)}"
+            + ("" if up is None else f", {_times(up)} faster than retraining")
+        )
+    return lines
+
+
+def summary(results: Sequence[RequestResult]) -> str:
+    """A few lines per request: what the report's tables say, for the terminal."""
+    out = []
+    for result in results:
+        out.append(
+            f"{result.dataset}, {result.request} ({result.forgotten:,} forgotten, {result.retained:,} kept):"
+        )
+        out += [f"  {line}" for line in _headline(result)]
+        out += [
+            f"  {e.family}: memory after forget == memory of the retained ids alone: {'yes' if e.ok else 'NO'}"
+            for e in result.exactness
+        ]
+    return "\n".join(out)
+
+
+def write_report(
+    results: Sequence[RequestResult],
+    out_dir: str | Path,
+    *,
+    title: str = "kmem unlearning report",
+    command: str | None = None,
+    setup: Sequence[str] = (),
+) -> Path:
+    """Write ``report.md``, ``results.json`` and the plots into ``out_dir``; returns the Markdown's path.
+
+    ``command`` is the command line that reproduces the report; ``setup`` lines describe
+    the run (models, epochs, seeds) and go under the title.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# {title}", ""]
+    if command:
+        md += [f"Reproduce with: `{command}`", ""]
+    md += [f"- {line}" for line in setup] + ([""] if setup else [])
+    md += [
+        "UA = 100 - forget accuracy, RA = retain accuracy, TA = test accuracy, MIA-Eff. = % of forget samples "
+        "an SVC on true-class confidence calls non-members (SalUn's definition), Avg. Gap = mean |method - "
+        "oracle| over those four; hard / soft gap = % of forget samples whose prediction differs from the "
+        "oracle's / mean KL(oracle || method) on them. Each model family is compared with its own oracle; "
+        "time is the wall time of the forgetting itself (the oracle's: retraining).",
+        "",
+    ]
+    for result in results:
+        slug = _slug(f"{result.dataset}-{result.request}")
+        _plot_times(result, out / f"{slug}-time.png")
+        _plot_accuracy(result, out / f"{slug}-accuracy.png")
+        md += [
+            f"## {result.dataset}: {result.request}",
+            "",
+            f"{result.forgotten:,} training samples forgotten, {result.retained:,} retained, "
+            f"{result.test:,} test samples.",
+            "",
+            table(result),
+            "",
+            *_headline(result),
+            "",
+        ]
+        if result.exactness:
+            md += ["**Exactness of the memory models' forgetting:**", "", *_exactness_lines(result), ""]
+        md += [f"_{note}_" for note in result.notes] + ([""] if result.notes else [])
+        md += [
+            f"![forgetting time vs retraining]({slug}-time.png)",
+            f"![accuracies]({slug}-accuracy.png)",
+            "",
+        ]
+    md += [NOT_GUARANTEED, ""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    (out / "results.json").write_text(json.dumps([r.to_json() for r in results], indent=1))
+    return path

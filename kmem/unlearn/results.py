@@ -1,0 +1,78 @@
+"""What an unlearning evaluation produced: per request, one row per (model family, method)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .metrics import Scores
+
+ORIGINAL = "original"  # the trained model, before any forgetting
+ORACLE = "retrain (oracle)"  # the same recipe trained from scratch without the forget set
+KMEM = "kmem forget"  # memory models: delete the rows, no weight update
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """One method's metrics; ``family`` names the model it was applied to (its oracle's too)."""
+
+    family: str
+    method: str
+    scores: Scores
+
+
+@dataclass(frozen=True)
+class Exactness:
+    """Evidence that a memory model's forgetting is exact.
+
+    Attributes:
+        family: the model family.
+        forgotten_rows: rows ``forget`` deleted.
+        fingerprints_equal: after ``forget`` and ``compact``, every memory's fingerprint
+            (SHA-256 of its settings and live ids, keys, values) equals that of the memory
+            the same model builds from the retained samples alone (``memory_for``).
+        forgotten_ids_left: forgotten ids still in any memory (must be 0).
+        predictions_equal: the model's predictions on the forget and test sets equal, bit
+            for bit, those of the same weights reading the memory of the retained samples.
+        fingerprint: the first memory's fingerprint after forgetting.
+        compact_seconds: the compaction after the timed ``forget``.
+        weights_that_saw: the trained weights that were fitted with the forgotten samples
+            and are not changed by ``forget``.
+    """
+
+    family: str
+    forgotten_rows: int
+    fingerprints_equal: bool
+    forgotten_ids_left: int
+    predictions_equal: bool
+    fingerprint: str
+    compact_seconds: float
+    weights_that_saw: str
+
+    @property
+    def ok(self) -> bool:
+        return self.fingerprints_equal and self.predictions_equal and self.forgotten_ids_left == 0
+
+
+@dataclass
+class RequestResult:
+    """Every method's result on one forget request of one dataset."""
+
+    dataset: str
+    request: str
+    forgotten: int
+    retained: int
+    test: int
+    rows: list[MethodResult] = field(default_factory=list)
+    retrain_seconds: dict[str, float] = field(default_factory=dict)  # by family
+    exactness: list[Exactness] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def row(self, family: str, method: str) -> MethodResult:
+        for r in self.rows:
+            if (r.family, r.method) == (family, method):
+                return r
+        raise KeyError(f"no result for {family}/{method} on {self.request}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

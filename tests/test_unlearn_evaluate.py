@@ -1,0 +1,75 @@
+"""The whole evaluation, tiny: digits features, a few hundred samples, one epoch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kmem
+from kmem.models import samples
+from kmem.unlearn import random_request
+from kmem.unlearn.evaluate import Setup, evaluate, weights_that_saw
+from kmem.unlearn.results import KMEM, ORACLE, ORIGINAL
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = kmem.load_dataset("digits")
+    return samples(data.train)[:300], samples(data.test)[:100]
+
+
+@pytest.fixture(scope="module")
+def results(digits):
+    train, test = digits
+    setup = Setup(
+        num_classes=10, epochs=1, methods=("FT", "SalUn"), recipes={"FT": {"epochs": 1}}, progress=False
+    )
+    request = random_request(train.ids, 0.1, seed=0)
+    return evaluate("digits", train, test, [request], setup, families=("munkey", "spm", "baseline"))
+
+
+def test_rows_and_oracles(results):
+    (r,) = results
+    assert (r.forgotten, r.retained, r.test) == (30, 270, 100)
+    methods = [(row.family, row.method) for row in r.rows]
+    assert methods == [
+        ("munkey", ORIGINAL), ("munkey", ORACLE), ("munkey", KMEM),
+        ("spm", ORIGINAL), ("spm", ORACLE), ("spm", KMEM),
+        ("baseline", ORIGINAL), ("baseline", ORACLE), ("baseline", "FT"), ("baseline", "SalUn"),
+    ]  # fmt: skip
+    for family in ("munkey", "spm", "baseline"):
+        oracle = r.row(family, ORACLE).scores
+        assert (oracle.avg_gap, oracle.hard_gap, oracle.soft_gap) == (0.0, 0.0, 0.0)
+        assert r.retrain_seconds[family] > 0
+    for row in r.rows:
+        s = row.scores
+        assert all(0 <= v <= 100 for v in (s.ua, s.ra, s.ta, s.mia, s.hard_gap))
+        assert (s.seconds is None) == (row.method in (ORIGINAL, ORACLE))
+
+
+def test_memory_models_forget_exactly(results):
+    (r,) = results
+    assert [e.family for e in r.exactness] == ["munkey", "spm"]
+    for e in r.exactness:
+        assert e.ok and e.fingerprints_equal and e.predictions_equal and e.forgotten_ids_left == 0
+        assert e.forgotten_rows == 30 and len(e.fingerprint) == 64
+        assert "unchanged by forget" in e.weights_that_saw
+
+
+def test_weights_that_saw_names_the_dense_weights(digits):
+    train, _ = digits
+    model, _ = kmem.models.train("baseline", train[:50], num_classes=10, epochs=0, progress=False)
+    text = weights_that_saw(model)
+    for name in ("encoder", "head"):
+        count = sum(p.numel() for p in getattr(model, name).parameters())
+        assert f"{name} ({count:,} parameters)" in text
+    assert text.startswith("all dense weights -- ") and "per-sample tables" not in text
+
+
+def test_request_outside_the_training_set(digits):
+    train, test = digits
+    bad = random_request(torch.arange(1000, 2000), 0.1)
+    with pytest.raises(ValueError, match="not in the training set"):
+        evaluate("digits", train, test, [bad], Setup(num_classes=10, epochs=0, progress=False), ("spm",))
+    with pytest.raises(ValueError, match="unknown model famil"):
+        evaluate("digits", train, test, [bad], Setup(num_classes=10), ("resnet",))

@@ -1,0 +1,71 @@
+"""The report writer: Markdown table, plots, JSON, terminal summary."""
+
+from __future__ import annotations
+
+import json
+
+from kmem.unlearn.metrics import Scores
+from kmem.unlearn.report import speedup, summary, table, write_report
+from kmem.unlearn.results import KMEM, ORACLE, ORIGINAL, Exactness, MethodResult, RequestResult
+
+
+def _result() -> RequestResult:
+    def s(ua, mia, seconds=None, gap=None):
+        return Scores(
+            ua=ua, ra=99.0, ta=90.0, mia=mia, seconds=seconds, avg_gap=gap, hard_gap=gap, soft_gap=gap
+        )
+
+    return RequestResult(
+        dataset="digits",
+        request="random-10%",
+        forgotten=144,
+        retained=1293,
+        test=360,
+        rows=[
+            MethodResult("munkey", ORIGINAL, s(0.0, 2.0, gap=3.0)),
+            MethodResult("munkey", ORACLE, s(9.0, 12.0, gap=0.0)),
+            MethodResult("munkey", KMEM, s(8.5, 11.0, seconds=0.002, gap=0.4)),
+            MethodResult("baseline", ORACLE, s(9.0, 12.0, gap=0.0)),
+            MethodResult("baseline", "FT", s(3.0, 5.0, seconds=1.5, gap=3.25)),
+            MethodResult("baseline", "GA", s(30.0, 40.0, seconds=0.5, gap=12.0)),
+        ],
+        retrain_seconds={"munkey": 40.0, "baseline": 6.0},
+        exactness=[Exactness("munkey", 144, True, 0, True, "ab" * 32, 0.001, "the classifier head")],
+        notes=["a tiny run"],
+    )
+
+
+def test_table_and_speedup():
+    r = _result()
+    assert speedup(r.rows[2], r) == 40.0 / 0.002
+    assert speedup(r.rows[1], r) is None and speedup(r.rows[0], r) is None
+    lines = table(r).splitlines()
+    assert len(lines) == 2 + len(r.rows)
+    assert "| MUNKEY-style | kmem forget | 8.50 | 99.00 | 90.00 | 11.00 | 0.40 |" in lines[4]
+    assert lines[4].endswith("| 2 ms | 20,000x |")
+    assert "| 40 s | - |" in lines[3]  # the oracle's time is its retraining
+
+
+def test_write_report(tmp_path):
+    r = _result()
+    path = write_report([r], tmp_path / "out", command="kmem demo --quick", setup=["seed 0"])
+    text = path.read_text()
+    assert "Reproduce with: `kmem demo --quick`" in text and "- seed 0" in text
+    assert "(fingerprint `abababababababab…`): **yes**" in text
+    assert "Avg. Gap 0.40 (best post-hoc: FT 3.25); MIA-Eff. 11.00 vs the oracle's 12.00" in text
+    assert "20,000x faster than retraining" in text and "_a tiny run_" in text
+    assert "What forgetting guarantees here, and what it does not" in text
+    for png in ("digits-random-10-time.png", "digits-random-10-accuracy.png"):
+        assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({png})" in text
+    (saved,) = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["rows"][2]["scores"]["avg_gap"] == 0.4 and saved["exactness"][0]["fingerprints_equal"]
+
+
+def test_summary_says_whether_exact():
+    r = _result()
+    text = summary([r])
+    assert "digits, random-10% (144 forgotten, 1,293 kept):" in text
+    assert "munkey: memory after forget == memory of the retained ids alone: yes" in text
+    r.exactness[0] = Exactness("munkey", 144, False, 0, True, "00" * 32, 0.0, "the head")
+    assert "retained ids alone: NO" in summary([r])
