@@ -56,7 +56,7 @@ class Munkey(Classifier):
         "k": 4,
         "token_dim": 128,
         "image_tokens": 4,
-        "layers": 2,
+        "layers": 1,
         "heads": 4,
         "ff": 256,
         "dropout": 0.1,
