@@ -64,7 +64,7 @@ class Munkey(Classifier):
         "heads": 4,
         "ff": 256,
         "dropout": 0.1,
-        "pathway_dropout": 0.25,
+        "pathway_dropout": 0.5,
         "aggregation": "ensemble",
         "token_lr": 1e-2,
         "token_init": 0.02,
