@@ -16,7 +16,9 @@ Stochastic pathway dropout: in training, each sample's retrieved tokens are all
 replaced by a learned null token with probability ``pathway_dropout``, so the image
 pathway alone stays predictive (a query with no rows to retrieve also sees the null
 token). Training excludes the batch's own ids from retrieval (leave-batch-out), as at
-test time a query is never its own neighbour.
+test time a query is never its own neighbour; with ``retrieve_self`` a training sample
+retrieves its own top-k instead, its own row among them, so its token is trained
+mostly by its own query (what is specific to the sample goes to its row).
 
 The memory's values mirror the token table: the memory is what is searched, deleted,
 saved and fingerprinted; tokens are read from the table by the ids the search returns,
@@ -47,7 +49,9 @@ class Munkey(Classifier):
     width), ``image_tokens``, ``layers``, ``heads``, ``ff`` (transformer), ``dropout``,
     ``pathway_dropout``, ``aggregation`` (``"ensemble"``/``"single"``), ``token_lr``
     (the token table's lazy Adam), ``token_init`` (std of the tokens' normal
-    initialisation), and the training settings. Inputs: frozen features ``[B, F]``.
+    initialisation), ``retrieve_self`` (training retrieval: False, leave-batch-out;
+    True, each sample's own top-k, its own row included), and the training settings.
+    Inputs: frozen features ``[B, F]``.
     """
 
     name = "munkey"
@@ -56,14 +60,15 @@ class Munkey(Classifier):
         "k": 4,
         "token_dim": 128,
         "image_tokens": 4,
-        "layers": 2,
+        "layers": 1,
         "heads": 4,
         "ff": 256,
         "dropout": 0.1,
-        "pathway_dropout": 0.25,
+        "pathway_dropout": 0.5,
         "aggregation": "ensemble",
         "token_lr": 1e-2,
         "token_init": 0.02,
+        "retrieve_self": False,
     }
 
     def __init__(self, num_classes: int, input_shape: tuple[int, ...], **config: Any) -> None:
@@ -114,7 +119,19 @@ class Munkey(Classifier):
         return self.memory.search(self.keys(inputs), k, exclude_ids=exclude)[1]
 
     def forward(self, inputs: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        found = self.retrieve(inputs, ids)
+        return self._predict(inputs, self.retrieve(inputs, ids))
+
+    def loss(self, batch: Samples, generator: torch.Generator) -> torch.Tensor:
+        """Cross-entropy with the training retrieval: leave-batch-out, or with
+        ``retrieve_self`` each sample's own top-k (its own row among them)."""
+        if self.config["retrieve_self"]:
+            found = self._lists(batch.ids)[:, : int(self.config["k"])]
+        else:
+            found = self.retrieve(batch.inputs, batch.ids)
+        return nn.functional.cross_entropy(self._predict(batch.inputs, found), batch.labels)
+
+    def _predict(self, inputs: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+        """Logits or log-probabilities of ``inputs`` given the retrieved ids ``found [B, k]``."""
         memory = self.tokens(found)  # [B, k, d], zero rows where nothing was found
         null = (found < 0).unsqueeze(-1)
         if self.training and self.config["pathway_dropout"] > 0:
@@ -156,7 +173,8 @@ class Munkey(Classifier):
         self.use_memories(self.memory_for(train))
 
     def _precompute(self, train: Samples) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sorted train ids and, in that order, each sample's top ``k + margin`` other rows.
+        """Sorted train ids and, in that order, each sample's top ``k + margin`` rows
+        (other rows, unless ``retrieve_self``).
 
         Queries and keys are frozen, so this search is the same at every step; per
         batch, :meth:`_precomputed` drops the batch's ids from these lists.
@@ -167,18 +185,15 @@ class Munkey(Classifier):
         found = torch.empty(len(ids), width, dtype=torch.int64)
         for i in tqdm(range(0, len(ids), _SEARCH_BATCH), desc="munkey neighbours", disable=None, leave=False):
             part = slice(i, i + _SEARCH_BATCH)
-            found[part] = self.memory.search(queries[part], width, exclude_ids=ids[part, None])[1]
+            exclude = None if self.config["retrieve_self"] else ids[part, None]
+            found[part] = self.memory.search(queries[part], width, exclude_ids=exclude)[1]
         return ids, found
 
     def _precomputed(self, inputs: torch.Tensor, ids: torch.Tensor, k: int) -> torch.Tensor:
         """Top-``k`` rows of each training sample ``ids`` with the batch's ids excluded:
         the first ``k`` of its precomputed list not in the batch -- exactly what a search
         excluding the batch returns -- or such a search where too few are left."""
-        sorted_ids, lists = self._neighbours
-        pos = torch.searchsorted(sorted_ids, ids.contiguous()).clamp(max=len(sorted_ids) - 1)
-        if not torch.equal(sorted_ids[pos], ids):
-            raise KeyError("leave-batch-out in training takes the training samples' ids")
-        lists = lists[pos]
+        lists = self._lists(ids)
         ok = ~torch.isin(lists, ids) & (lists >= 0)
         rank = ok.cumsum(1)
         keep = ok & (rank <= k)
@@ -191,6 +206,14 @@ class Munkey(Classifier):
             exclude = ids.expand(int(short.sum()), -1).contiguous()
             out[short] = self.memory.search(self.keys(inputs[short]), k, exclude_ids=exclude)[1]
         return out
+
+    def _lists(self, ids: torch.Tensor) -> torch.Tensor:
+        """The precomputed neighbour lists of the training samples ``ids``."""
+        sorted_ids, lists = self._neighbours
+        pos = torch.searchsorted(sorted_ids, ids.contiguous()).clamp(max=len(sorted_ids) - 1)
+        if not torch.equal(sorted_ids[pos], ids):
+            raise KeyError("retrieval in training takes the training samples' ids")
+        return lists[pos]
 
     # -------------------------------------------------------- forgetting
     def forget(self, ids: IdsLike, *, request_id: str | None = None, reason: str | None = None) -> int:

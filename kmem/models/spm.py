@@ -85,8 +85,8 @@ class SPM(Classifier):
 
     @torch.no_grad()
     def support_keys(self, inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """``Ws e(s)`` of ``inputs``: ``[n, key_dim]``, computed a row at a time's worth
-        of batches so a key does not depend on which other rows were computed with it."""
+        """The support keys ``Ws e(s)`` of ``inputs``: ``[n, key_dim]``, in eval mode, in
+        batches of ``batch_size``."""
         was = self.training
         self.eval()
         try:
