@@ -118,6 +118,38 @@ def _remove_leftovers(path: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
+def _settings(meta: dict[str, str], path: Path, fmt: str) -> tuple[dict, dict]:
+    """``(config, checksums)`` of a snapshot's metadata after checking its format, its
+    version and the settings' checksum."""
+    if meta.get("format") != fmt:
+        raise ValueError(f"{path} is not a kmem snapshot of {fmt} (format {meta.get('format')!r})")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise ValueError(
+            f"{path} has snapshot format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
+        )
+    sums = json.loads(meta["checksums"])
+    config_json = meta["config"]
+    if not isinstance(sums, dict) or sums.get("config") != _text_checksum(config_json):
+        raise ValueError(f"{path} is corrupted: its settings do not match their checksum")
+    config = json.loads(config_json)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is corrupted: its settings are not a JSON object")
+    return config, sums
+
+
+def read_config(path: str | Path, fmt: str = FORMAT) -> dict:
+    """The settings of the snapshot at ``path`` (checked, tensors not read): what a reader
+    needs to know which tensors to expect. Errors as :func:`read`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no snapshot at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return _settings(f.metadata() or {}, path, fmt)[0]
+    except (SafetensorError, json.JSONDecodeError, KeyError) as err:
+        raise ValueError(f"{path} is not a readable kmem snapshot: {err}") from err
+
+
 def read(
     path: str | Path, expected: tuple[str, ...], fmt: str = FORMAT
 ) -> tuple[dict[str, torch.Tensor], dict]:
@@ -128,28 +160,15 @@ def read(
         raise FileNotFoundError(f"no snapshot at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != fmt:
-                raise ValueError(f"{path} is not a kmem snapshot of {fmt} (format {meta.get('format')!r})")
-            if meta.get("format_version") != str(FORMAT_VERSION):
-                raise ValueError(
-                    f"{path} has snapshot format version {meta.get('format_version')!r}, expected {FORMAT_VERSION}"
-                )
+            config, sums = _settings(f.metadata() or {}, path, fmt)
             names = set(f.keys())
             if names != set(expected):
                 raise ValueError(f"{path} holds tensors {sorted(names)}, expected {sorted(expected)}")
-            sums = json.loads(meta["checksums"])
-            config_json = meta["config"]
-            if not isinstance(sums, dict) or sums.get("config") != _text_checksum(config_json):
-                raise ValueError(f"{path} is corrupted: its settings do not match their checksum")
             tensors = {}
             for name in expected:
                 tensors[name] = f.get_tensor(name)
                 if sums.get(name) != checksum(tensors[name]):
                     raise ValueError(f"{path} is corrupted: tensor {name!r} does not match its checksum")
-            config = json.loads(config_json)
     except (SafetensorError, json.JSONDecodeError, KeyError) as err:
         raise ValueError(f"{path} is not a readable kmem snapshot: {err}") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} is corrupted: its settings are not a JSON object")
     return tensors, config

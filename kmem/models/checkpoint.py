@@ -9,11 +9,9 @@ settings, checks every tensor against its checksum and never unpickles anything.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .. import snapshot
 from ..memory import _DTYPES, KeyMemory
@@ -49,7 +47,9 @@ def load_checkpoint(path: str | Path) -> Classifier:
     ``ValueError`` for a file that is not an intact checkpoint. Memories are loaded
     without a ledger: attach one with ``mem.ledger = kmem.Ledger(...)``.
     """
-    config = _peek_config(path)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    config = snapshot.read_config(path, fmt=FORMAT)
     try:
         model = model_class(config["model"])(config["num_classes"], config["input_shape"], **config["config"])
         names = [*model.state_dict()] + [
@@ -67,23 +67,6 @@ def load_checkpoint(path: str | Path) -> Classifier:
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{path} is not a valid kmem checkpoint: {err}") from err
     return model.eval()
-
-
-def _peek_config(path: str | Path) -> dict:
-    """The settings in ``path``'s metadata (checked against their checksum by the read after)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}")
-        config = json.loads(meta["config"])
-    except (SafetensorError, KeyError, ValueError) as err:
-        raise ValueError(f"{path} is not a kmem checkpoint ({FORMAT}): {err}") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"{path} is corrupted: its settings are not a JSON object")
-    return config
 
 
 def _memory(settings: dict, tensors: dict[str, torch.Tensor], i: int) -> KeyMemory:
