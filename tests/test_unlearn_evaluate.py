@@ -73,3 +73,16 @@ def test_request_outside_the_training_set(digits):
         evaluate("digits", train, test, [bad], Setup(num_classes=10, epochs=0, progress=False), ("spm",))
     with pytest.raises(ValueError, match="unknown model famil"):
         evaluate("digits", train, test, [bad], Setup(num_classes=10), ("resnet",))
+
+
+def test_a_diverged_method_is_scored_not_fatal(digits):
+    train, test = digits
+    setup = Setup(
+        num_classes=10, epochs=1, methods=("GA",), recipes={"GA": {"lr": 1e6, "epochs": 3}}, progress=False
+    )
+    (r,) = evaluate("digits", train, test, [random_request(train.ids, 0.1)], setup, families=("baseline",))
+    ga = r.row("baseline", "GA").scores
+    assert any("baseline GA" in note and "not finite" in note for note in r.notes)
+    assert ga.ta == pytest.approx(
+        100 * float((test.labels == 0).float().mean())
+    )  # uniform: argmax is class 0

@@ -96,11 +96,24 @@ class _Sets:
             scored = retain[torch.sort(pick[: setup.max_retain]).values]
         return cls(retain, train[gone], test, scored)
 
-    def predict(self, model: Classifier) -> Predictions:
+    def predict(self, model: Classifier, notes: list[str] | None = None, label: str = "") -> Predictions:
+        """Probabilities on the three sets; rows that are not finite (a diverged method) are
+        scored as uniform predictions and said in ``notes`` -- one diverged method must not
+        sink the whole evaluation."""
+        probs = {}
+        for name, data in (("forget", self.forget), ("retain", self.retain_eval), ("test", self.test)):
+            p = predict_proba(model, data.inputs)
+            bad = ~torch.isfinite(p).all(1)
+            if bad.any():
+                p[bad] = 1.0 / p.shape[1]
+                if notes is not None:
+                    notes.append(
+                        f"{label}: {int(bad.sum()):,} of {len(p):,} {name} predictions were not finite "
+                        "(the method diverged); they are scored as uniform predictions."
+                    )
+            probs[name] = p
         return Predictions(
-            forget=predict_proba(model, self.forget.inputs),
-            retain=predict_proba(model, self.retain_eval.inputs),
-            test=predict_proba(model, self.test.inputs),
+            **probs,
             forget_labels=self.forget.labels,
             retain_labels=self.retain_eval.labels,
             test_labels=self.test.labels,
@@ -190,7 +203,7 @@ def _memory_family(
 
 
 def _baseline(
-    original: Classifier, sets: _Sets, request: ForgetRequest, setup: Setup, step
+    original: Classifier, sets: _Sets, request: ForgetRequest, setup: Setup, step, notes: list[str]
 ) -> tuple[list[MethodResult], float]:
     step("baseline: retrain without the forget set (oracle)")
     oracle, retrain_seconds = setup.train("baseline", sets.retain)
@@ -221,7 +234,7 @@ def _baseline(
                 "baseline",
                 method,
                 score(
-                    sets.predict(out.model),
+                    sets.predict(out.model, notes, f"baseline {method}"),
                     oracle=oracle_pred,
                     oracle_scores=oracle_scores,
                     seconds=out.seconds,
@@ -278,7 +291,7 @@ def evaluate(
             folder.mkdir()
             for family in families:
                 if family == "baseline":
-                    rows, seconds = _baseline(originals[family], sets, request, setup, step)
+                    rows, seconds = _baseline(originals[family], sets, request, setup, step, result.notes)
                 else:
                     rows, seconds, exact = _memory_family(
                         family, originals[family], sets, request, setup, folder, step
