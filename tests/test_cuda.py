@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from _buffers import buffers, exclusions
 from conftest import brute_attention, brute_scores, brute_topk, integer_data
 
 import kmem
@@ -24,25 +25,6 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason=f"needs a C
 
 def _on(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.to(DEVICE) for t in tensors]
-
-
-def _memory(n: int, d: int, dead_every: int = 0, data=torch.randn) -> tuple[torch.Tensor, torch.Tensor]:
-    """CPU ``keys [n, d]`` and ``slot_ids [n]`` (ids 100..), every ``dead_every``-th row dead."""
-    keys = data(n, d)
-    slot_ids = torch.arange(100, 100 + n)
-    if dead_every:
-        slot_ids[::dead_every] = -1
-        keys[::dead_every] = 0
-    return keys, slot_ids
-
-
-def _exclusions(slot_ids: torch.Tensor, batch: int, width: int) -> torch.Tensor:
-    """``[batch, width]`` live ids to exclude, with -1 padding and an id not in the memory."""
-    live = slot_ids[slot_ids >= 0]
-    ex = live[torch.randint(0, len(live), (batch, width))]
-    ex[:, -1] = -1
-    ex[0, 0] = 10**9
-    return ex
 
 
 def _search(q, keys, slot_ids, k, metric="ip", exclude_ids=None) -> torch.Tensor:
@@ -81,9 +63,9 @@ def test_search_matches_brute_force_with_ties(metric, n, k, batch, exclude):
     # Integer data: exact scores and many ties, so the tie rule (lower slot first) is
     # checked exactly. 11 queries span two query blocks; 1031 and 3001 rows span
     # several tiles (a ragged last one); k = 600 keeps whole tiles.
-    keys, slot_ids = _memory(n, 5, dead_every=4, data=integer_data)
+    keys, slot_ids = buffers(n, 5, dead_every=4, data=integer_data)
     q = integer_data(batch, 5)
-    ex = _exclusions(slot_ids, batch, 4) if exclude and n > 1 else None
+    ex = exclusions(slot_ids, batch, 4) if exclude and n > 1 else None
     assert torch.equal(
         _search(q, keys, slot_ids, k, metric, ex), brute_topk(q, keys, slot_ids, k, metric, ex)
     )
@@ -93,9 +75,9 @@ def test_search_matches_brute_force_with_ties(metric, n, k, batch, exclude):
 @pytest.mark.parametrize("k", [4096, 4097, 5000])
 def test_search_large_k(k):
     # k = 4096 sorts in shared memory, larger k in global scratch; 5000 > live rows.
-    keys, slot_ids = _memory(4999, 3, dead_every=7, data=integer_data)
+    keys, slot_ids = buffers(4999, 3, dead_every=7, data=integer_data)
     q = integer_data(3, 3)
-    ex = _exclusions(slot_ids, 3, 5)
+    ex = exclusions(slot_ids, 3, 5)
     assert torch.equal(_search(q, keys, slot_ids, k, "ip", ex), brute_topk(q, keys, slot_ids, k, "ip", ex))
 
 
@@ -103,7 +85,7 @@ def test_search_large_k(k):
 def test_search_merges_several_chunks():
     # 2049 tiles of 512 rows with k = 600 exceed one chunk's candidate budget per query,
     # so the running top-k is merged across chunks.
-    keys, slot_ids = _memory(2049 * 512 - 5, 2, dead_every=9, data=integer_data)
+    keys, slot_ids = buffers(2049 * 512 - 5, 2, dead_every=9, data=integer_data)
     q = integer_data(2, 2)
     assert torch.equal(_search(q, keys, slot_ids, 600, "l2"), brute_topk(q, keys, slot_ids, 600, "l2"))
 
@@ -112,7 +94,7 @@ def test_search_merges_several_chunks():
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("batch", [1, 9])
 def test_search_random_floats_is_exact_topk(metric, batch):
-    keys, slot_ids = _memory(3001, 16, dead_every=3)
+    keys, slot_ids = buffers(3001, 16, dead_every=3)
     q = torch.randn(batch, 16)
     slots = _search(q, keys, slot_ids, 20, metric)
     full = brute_scores(q, keys, metric).masked_fill(slot_ids < 0, float("-inf"))
@@ -127,9 +109,9 @@ def test_search_random_floats_is_exact_topk(metric, batch):
 @pytest.mark.parametrize("metric", METRICS)
 def test_search_low_precision_keys(dtype, metric):
     # Small integers are exact in float16 and bfloat16: the result is exact too.
-    keys, slot_ids = _memory(777, 24, dead_every=5, data=integer_data)
+    keys, slot_ids = buffers(777, 24, dead_every=5, data=integer_data)
     q = integer_data(10, 24)
-    ex = _exclusions(slot_ids, 10, 3)
+    ex = exclusions(slot_ids, 10, 3)
     slots = _search(q, keys.to(dtype), slot_ids, 17, metric, ex)
     assert torch.equal(slots, brute_topk(q, keys, slot_ids, 17, metric, ex))
 
@@ -149,10 +131,10 @@ def test_search_all_dead_and_empty():
 @pytest.mark.parametrize("labels", [False, True])
 @pytest.mark.parametrize("batch", [5, 12])
 def test_attention_matches_brute_force(metric, k, labels, batch):
-    keys, slot_ids = _memory(40, 6, dead_every=5)
+    keys, slot_ids = buffers(40, 6, dead_every=5)
     values = torch.randint(0, 4, (40,)) if labels else torch.randn(40, 3)
     q = torch.randn(batch, 6)
-    ex = _exclusions(slot_ids, batch, 3)
+    ex = exclusions(slot_ids, batch, 3)
     classes = 4 if labels else None
     out = _attend(q, keys, values, slot_ids, k, 1 / math.sqrt(6), metric, ex, classes)
     assert out.dtype == torch.float32 and out.device.type == "cuda"
@@ -168,7 +150,7 @@ def test_attention_matches_brute_force(metric, k, labels, batch):
 def test_attention_many_rows(k, metric):
     # Dense attention over 5000 rows spans several splits; top-k with k = 4096 softmaxes
     # over thousands of slots.
-    keys, slot_ids = _memory(5000, 32, dead_every=11)
+    keys, slot_ids = buffers(5000, 32, dead_every=11)
     values, q = torch.randn(5000, 20), torch.randn(3, 32)
     out = _attend(q, keys, values, slot_ids, k, 0.05, metric)
     want = brute_attention(q, keys, values, slot_ids, k, 0.05, metric)
@@ -189,7 +171,7 @@ def test_attention_no_live_rows_gives_zeros(k):
 
 @needs_gpu
 def test_dense_lse_and_empty_memory():
-    keys, slot_ids = _memory(700, 8, dead_every=3)
+    keys, slot_ids = buffers(700, 8, dead_every=3)
     q, values = torch.randn(4, 8), torch.randn(700, 2)
     _, lse = cuda.dense_forward(*_on(q, keys, values, slot_ids), None, 0.3, "ip", 0)
     logits = 0.3 * brute_scores(q, keys, "ip").masked_fill(slot_ids < 0, float("-inf"))
@@ -202,7 +184,7 @@ def test_dense_lse_and_empty_memory():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("k", [16, None])
 def test_low_precision_keys_and_values(dtype, k):
-    keys, slot_ids = _memory(3000, 64)
+    keys, slot_ids = buffers(3000, 64)
     values, q = torch.randn(3000, 4), torch.randn(20, 64)
     out = _attend(q, keys.to(dtype), values.to(dtype), slot_ids, k, 1 / 8)
     assert out.dtype == torch.float32
@@ -229,10 +211,10 @@ def _grads(fn, q, keys, values, labels: bool) -> list[torch.Tensor]:
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("labels", [False, True])
 def test_gradients_match_reference(k, metric, labels):
-    keys, slot_ids = _memory(300, 7, dead_every=6)
+    keys, slot_ids = buffers(300, 7, dead_every=6)
     values = torch.randint(0, 3, (300,)) if labels else torch.randn(300, 5)
     q, keys, values, slot_ids = _on(torch.randn(6, 7), keys, values, slot_ids)
-    ex = _on(_exclusions(slot_ids.cpu(), 6, 2))[0]
+    ex = _on(exclusions(slot_ids.cpu(), 6, 2))[0]
     classes = 3 if labels else None
 
     def kernel(q_, k_, v_):
@@ -252,7 +234,7 @@ def test_gradients_match_reference(k, metric, labels):
 
 @needs_gpu
 def test_gradients_reach_only_retrieved_rows():
-    keys, slot_ids = _memory(100, 8)
+    keys, slot_ids = buffers(100, 8)
     keys, slot_ids, q = _on(keys, slot_ids, torch.randn(3, 8))
     keys.requires_grad_()
     values = torch.randn(100, 4, device=DEVICE, requires_grad=True)
@@ -266,7 +248,7 @@ def test_gradients_reach_only_retrieved_rows():
 
 @needs_gpu
 def test_float64_top_k_runs_the_exact_formulas_and_dense_refuses():
-    keys, slot_ids = _memory(20, 5, dead_every=6)
+    keys, slot_ids = buffers(20, 5, dead_every=6)
     keys, slot_ids = _on(keys.double(), slot_ids)
     values = torch.randn(20, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     q = torch.randn(3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
@@ -288,7 +270,7 @@ def test_calls_run_the_cuda_kernels():
         "cuda_dense_backward",
     ]
     before = {name: ext.call_count(name) for name in names}
-    keys, slot_ids = _memory(50, 8)
+    keys, slot_ids = buffers(50, 8)
     keys, slot_ids, q = _on(keys, slot_ids, torch.randn(2, 8))
     values = torch.randn(50, 3, device=DEVICE, requires_grad=True)
     fused.topk_attention("cuda")(q, keys, values, slot_ids, 4, 0.3, "ip", None, None).sum().backward()
@@ -334,7 +316,7 @@ def test_auto_picks_the_cuda_kernels_on_the_gpu():
     ext = kmem._ext.compiled()
     names = ["cuda_search", "cuda_attend_forward", "cuda_dense_forward", "cuda_compact_rows"]
     before = {name: ext.call_count(name) for name in names}
-    keys, slot_ids = _memory(64, 8, dead_every=5)
+    keys, slot_ids = buffers(64, 8, dead_every=5)
     keys, slot_ids, q, values = _on(keys, slot_ids, torch.randn(3, 8), torch.randn(64, 2))
     kmem.ops.search(q, keys, slot_ids, 4)
     kmem.ops.topk_attention(q, keys, values, slot_ids, 4)
@@ -346,7 +328,7 @@ def test_auto_picks_the_cuda_kernels_on_the_gpu():
 
 @needs_gpu
 def test_auto_dense_float64_goes_past_the_cuda_kernels():
-    keys, slot_ids = _memory(40, 6)
+    keys, slot_ids = buffers(40, 6)
     keys, slot_ids, q, values = _on(
         keys.double(), slot_ids, torch.randn(2, 6).double(), torch.randn(40, 3).double()
     )

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _buffers import buffers, exclusions
 from conftest import brute_attention, brute_scores, brute_topk, integer_data
 
 import kmem
@@ -15,24 +16,6 @@ from kmem.ops import reference
 
 METRICS = ["ip", "l2"]
 BACKENDS = ["reference", "cpp"]
-
-
-def _memory(n, d, dead_every=0, data=torch.randn):
-    keys = data(n, d)
-    slot_ids = torch.arange(100, 100 + n)
-    if dead_every:
-        slot_ids[::dead_every] = -1
-        keys[::dead_every] = 0
-    return keys, slot_ids
-
-
-def _exclusions(slot_ids, batch, width):
-    """Random live ids, some -1 padding, some ids that are not in the memory."""
-    live = slot_ids[slot_ids >= 0]
-    ex = live[torch.randint(0, len(live), (batch, width))]
-    ex[:, -1] = -1
-    ex[0, 0] = 10**9
-    return ex
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -44,9 +27,9 @@ def test_search_matches_brute_force_with_ties(small_chunks, backend, metric, n, 
     # Integer data: exact scores and many ties, so the tie rule (lower slot first) is
     # checked exactly. batch 70 takes the C++ BLAS-tile path, 6 its streaming path;
     # 3001 rows span several threads and tiles.
-    keys, slot_ids = _memory(n, 5, dead_every=4, data=integer_data)
+    keys, slot_ids = buffers(n, 5, dead_every=4, data=integer_data)
     q = integer_data(batch, 5)
-    ex = _exclusions(slot_ids, batch, 4) if exclude and n > 1 else None
+    ex = exclusions(slot_ids, batch, 4) if exclude and n > 1 else None
     scores, slots = ops.search(q, keys, slot_ids, k, metric=metric, exclude_ids=ex, backend=backend)
     expected = brute_topk(q, keys, slot_ids, k, metric, ex)
     assert torch.equal(slots, expected)
@@ -61,7 +44,7 @@ def test_search_matches_brute_force_with_ties(small_chunks, backend, metric, n, 
 def test_search_low_precision_keys_exact_on_integers(backend, dtype, metric, n, batch):
     """Even d takes the C++ bf16 dot-product kernel from batch 9 up (the others: streaming
     up to 64, BLAS tiles above); integers stay exact in every path."""
-    keys, slot_ids = _memory(n, 20, dead_every=5, data=integer_data)
+    keys, slot_ids = buffers(n, 20, dead_every=5, data=integer_data)
     q = integer_data(batch, 20)
     _, slots = ops.search(q, keys.to(dtype), slot_ids, 25, metric=metric, backend=backend)
     assert torch.equal(slots, brute_topk(q, keys, slot_ids, 25, metric))
@@ -71,7 +54,7 @@ def test_search_low_precision_keys_exact_on_integers(backend, dtype, metric, n, 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("batch", [1, 9])
 def test_search_random_floats_is_exact_topk(backend, metric, batch):
-    keys, slot_ids = _memory(3001, 16, dead_every=3)
+    keys, slot_ids = buffers(3001, 16, dead_every=3)
     q = torch.randn(batch, 16)
     scores, slots = ops.search(q, keys, slot_ids, 20, metric=metric, backend=backend)
     full = brute_scores(q, keys, metric).masked_fill(slot_ids < 0, float("-inf"))
@@ -101,10 +84,10 @@ def _backends_for(k):
 @pytest.mark.parametrize("labels", [False, True])
 @pytest.mark.parametrize("batch", [5, 12])
 def test_attention_matches_brute_force(small_chunks, backend, metric, k, labels, batch):
-    keys, slot_ids = _memory(40, 6, dead_every=5)
+    keys, slot_ids = buffers(40, 6, dead_every=5)
     values = torch.randint(0, 4, (40,)) if labels else torch.randn(40, 3)
     q = torch.randn(batch, 6)
-    ex = _exclusions(slot_ids, batch, 3)
+    ex = exclusions(slot_ids, batch, 3)
     classes = 4 if labels else None
     out = ops.topk_attention(
         q, keys, values, slot_ids, k, metric=metric, exclude_ids=ex, num_classes=classes, backend=backend
@@ -131,7 +114,7 @@ def test_attention_no_live_rows_gives_zeros(backend, k):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_scale_is_applied(backend):
-    keys, slot_ids = _memory(30, 4)
+    keys, slot_ids = buffers(30, 4)
     values, q = torch.randn(30, 2), torch.randn(3, 4)
     out = ops.topk_attention(q, keys, values, slot_ids, 10, scale=0.3, backend=backend)
     torch.testing.assert_close(
@@ -145,7 +128,7 @@ def test_scale_is_applied(backend):
 def test_low_precision_keys(backend, dtype, batch):
     # k above the live rows: rounding cannot change which rows are chosen (that is
     # checked exactly on integer data above), so this measures the numeric error alone.
-    keys, slot_ids = _memory(600, 64)
+    keys, slot_ids = buffers(600, 64)
     values, q = torch.randn(600, 4), torch.randn(batch, 64)
     low = keys.to(dtype)
     out = ops.topk_attention(q, low, values, slot_ids, 640, backend=backend)
@@ -160,11 +143,11 @@ def test_low_precision_keys(backend, dtype, batch):
 @pytest.mark.parametrize(("backend", "k"), [(b, k) for k in (4, None) for b in _backends_for(k)])
 @pytest.mark.parametrize("metric", METRICS)
 def test_gradcheck_vector_values(small_chunks, backend, metric, k):
-    keys, slot_ids = _memory(20, 5, dead_every=6)
+    keys, slot_ids = buffers(20, 5, dead_every=6)
     keys = keys.double().requires_grad_()
     values = torch.randn(20, 3, dtype=torch.float64, requires_grad=True)
     q = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    ex = _exclusions(slot_ids, 3, 2)
+    ex = exclusions(slot_ids, 3, 2)
 
     def f(q, k_, v):
         return ops.topk_attention(q, k_, v, slot_ids, k, metric=metric, exclude_ids=ex, backend=backend)
@@ -174,7 +157,7 @@ def test_gradcheck_vector_values(small_chunks, backend, metric, k):
 
 @pytest.mark.parametrize(("backend", "k"), [(b, k) for k in (4, None) for b in _backends_for(k)])
 def test_gradcheck_label_values(small_chunks, backend, k):
-    keys, slot_ids = _memory(20, 5, dead_every=6)
+    keys, slot_ids = buffers(20, 5, dead_every=6)
     keys = keys.double().requires_grad_()
     labels = torch.randint(0, 3, (20,))
     q = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
@@ -184,7 +167,7 @@ def test_gradcheck_label_values(small_chunks, backend, k):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_reach_only_retrieved_rows(backend):
-    keys, slot_ids = _memory(100, 8)
+    keys, slot_ids = buffers(100, 8)
     keys.requires_grad_()
     values = torch.randn(100, 4, requires_grad=True)
     q = torch.randn(3, 8)
@@ -257,11 +240,11 @@ def test_backend_asked_for_by_name_never_falls_back():
 @pytest.mark.parametrize("labels", [False, True])
 def test_float32_gradients_match_autograd_through_reference(backend, k, metric, labels):
     """The compiled kernels' own backward against autograd through the reference twin."""
-    keys, slot_ids = _memory(300, 12, dead_every=7)
+    keys, slot_ids = buffers(300, 12, dead_every=7)
     values = torch.randint(0, 5, (300,)) if labels else torch.randn(300, 4)
     classes = 5 if labels else None
     q = torch.randn(9, 12)
-    ex = _exclusions(slot_ids, 9, 3)
+    ex = exclusions(slot_ids, 9, 3)
     g = torch.randn(9, 5 if labels else 4)
     grads = {}
     for name in ("reference", backend):
@@ -288,7 +271,7 @@ def test_float32_gradients_match_autograd_through_reference(backend, k, metric, 
 
 def test_compiled_attend_kernels_ran():
     ext = kmem._ext.compiled()
-    keys, slot_ids = _memory(50, 8)
+    keys, slot_ids = buffers(50, 8)
     values = torch.randn(50, 3, requires_grad=True)
     q = torch.randn(4, 8, requires_grad=True)
     names = ["attend_forward", "attend_backward", "dense_forward", "dense_backward"]
@@ -303,7 +286,7 @@ def test_triton_backend_through_dispatch(k):
     """Dispatch routes to the Triton kernels (interpreted here) when asked by name."""
     from kmem.kernels import topk
 
-    keys, slot_ids = _memory(40, 8, dead_every=3)
+    keys, slot_ids = buffers(40, 8, dead_every=3)
     values, q = torch.randn(40, 2), torch.randn(3, 8)
     before = sum(topk.LAUNCHES.values())
     out = ops.topk_attention(q, keys, values, slot_ids, k, backend="triton")
@@ -317,7 +300,7 @@ def test_triton_backend_through_dispatch(k):
 def test_custom_ops_compile_in_one_graph_with_autograd(k):
     """The compiled backends are torch.library ops with fake kernels: torch.compile
     captures them whole (fullgraph) and their own backward runs under it."""
-    keys, slot_ids = _memory(100, 8)
+    keys, slot_ids = buffers(100, 8)
     values = torch.randn(100, 3)
     f = torch.compile(
         lambda q: ops.topk_attention(q, keys, values, slot_ids, k, backend="cpp").sum(), fullgraph=True
@@ -333,9 +316,9 @@ def test_custom_ops_compile_in_one_graph_with_autograd(k):
 @pytest.mark.parametrize("batch", [3, 70])
 def test_k_4096(backend, batch):
     """SPM-sized retrieval: k = 4096 of 5,000 rows, exact on integer data."""
-    keys, slot_ids = _memory(5000, 6, dead_every=9, data=integer_data)
+    keys, slot_ids = buffers(5000, 6, dead_every=9, data=integer_data)
     q = integer_data(batch, 6)
-    ex = _exclusions(slot_ids, batch, 5)
+    ex = exclusions(slot_ids, batch, 5)
     _, slots = ops.search(q, keys, slot_ids, 4096, exclude_ids=ex, backend=backend)
     assert torch.equal(slots, brute_topk(q, keys, slot_ids, 4096, "ip", ex))
     values = torch.randn(5000, 3)

@@ -7,9 +7,12 @@ Without a GPU the kernels run on CPU tensors through Triton's interpreter (conft
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import triton  # a dev dependency: without it this module must fail, not skip
+from _buffers import buffers, exclusions
 from conftest import brute_attention, brute_scores, brute_topk, integer_data
 
 import kmem
@@ -28,23 +31,8 @@ def device(request) -> str:
     return request.param
 
 
-def _memory(n, d, dead_every=4, data=torch.randn):
-    """``(keys [n, d], slot_ids [n])``: ids 100.., every ``dead_every``-th row dead (its key
-    kept, so a dead row that would score high must still be skipped)."""
-    keys = data(n, d)
-    slot_ids = torch.arange(100, 100 + n)
-    if dead_every:
-        slot_ids[::dead_every] = -1
-    return keys, slot_ids
-
-
-def _exclusions(slot_ids, batch, width=4):
-    """Random live ids per query, -1 padding, and an id that is not in the memory."""
-    live = slot_ids[slot_ids >= 0]
-    ex = live[torch.randint(0, len(live), (batch, width))]
-    ex[:, -1] = -1
-    ex[0, 0] = 10**9
-    return ex
+_memory = functools.partial(buffers, dead_every=4, scrub=False)
+_exclusions = functools.partial(exclusions, width=4)
 
 
 def _values(n, labels, width=3):
