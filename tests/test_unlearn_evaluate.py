@@ -66,6 +66,18 @@ def test_weights_that_saw_names_the_dense_weights(digits):
     assert text.startswith("all dense weights -- ") and "per-sample tables" not in text
 
 
+@pytest.mark.parametrize("own", [True, False])
+def test_weights_that_saw_says_what_trained_the_rows(digits, own):
+    train, _ = digits
+    model, _ = kmem.models.train(
+        "munkey", train[:50], num_classes=10, epochs=0, progress=False, retrieve_self=own
+    )
+    text = weights_that_saw(model)
+    assert "tokens" not in text  # the per-sample table is deleted from, not left as it was
+    assert ("no retained row was fitted to them" in text) is own
+    assert ("forgotten ones included" in text) is not own
+
+
 def test_request_outside_the_training_set(digits):
     train, test = digits
     bad = random_request(torch.arange(1000, 2000), 0.1)

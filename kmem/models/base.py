@@ -73,6 +73,11 @@ class Classifier(nn.Module):
         ``step()``), not by the dense optimiser of the training loop."""
         return []
 
+    def rows_fit_own_sample_only(self) -> bool:
+        """Whether each row of :meth:`row_tables` is trained by its own sample's loss alone
+        (then deleting a sample leaves no trace of it in any retained row)."""
+        return True
+
     # ----------------------------------------------------------- forgetting
     def forget(self, ids: IdsLike, *, request_id: str | None = None, reason: str | None = None) -> int:
         """Forget samples by id: delete their memory rows (no weight update, no data

@@ -105,12 +105,16 @@ class ExemplarTokens(nn.Module):
 
     def delete(self, ids: IdsLike) -> int:
         """Delete rows by id: weight and optimiser state zeroed, id freed; returns how many.
-        Unknown ids raise ``KeyError`` and then nothing is deleted."""
+        Unknown ids raise ``KeyError``, repeated ones ``ValueError``, and then nothing is
+        deleted."""
         id_list = _id_list("ids", ids)
-        unknown = [i for i in id_list if i not in self._row_of]
-        if unknown:
+        id_set = set(id_list)
+        if len(id_set) != len(id_list):
+            raise ValueError("ids repeat an id; nothing was deleted")
+        if not id_set <= self._row_of.keys():
+            unknown = [i for i in id_list if i not in self._row_of]
             raise KeyError(f"{len(unknown)} id(s) have no exemplar token, e.g. {unknown[:5]}")
-        rows = torch.tensor([self._row_of.pop(i) for i in id_list], dtype=torch.int64)
+        rows = torch.tensor(list(map(self._row_of.pop, id_list)), dtype=torch.int64)
         with torch.no_grad():
             for t in (self.weight, self.exp_avg, self.exp_avg_sq, self.steps):
                 t.index_fill_(0, rows, 0)

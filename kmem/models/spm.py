@@ -50,6 +50,7 @@ class SPM(Classifier):
     name = "spm"
     defaults: ClassVar[dict[str, Any]] = {
         **TRAINING,
+        "epochs": 2,
         "mode": "spm-r",
         "encoder": "features",
         "hidden": 256,
