@@ -38,7 +38,7 @@ class Mode:
     recipe_epochs: int | None  # post-hoc methods' epochs (None: their recipes')
 
 
-FULL = Mode(epochs=None, requests=REQUESTS, max_retain=10_000, recipe_epochs=None)
+FULL = Mode(epochs=None, requests=REQUESTS, max_retain=20_000, recipe_epochs=None)
 QUICK = Mode(epochs=2, requests=("10%",), max_retain=2_000, recipe_epochs=2)
 
 
@@ -113,6 +113,9 @@ def _setup_lines(
     if "baseline" in families:
         each = f" ({mode.recipe_epochs} epochs each)" if mode.recipe_epochs else ""
         lines.append(f"post-hoc methods on the baseline: {', '.join(setup.methods)}{each}")
+    lines.append(
+        f"MIA-Efficacy: the mean over {setup.mia_draws} seeded draws of the SVC's member (retained) samples"
+    )
     quick = "--quick (fewer epochs and requests: a smoke run, not the full-size figures)"
     lines.append(f"mode: {quick if mode is QUICK else 'full'}")
     return lines

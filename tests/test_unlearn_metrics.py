@@ -46,6 +46,32 @@ def test_mia_uses_equal_counts_of_members_and_non_members():
     assert metrics.mia_efficacy(retain, test, torch.tensor([0.2])) == 100.0
 
 
+def test_mia_draws_average_seeded_draws_of_the_members():
+    # Members overlap the non-members: which 20 of the 60 members a draw holds moves the
+    # SVC's boundary across the forget samples, so draws differ; the mean is theirs.
+    retain = torch.linspace(0.3, 1.0, 60, dtype=torch.float64)
+    test = torch.linspace(0.0, 0.6, 20, dtype=torch.float64)
+    forget = torch.linspace(0.3, 0.7, 41, dtype=torch.float64)
+    one = metrics.mia_efficacy_draws(retain, test, forget, draws=1)
+    assert one == [metrics.mia_efficacy(retain[:20], test, forget)]  # draw 0: the first n
+    draws = metrics.mia_efficacy_draws(retain, test, forget, draws=6, seed=3)
+    assert draws[0] == one[0] and len(set(draws)) > 1
+    assert draws == metrics.mia_efficacy_draws(retain, test, forget, draws=6, seed=3)  # seeded
+    assert metrics.mia_efficacy(retain, test, forget, draws=6, seed=3) == pytest.approx(sum(draws) / 6)
+    with pytest.raises(ValueError, match="draws"):
+        metrics.mia_efficacy(retain, test, forget, draws=0)
+
+
+def test_mia_auroc_by_hand():
+    # Pairs (forget > test): 0.9 beats both, 0.8 beats 0.7 and ties 0.8 -> 3.5 of 4.
+    assert metrics.mia_auroc(torch.tensor([0.9, 0.8]), torch.tensor([0.7, 0.8])) == pytest.approx(87.5)
+    assert metrics.mia_auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.7, 0.8])) == 0.0
+    same = torch.rand(500, dtype=torch.float64)
+    assert metrics.mia_auroc(same, same.flip(0)) == pytest.approx(50.0)  # indistinguishable
+    with pytest.raises(ValueError, match="AUROC needs"):
+        metrics.mia_auroc(torch.rand(0), torch.rand(3))
+
+
 def test_prediction_gaps_by_hand():
     oracle = torch.tensor([[0.5, 0.5], [0.9, 0.1]], dtype=torch.float64)
     method = torch.tensor([[0.25, 0.75], [0.9, 0.1]], dtype=torch.float64)
@@ -75,6 +101,9 @@ def test_perfect_forgetter_has_zero_gaps():
     assert s.ua == pytest.approx(40.0) and s.ra == 100.0 and s.ta == pytest.approx(80.0)
     # The forget confidences (0.7, 0.3) are the test set's: every one is called a non-member.
     assert s.mia == 100.0
+    # AUROC: a forget 0.7 (3 of 5) beats the test 0.3s (4 of 20) and ties the 0.7s; a
+    # forget 0.3 ties the test 0.3s -> 0.6 * (0.2 + 0.8 / 2) + 0.4 * (0.2 / 2) = 0.40.
+    assert s.mia_auc == pytest.approx(40.0)
 
 
 def test_model_that_did_not_forget():
@@ -83,6 +112,7 @@ def test_model_that_did_not_forget():
     kept = _predictions([0.98] * 5, labels)  # still remembers: UA 0, MIA 0
     s = metrics.score(kept, oracle=oracle)
     assert (s.ua, s.ra, s.ta, s.mia) == (0.0, 100.0, pytest.approx(80.0), 0.0)
+    assert s.mia_auc == 100.0  # every forget sample more confident than every test sample
     assert s.avg_gap == pytest.approx((40 + 0 + 0 + 100) / 4)
     assert s.hard_gap == pytest.approx(40.0)  # the two rows the oracle gets wrong
     kl_right = 0.7 * math.log(0.7 / 0.98) + 0.3 * math.log(0.3 / 0.02)

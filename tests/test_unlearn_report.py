@@ -12,7 +12,15 @@ from kmem.unlearn.results import KMEM, ORACLE, ORIGINAL, Exactness, MethodResult
 def _result() -> RequestResult:
     def s(ua, mia, seconds=None, gap=None):
         return Scores(
-            ua=ua, ra=99.0, ta=90.0, mia=mia, seconds=seconds, avg_gap=gap, hard_gap=gap, soft_gap=gap
+            ua=ua,
+            ra=99.0,
+            ta=90.0,
+            mia=mia,
+            mia_auc=51.0,
+            seconds=seconds,
+            avg_gap=gap,
+            hard_gap=gap,
+            soft_gap=gap,
         )
 
     return RequestResult(
@@ -41,7 +49,7 @@ def test_table_and_speedup():
     assert speedup(r.rows[1], r) is None and speedup(r.rows[0], r) is None
     lines = table(r).splitlines()
     assert len(lines) == 2 + len(r.rows)
-    assert "| MUNKEY-style | kmem forget | 8.50 | 99.00 | 90.00 | 11.00 | 0.40 |" in lines[4]
+    assert "| MUNKEY-style | kmem forget | 8.50 | 99.00 | 90.00 | 11.00 | 51.00 | 0.40 |" in lines[4]
     assert lines[4].endswith("| 2 ms | 20,000x |")
     assert "| 40 s | - |" in lines[3]  # the oracle's time is its retraining
 

@@ -145,7 +145,9 @@ class Munkey(Classifier):
             logits = self._predict(batch.inputs, self.retrieve(batch.inputs, batch.ids))
         return nn.functional.cross_entropy(logits, batch.labels)
 
-    def _predict(self, inputs: torch.Tensor, found: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+    def _predict(
+        self, inputs: torch.Tensor, found: torch.Tensor, own: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits or log-probabilities of ``inputs`` given the retrieved ids ``found [B, k]``.
 
         With ``own`` (int64 ``[B]``, the inputs' ids) only each input's own row gets

@@ -26,7 +26,7 @@ from ..models import train as train_model
 from ..models.base import Classifier
 from ..models.samples import Samples
 from . import posthoc
-from .metrics import Predictions, score
+from .metrics import Predictions, Scores, score
 from .requests import ForgetRequest
 from .results import KMEM, ORACLE, ORIGINAL, Exactness, MethodResult, RequestResult
 
@@ -47,6 +47,9 @@ class Setup:
         max_retain: score RA and the MIA on at most this many retained samples (a seeded
             draw; None: all) -- predicting every retained sample is the costliest part
             of the evaluation for memory models on large datasets.
+        mia_draws: draws of the MIA's members averaged (see
+            :func:`~kmem.unlearn.metrics.mia_efficacy`); they differ only where more
+            retained samples are scored than there are test samples.
         progress: progress bars (None: when stderr is a terminal).
     """
 
@@ -57,6 +60,7 @@ class Setup:
     methods: Sequence[str] = posthoc.METHODS
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_retain: int | None = None
+    mia_draws: int = 5
     progress: bool | None = None
 
     def train(self, family: str, data: Samples) -> tuple[Classifier, float]:
@@ -136,11 +140,30 @@ def weights_that_saw(model: Classifier) -> str:
     parts += [f"{name} ({p.numel():,})" for name, p in model.named_parameters(recurse=False)]
     text = "all dense weights -- " + ", ".join(parts)
     text += " -- were fitted with the forgotten samples in the training set and are unchanged by forget"
-    if tables:
+    if tables and model.rows_fit_own_sample_only():
         text += (
-            " (the forgotten samples' own rows of the per-sample tables are deleted with their memory rows)"
+            " (each row of the per-sample tables was fitted by its own sample's loss alone: the "
+            "forgotten samples' rows are deleted with their memory rows and no retained row was fitted to them)"
+        )
+    elif tables:
+        text += (
+            " (the forgotten samples' own rows of the per-sample tables are deleted with their memory rows; "
+            "the retained rows were also fitted to the losses of the samples that retrieved them, "
+            "forgotten ones included)"
         )
     return text
+
+
+def _scorer(oracle: Predictions, setup: Setup) -> Callable[[Predictions | None, float | None], Scores]:
+    """Scores of a method's predictions against ``oracle``'s (whose own metrics are computed
+    once); ``None`` scores the oracle itself."""
+    ref = score(oracle, mia_draws=setup.mia_draws)
+
+    def against(pred: Predictions | None, seconds: float | None = None) -> Scores:
+        pred = oracle if pred is None else pred
+        return score(pred, oracle=oracle, oracle_scores=ref, seconds=seconds, mia_draws=setup.mia_draws)
+
+    return against
 
 
 def _copy(model: Classifier, folder: Path) -> Classifier:
@@ -156,8 +179,7 @@ def _memory_family(
 ) -> tuple[list[MethodResult], float, Exactness]:
     step(f"{family}: retrain without the forget set (oracle)")
     oracle, retrain_seconds = setup.train(family, sets.retain)
-    oracle_pred = sets.predict(oracle)
-    oracle_scores = score(oracle_pred)
+    against = _scorer(sets.predict(oracle), setup)
 
     step(f"{family}: forget {len(request):,} samples by deleting their rows")
     model = _copy(original, folder)
@@ -189,15 +211,9 @@ def _memory_family(
 
     step(f"{family}: score")
     rows = [
-        MethodResult(
-            family, ORIGINAL, score(sets.predict(original), oracle=oracle_pred, oracle_scores=oracle_scores)
-        ),
-        MethodResult(family, ORACLE, score(oracle_pred, oracle=oracle_pred, oracle_scores=oracle_scores)),
-        MethodResult(
-            family,
-            KMEM,
-            score(sets.predict(model), oracle=oracle_pred, oracle_scores=oracle_scores, seconds=seconds),
-        ),
+        MethodResult(family, ORIGINAL, against(sets.predict(original))),
+        MethodResult(family, ORACLE, against(None)),
+        MethodResult(family, KMEM, against(sets.predict(model), seconds)),
     ]
     return rows, retrain_seconds, exact
 
@@ -207,15 +223,10 @@ def _baseline(
 ) -> tuple[list[MethodResult], float]:
     step("baseline: retrain without the forget set (oracle)")
     oracle, retrain_seconds = setup.train("baseline", sets.retain)
-    oracle_pred = sets.predict(oracle)
-    oracle_scores = score(oracle_pred)
+    against = _scorer(sets.predict(oracle), setup)
     rows = [
-        MethodResult(
-            "baseline",
-            ORIGINAL,
-            score(sets.predict(original), oracle=oracle_pred, oracle_scores=oracle_scores),
-        ),
-        MethodResult("baseline", ORACLE, score(oracle_pred, oracle=oracle_pred, oracle_scores=oracle_scores)),
+        MethodResult("baseline", ORIGINAL, against(sets.predict(original))),
+        MethodResult("baseline", ORACLE, against(None)),
     ]
     for method in setup.methods:
         step(f"baseline: {method}")
@@ -231,14 +242,7 @@ def _baseline(
         )
         rows.append(
             MethodResult(
-                "baseline",
-                method,
-                score(
-                    sets.predict(out.model, notes, f"baseline {method}"),
-                    oracle=oracle_pred,
-                    oracle_scores=oracle_scores,
-                    seconds=out.seconds,
-                ),
+                "baseline", method, against(sets.predict(out.model, notes, f"baseline {method}"), out.seconds)
             )
         )
     return rows, retrain_seconds

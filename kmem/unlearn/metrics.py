@@ -7,7 +7,13 @@ and int64 labels ``[n]``; none runs a model. Percentages are in ``[0, 100]``.
 * MIA-Efficacy, as in the public SalUn / "Model Sparsity" code (``SVC_MIA``,
   ``confidence`` attack): an RBF SVC (``C=3, gamma="auto"``) learns member (retain) vs
   non-member (test) from the true-class confidence on equally many samples of each; the
-  efficacy is the percentage of forget samples it calls non-members.
+  efficacy is the percentage of forget samples it calls non-members. With more retained
+  samples than test samples, which retained samples the SVC learns from moves the
+  result by several points for one and the same model (its threshold sits where the
+  confidences crowd near 1): ``draws`` seeded draws of the members are averaged.
+* MIA-AUROC (the MUNKEY paper's forget-set MIA): the AUROC, in %, of the true-class
+  confidence separating forget samples from test samples -- 50 when forgotten samples
+  look exactly like unseen ones, whatever the model's calibration.
 * Avg. Gap: mean over {UA, RA, TA, MIA-Efficacy} of ``|method - oracle|``.
 * Prediction gaps to the oracle (SPM paper): hard = percentage of forget samples whose
   predicted class differs from the oracle's, soft = mean ``KL(oracle || method)`` of the
@@ -54,6 +60,7 @@ class Scores:
     ra: float
     ta: float
     mia: float
+    mia_auc: float | None = None
     seconds: float | None = None
     avg_gap: float | None = None
     hard_gap: float | None = None
@@ -88,23 +95,67 @@ def confidence(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return probs.double().gather(1, labels[:, None])[:, 0]
 
 
-def mia_efficacy(retain_conf: torch.Tensor, test_conf: torch.Tensor, forget_conf: torch.Tensor) -> float:
-    """Percentage of forget samples an SVC calls non-members (SalUn's ``SVC_MIA`` confidence attack).
+def mia_efficacy(
+    retain_conf: torch.Tensor,
+    test_conf: torch.Tensor,
+    forget_conf: torch.Tensor,
+    draws: int = 1,
+    seed: int = 0,
+) -> float:
+    """Percentage of forget samples an SVC calls non-members (SalUn's ``SVC_MIA`` confidence
+    attack), averaged over ``draws`` draws of the members.
 
-    The SVC (RBF, ``C=3``, ``gamma="auto"``) is trained on the first ``n`` retain
-    confidences (members, label 1) and the first ``n`` test confidences (non-members,
-    label 0), ``n = min(len(retain), len(test))``; all arguments are float ``[m]``.
+    Each SVC (RBF, ``C=3``, ``gamma="auto"``) is trained on ``n`` retain confidences
+    (members, label 1) and the first ``n`` test confidences (non-members, label 0),
+    ``n = min(len(retain), len(test))``. Draw 0 takes the first ``n`` retain confidences
+    (SalUn's choice); draws ``1, 2, ...`` random ``n`` of them, from a generator seeded
+    by ``seed``. All
+    arguments are float ``[m]``.
     """
+    return float(np.mean(mia_efficacy_draws(retain_conf, test_conf, forget_conf, draws, seed)))
+
+
+def mia_efficacy_draws(
+    retain_conf: torch.Tensor,
+    test_conf: torch.Tensor,
+    forget_conf: torch.Tensor,
+    draws: int = 1,
+    seed: int = 0,
+) -> list[float]:
+    """The efficacy of each draw of :func:`mia_efficacy` (its spread says how far to trust one)."""
     from sklearn.svm import SVC  # here: importing kmem should not pull in scikit-learn's SVMs
 
     n = min(len(retain_conf), len(test_conf))
     if n == 0 or len(forget_conf) == 0:
         raise ValueError("MIA needs retain, test and forget samples")
-    x = torch.cat([retain_conf[:n], test_conf[:n]]).double().numpy().reshape(-1, 1)
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
     y = np.concatenate([np.ones(n), np.zeros(n)])
-    clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
-    member = clf.predict(forget_conf.double().numpy().reshape(-1, 1))
-    return 100.0 * float(1.0 - member.mean())
+    generator = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(draws):
+        pick = torch.randperm(len(retain_conf), generator=generator)[:n] if i else torch.arange(n)
+        x = torch.cat([retain_conf[pick], test_conf[:n]]).double().numpy().reshape(-1, 1)
+        clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
+        member = clf.predict(forget_conf.double().numpy().reshape(-1, 1))
+        out.append(100.0 * float(1.0 - member.mean()))
+    return out
+
+
+def mia_auroc(forget_conf: torch.Tensor, test_conf: torch.Tensor) -> float:
+    """AUROC in % of the confidence as a score for "forget sample, not test sample": the
+    probability that a random forget sample is more confident than a random test sample
+    (ties count one half). 50: indistinguishable; 100: every forget sample more confident."""
+    if len(forget_conf) == 0 or len(test_conf) == 0:
+        raise ValueError("MIA-AUROC needs forget and test samples")
+    both = torch.cat([forget_conf, test_conf]).double()
+    # Mid-ranks (ties share their mean rank) give the Mann-Whitney U statistic.
+    _, inverse, counts = torch.unique(both, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double()
+    mid = (ends - (counts.double() - 1) / 2)[inverse]
+    m, n = len(forget_conf), len(test_conf)
+    u = mid[:m].sum().item() - m * (m + 1) / 2
+    return 100.0 * u / (m * n)
 
 
 def prediction_gaps(probs: torch.Tensor, oracle: torch.Tensor) -> tuple[float, float]:
@@ -132,10 +183,13 @@ def score(
     oracle: Predictions | None = None,
     oracle_scores: Scores | None = None,
     seconds: float | None = None,
+    mia_draws: int = 1,
 ) -> Scores:
     """All metrics of one method's predictions; the gaps need the oracle's predictions.
 
-    ``oracle_scores`` saves recomputing the oracle's own metrics (and its SVC fit).
+    ``oracle_scores`` saves recomputing the oracle's own metrics (and its SVC fits);
+    ``mia_draws``: draws of the members averaged in MIA-Efficacy (the same seeded draws
+    for every method, so methods are compared on the same attackers' training sets).
     """
     conf = {
         n: confidence(getattr(pred, n), getattr(pred, f"{n}_labels")) for n in ("forget", "retain", "test")
@@ -144,11 +198,12 @@ def score(
         ua=100.0 - accuracy(pred.forget, pred.forget_labels),
         ra=accuracy(pred.retain, pred.retain_labels),
         ta=accuracy(pred.test, pred.test_labels),
-        mia=mia_efficacy(conf["retain"], conf["test"], conf["forget"]),
+        mia=mia_efficacy(conf["retain"], conf["test"], conf["forget"], draws=mia_draws),
+        mia_auc=mia_auroc(conf["forget"], conf["test"]),
         seconds=seconds,
     )
     if oracle is None:
         return base
-    ref = oracle_scores if oracle_scores is not None else score(oracle)
+    ref = oracle_scores if oracle_scores is not None else score(oracle, mia_draws=mia_draws)
     hard, soft = prediction_gaps(pred.forget, oracle.forget)
     return Scores(**{**base.as_dict(), "avg_gap": avg_gap(base, ref), "hard_gap": hard, "soft_gap": soft})

@@ -63,9 +63,9 @@ def speedup(row: MethodResult, result: RequestResult) -> float | None:
 def table(result: RequestResult) -> str:
     """The Markdown metrics table of one request: one line per (family, method)."""
     head = (
-        "| model | method | UA | RA | TA | MIA-Eff. | Avg. Gap ↓ | hard gap % ↓ | soft gap (KL) ↓ "
+        "| model | method | UA | RA | TA | MIA-Eff. | MIA AUROC | Avg. Gap ↓ | hard gap % ↓ | soft gap (KL) ↓ "
         "| time | x faster than retraining |\n"
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     lines = [head]
     for r in result.rows:
@@ -73,7 +73,7 @@ def table(result: RequestResult) -> str:
         time = result.retrain_seconds.get(r.family) if r.method == ORACLE else s.seconds
         lines.append(
             f"| {FAMILY_NAMES.get(r.family, r.family)} | {r.method} | {_fmt(s.ua)} | {_fmt(s.ra)} | {_fmt(s.ta)} "
-            f"| {_fmt(s.mia)} | {_fmt(s.avg_gap)} | {_fmt(s.hard_gap)} | {_fmt(s.soft_gap, 4)} "
+            f"| {_fmt(s.mia)} | {_fmt(s.mia_auc)} | {_fmt(s.avg_gap)} | {_fmt(s.hard_gap)} | {_fmt(s.soft_gap, 4)} "
             f"| {_seconds(time)} | {_times(up)} |"
         )
     return "\n".join(lines)
@@ -201,8 +201,10 @@ def write_report(
     md += [f"- {line}" for line in setup] + ([""] if setup else [])
     md += [
         "UA = 100 - forget accuracy, RA = retain accuracy, TA = test accuracy, MIA-Eff. = % of forget samples "
-        "an SVC on true-class confidence calls non-members (SalUn's definition), Avg. Gap = mean |method - "
-        "oracle| over those four; hard / soft gap = % of forget samples whose prediction differs from the "
+        "an SVC on true-class confidence calls non-members (SalUn's definition), MIA AUROC = how well the "
+        "true-class confidence tells forget samples from test samples (MUNKEY's forget-set MIA, %; 50: "
+        "forgotten samples look exactly like unseen ones), Avg. Gap = mean |method - oracle| over UA, RA, TA "
+        "and MIA-Eff.; hard / soft gap = % of forget samples whose prediction differs from the "
         "oracle's / mean KL(oracle || method) on them. Each model family is compared with its own oracle; "
         "time is the wall time of the forgetting itself (the oracle's: retraining).",
         "",
