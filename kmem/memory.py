@@ -227,7 +227,8 @@ class KeyMemory:
         would record them.
         """
         id_list = _id_list("ids", ids)
-        if len(set(id_list)) != len(id_list):
+        id_set = set(id_list)
+        if len(id_set) != len(id_list):
             raise ValueError(f"ids repeats {_repeats(id_list)[:5]}")
         with self._lock:
             ledger = self.ledger
@@ -236,8 +237,8 @@ class KeyMemory:
                     "request_id and reason are kept by a ledger and this memory has none: "
                     "attach one with KeyMemory(..., ledger=kmem.Ledger(path)) or mem.ledger = ..."
                 )
-            unknown = [i for i in id_list if i not in self._slot_of]
-            if unknown:
+            if not id_set <= self._slot_of.keys():  # a set operation in C: the common case is cheap
+                unknown = [i for i in id_list if i not in self._slot_of]
                 raise KeyError(
                     f"{len(unknown)} id(s) not in the memory, e.g. {unknown[:5]}; nothing was deleted"
                 )
@@ -253,7 +254,7 @@ class KeyMemory:
 
     def _scrub(self, id_list: list[int]) -> None:
         """Tombstone the live rows ``id_list`` and zero their key and value bytes."""
-        slots = torch.tensor([self._slot_of.pop(i) for i in id_list], dtype=torch.int64, device=self.device)
+        slots = torch.tensor(list(map(self._slot_of.pop, id_list)), dtype=torch.int64, device=self.device)
         self._keys.index_fill_(0, slots, 0)
         self._values.index_fill_(0, slots, 0)
         self._slot_ids.index_fill_(0, slots, -1)
@@ -264,7 +265,7 @@ class KeyMemory:
     ) -> None:
         """:meth:`_scrub` inside the ledger transaction of its receipt; any failure
         (of the scrub, the receipt or the commit) restores the rows."""
-        slot_list = [self._slot_of[i] for i in id_list]
+        slot_list = list(map(self._slot_of.__getitem__, id_list))
         slots = torch.tensor(slot_list, dtype=torch.int64, device=self.device)
         # The rows' only copy outside the buffers, to undo with; zeroed below either way.
         saved = (self._keys.index_select(0, slots), self._values.index_select(0, slots))
