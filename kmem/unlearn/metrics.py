@@ -108,21 +108,9 @@ def mia_efficacy(
     Each SVC (RBF, ``C=3``, ``gamma="auto"``) is trained on ``n`` retain confidences
     (members, label 1) and the first ``n`` test confidences (non-members, label 0),
     ``n = min(len(retain), len(test))``. Draw 0 takes the first ``n`` retain confidences
-    (SalUn's choice); draws ``1, 2, ...`` random ``n`` of them, from a generator seeded
-    by ``seed``. All
-    arguments are float ``[m]``.
+    (SalUn's choice); draws ``1, 2, ...`` the first ``n`` of successive random
+    permutations from a generator seeded by ``seed``. All arguments are float ``[m]``.
     """
-    return float(np.mean(mia_efficacy_draws(retain_conf, test_conf, forget_conf, draws, seed)))
-
-
-def mia_efficacy_draws(
-    retain_conf: torch.Tensor,
-    test_conf: torch.Tensor,
-    forget_conf: torch.Tensor,
-    draws: int = 1,
-    seed: int = 0,
-) -> list[float]:
-    """The efficacy of each draw of :func:`mia_efficacy` (its spread says how far to trust one)."""
     from sklearn.svm import SVC  # here: importing kmem should not pull in scikit-learn's SVMs
 
     n = min(len(retain_conf), len(test_conf))
@@ -132,14 +120,14 @@ def mia_efficacy_draws(
         raise ValueError(f"draws must be >= 1, got {draws}")
     y = np.concatenate([np.ones(n), np.zeros(n)])
     generator = torch.Generator().manual_seed(seed)
-    out = []
+    efficacies = []
     for i in range(draws):
         pick = torch.randperm(len(retain_conf), generator=generator)[:n] if i else torch.arange(n)
         x = torch.cat([retain_conf[pick], test_conf[:n]]).double().numpy().reshape(-1, 1)
         clf = SVC(C=3, gamma="auto", kernel="rbf").fit(x, y)
         member = clf.predict(forget_conf.double().numpy().reshape(-1, 1))
-        out.append(100.0 * float(1.0 - member.mean()))
-    return out
+        efficacies.append(100.0 * float(1.0 - member.mean()))
+    return float(np.mean(efficacies))
 
 
 def mia_auroc(forget_conf: torch.Tensor, test_conf: torch.Tensor) -> float:
