@@ -24,6 +24,7 @@ def _evaluate(args: argparse.Namespace, families: list[str]) -> int:
         methods=args.methods,
         seed=args.seed,
         epochs=args.epochs,
+        floor=args.floor,
         progress=False if args.no_progress else None,
     )
     print(result.summary)
@@ -227,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         cmd.add_argument("--epochs", type=int, help="training epochs of every model (default: each family's)")
         cmd.add_argument("--seed", type=int, default=0)
+        cmd.add_argument(
+            "--floor", action="store_true",
+            help="also retrain each oracle with the next seed: the gap between two equally valid oracles",
+        )  # fmt: skip
         cmd.add_argument("--out", default="kmem-report", help="report folder (default: ./kmem-report)")
         cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)

@@ -67,6 +67,7 @@ def run(
     seed: int = 0,
     epochs: int | None = None,
     limit: int | None = None,
+    floor: bool = False,
     progress: bool | None = None,
     command: str | None = None,
 ) -> DemoResult:
@@ -74,7 +75,8 @@ def run(
 
     ``requests`` are spelled as on the command line (``"10%"``, ``"random:0.01"``,
     ``"class:3"``; default: the mode's). ``epochs`` overrides the mode's training epochs;
-    ``limit`` keeps only the first ``limit`` training samples (for tests). ``command`` is
+    ``limit`` keeps only the first ``limit`` training samples (for tests); ``floor`` adds
+    each oracle retrained with the next seed, scored against the oracle. ``command`` is
     the command line printed in the report (default: this process's).
     """
     mode = QUICK if quick else FULL
@@ -90,6 +92,7 @@ def run(
         methods=tuple(methods),
         recipes={m: {"epochs": mode.recipe_epochs} for m in methods} if mode.recipe_epochs else {},
         max_retain=mode.max_retain,
+        floor=floor,
         progress=progress,
     )
     results = evaluate(data, train, test, asked, setup, families)

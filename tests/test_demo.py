@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kmem import cli, demo
+from kmem.unlearn.results import ORACLE, ORACLE_SEED
 
 
 def test_demo_writes_the_report(tmp_path):
@@ -44,11 +47,19 @@ def test_cli_eval(tmp_path, capsys):
         "--out",
         str(out),
         "--no-progress",
+        "--floor",
     ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "digits, class-3" in printed and "SPM-style: Avg. Gap" in printed and f"report: {out}" in printed
+    assert "two oracles' seeds apart" in printed
     assert (out / "report.md").exists() and (out / "results.json").exists()
+    # --floor: the oracle's recipe with the next seed, scored against the oracle, untimed.
+    (result,) = json.loads((out / "results.json").read_text())
+    rows = {row["method"]: row["scores"] for row in result["rows"]}
+    floor = rows[ORACLE_SEED]
+    assert floor["seconds"] is None and floor["avg_gap"] > 0 and rows[ORACLE]["avg_gap"] == 0
+    assert f"| SPM-style | {ORACLE_SEED} |" in (out / "report.md").read_text()
 
 
 def test_cli_rejects_bad_request(tmp_path):

@@ -28,7 +28,7 @@ from ..models.samples import Samples
 from . import posthoc
 from .metrics import Predictions, Scores, score
 from .requests import ForgetRequest
-from .results import KMEM, ORACLE, ORIGINAL, Exactness, MethodResult, RequestResult
+from .results import KMEM, ORACLE, ORACLE_SEED, ORIGINAL, Exactness, MethodResult, RequestResult
 
 MEMORY_FAMILIES = ("munkey", "spm")
 
@@ -47,6 +47,9 @@ class Setup:
         max_retain: score RA and the MIA on at most this many retained samples (a seeded
             draw; None: all) -- predicting every retained sample is the costliest part
             of the evaluation for memory models on large datasets.
+        floor: also retrain each oracle with seed ``seed + 1`` and score it against the
+            oracle: the gap between two equally valid oracles, below which no method's
+            gap means anything.
         mia_draws: draws of the MIA's members averaged (see
             :func:`~kmem.unlearn.metrics.mia_efficacy`); they differ only where more
             retained samples are scored than there are test samples.
@@ -61,16 +64,18 @@ class Setup:
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_retain: int | None = None
     mia_draws: int = 5
+    floor: bool = False
     progress: bool | None = None
 
-    def train(self, family: str, data: Samples) -> tuple[Classifier, float]:
-        """A model of ``family`` trained on ``data``, and the wall time it took."""
+    def train(self, family: str, data: Samples, seed: int | None = None) -> tuple[Classifier, float]:
+        """A model of ``family`` trained on ``data`` (with ``seed``, default the setup's), and
+        the wall time it took."""
         start = time.perf_counter()
         model, _ = train_model(
             family,
             data,
             num_classes=self.num_classes,
-            seed=self.seed,
+            seed=self.seed if seed is None else seed,
             epochs=self.epochs,
             progress=self.progress,
             **self.configs.get(family, {}),
@@ -154,16 +159,27 @@ def weights_that_saw(model: Classifier) -> str:
     return text
 
 
-def _scorer(oracle: Predictions, setup: Setup) -> Callable[[Predictions | None, float | None], Scores]:
-    """Scores of a method's predictions against ``oracle``'s (whose own metrics are computed
-    once); ``None`` scores the oracle itself."""
-    ref = score(oracle, mia_draws=setup.mia_draws)
+Scorer = Callable[[Predictions, float | None], Scores]
 
-    def against(pred: Predictions | None, seconds: float | None = None) -> Scores:
-        pred = oracle if pred is None else pred
-        return score(pred, oracle=oracle, oracle_scores=ref, seconds=seconds, mia_draws=setup.mia_draws)
 
-    return against
+def _oracle(family: str, sets: _Sets, setup: Setup, step) -> tuple[Scorer, list[MethodResult], float]:
+    """Retrain ``family`` without the forget set; returns a scorer of predictions against
+    it, its rows (itself and, with ``setup.floor``, the next seed's oracle) and the
+    retraining's wall time."""
+    step(f"{family}: retrain without the forget set (oracle)")
+    oracle, seconds = setup.train(family, sets.retain)
+    truth = sets.predict(oracle)
+    ref = score(truth, mia_draws=setup.mia_draws)
+
+    def against(pred: Predictions, seconds: float | None = None) -> Scores:
+        return score(pred, oracle=truth, oracle_scores=ref, seconds=seconds, mia_draws=setup.mia_draws)
+
+    rows = [MethodResult(family, ORACLE, against(truth))]
+    if setup.floor:
+        step(f"{family}: retrain with the next seed (floor)")
+        other, _ = setup.train(family, sets.retain, seed=setup.seed + 1)
+        rows.append(MethodResult(family, ORACLE_SEED, against(sets.predict(other))))
+    return against, rows, seconds
 
 
 def _copy(model: Classifier, folder: Path) -> Classifier:
@@ -177,9 +193,7 @@ def _copy(model: Classifier, folder: Path) -> Classifier:
 def _memory_family(
     family: str, original: Classifier, sets: _Sets, request: ForgetRequest, setup: Setup, folder: Path, step
 ) -> tuple[list[MethodResult], float, Exactness]:
-    step(f"{family}: retrain without the forget set (oracle)")
-    oracle, retrain_seconds = setup.train(family, sets.retain)
-    against = _scorer(sets.predict(oracle), setup)
+    against, oracles, retrain_seconds = _oracle(family, sets, setup, step)
 
     step(f"{family}: forget {len(request):,} samples by deleting their rows")
     model = _copy(original, folder)
@@ -212,7 +226,7 @@ def _memory_family(
     step(f"{family}: score")
     rows = [
         MethodResult(family, ORIGINAL, against(sets.predict(original))),
-        MethodResult(family, ORACLE, against(None)),
+        *oracles,
         MethodResult(family, KMEM, against(sets.predict(model), seconds)),
     ]
     return rows, retrain_seconds, exact
@@ -221,13 +235,8 @@ def _memory_family(
 def _baseline(
     original: Classifier, sets: _Sets, request: ForgetRequest, setup: Setup, step, notes: list[str]
 ) -> tuple[list[MethodResult], float]:
-    step("baseline: retrain without the forget set (oracle)")
-    oracle, retrain_seconds = setup.train("baseline", sets.retain)
-    against = _scorer(sets.predict(oracle), setup)
-    rows = [
-        MethodResult("baseline", ORIGINAL, against(sets.predict(original))),
-        MethodResult("baseline", ORACLE, against(None)),
-    ]
+    against, oracles, retrain_seconds = _oracle("baseline", sets, setup, step)
+    rows = [MethodResult("baseline", ORIGINAL, against(sets.predict(original))), *oracles]
     for method in setup.methods:
         step(f"baseline: {method}")
         out = posthoc.unlearn(
@@ -266,7 +275,9 @@ def evaluate(
         raise ValueError(f"unknown model famil(ies) {unknown}; choose from {[*MEMORY_FAMILIES, 'baseline']}")
     originals: dict[str, Classifier] = {}
     memory = [f for f in families if f != "baseline"]
-    per_request = 3 * len(memory) + ("baseline" in families) * (1 + len(setup.methods))
+    per_request = (
+        3 * len(memory) + ("baseline" in families) * (1 + len(setup.methods)) + setup.floor * len(families)
+    )
     total = len(families) + len(requests) * per_request
     results = []
     with (

@@ -10,6 +10,9 @@ from .metrics import Scores
 ORIGINAL = "original"  # the trained model, before any forgetting
 ORACLE = "retrain (oracle)"  # the same recipe trained from scratch without the forget set
 KMEM = "kmem forget"  # memory models: delete the rows, no weight update
+# The oracle's recipe with the next seed: how far apart two equally valid oracles are.
+ORACLE_SEED = "retrain, next seed (floor)"
+REFERENCES = (ORIGINAL, ORACLE, ORACLE_SEED)  # rows that are not forgetting methods
 
 
 @dataclass(frozen=True)
