@@ -1,6 +1,6 @@
 """Evidence that a model forgot: forget requests, metrics against a retrained oracle, post-hoc baselines."""
 
-from .metrics import Predictions, Scores, avg_gap, mia_efficacy, prediction_gaps, score
+from .metrics import Predictions, Scores, avg_gap, mia_auroc, mia_efficacy, prediction_gaps, score
 from .posthoc import METHODS, RECIPES, Recipe, Unlearned, saliency_mask, unlearn
 from .requests import ForgetRequest, class_request, parse_request, random_request, standard_requests
 
@@ -14,6 +14,7 @@ __all__ = [
     "Unlearned",
     "avg_gap",
     "class_request",
+    "mia_auroc",
     "mia_efficacy",
     "parse_request",
     "prediction_gaps",
