@@ -98,3 +98,12 @@ def test_a_diverged_method_is_scored_not_fatal(digits):
     assert ga.ta == pytest.approx(
         100 * float((test.labels == 0).float().mean())
     )  # uniform: argmax is class 0
+
+
+def test_setup_epochs_override_the_family_settings(digits):
+    train, _ = digits
+    setup = Setup(num_classes=10, configs={"baseline": {"epochs": 0, "dropout": 0.3}}, progress=False)
+    assert setup.train("baseline", train[:50])[0].config["epochs"] == 0
+    setup.epochs = 1
+    model, _ = setup.train("baseline", train[:50])
+    assert model.config["epochs"] == 1 and model.config["dropout"] == 0.3

@@ -76,9 +76,8 @@ class Setup:
             data,
             num_classes=self.num_classes,
             seed=self.seed if seed is None else seed,
-            epochs=self.epochs,
             progress=self.progress,
-            **self.configs.get(family, {}),
+            **{**self.configs.get(family, {}), **({} if self.epochs is None else {"epochs": self.epochs})},
         )
         return model, time.perf_counter() - start
 
