@@ -17,8 +17,12 @@ class KeyMemoryAttention(nn.Module):
     results (``memory.out_dim`` each: values, or class probabilities of a label memory)
     are concatenated and projected to ``embed_dim``.
 
-    The memory is not a submodule: its rows are data, not weights, so ``state_dict``
-    holds only the projections; save the memory with :meth:`KeyMemory.save`.
+    The memory is not a submodule -- its rows are data, not weights -- but it travels
+    with the module: ``state_dict`` holds it as extra state (its rows and tombstones;
+    ``load_state_dict`` replaces the memory's rows with them), and ``copy.deepcopy`` /
+    ``pickle`` copy it. A copy forgets only what is deleted from it. ``torch.compile``
+    (``fullgraph=True`` included) compiles the layer around one opaque memory read,
+    which sees the memory live.
 
     Args:
         embed_dim: width of ``x`` and of the output.
@@ -67,11 +71,20 @@ class KeyMemoryAttention(nn.Module):
         out = self._attend(queries, exclude_ids)
         return self.out_proj(out.to(x.dtype).reshape(*lead, self.num_heads * self.memory.out_dim))
 
-    @torch.compiler.disable
     def _attend(self, queries: torch.Tensor, exclude_ids: torch.Tensor | None) -> torch.Tensor:
-        # The memory read depends on the memory's live size and runs Python-side id
-        # bookkeeping: torch.compile treats it as one opaque call and compiles the rest.
+        if isinstance(self.memory, ShardedKeyMemory):
+            return _sharded_attend(self.memory, queries, self.k, self.scale, exclude_ids)
+        # A KeyMemory read is one custom op under torch.compile (fullgraph=True included).
         return self.memory.attend(queries, k=self.k, scale=self.scale, exclude_ids=exclude_ids)
+
+    def get_extra_state(self) -> dict:
+        """The memory's :meth:`~kmem.KeyMemory.state_dict` (rows, tombstones, version),
+        so the layer's ``state_dict`` carries it."""
+        return {"memory": self.memory.state_dict()}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Replace the memory's rows with those of ``state`` (see :meth:`get_extra_state`)."""
+        self.memory.load_state_dict(state["memory"])
 
     def forget(self, ids: IdsLike, *, request_id: str | None = None, reason: str | None = None) -> int:
         """Delete memory rows by id (see :meth:`KeyMemory.delete`, which records
@@ -80,3 +93,11 @@ class KeyMemoryAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, k={self.k}, memory={self.memory!r}"
+
+
+@torch.compiler.disable
+def _sharded_attend(
+    memory: ShardedKeyMemory, queries: torch.Tensor, k: int | None, scale: float | None, exclude_ids
+) -> torch.Tensor:
+    # A collective over the process group: torch.compile runs it eagerly, between graphs.
+    return memory.attend(queries, k=k, scale=scale, exclude_ids=exclude_ids)

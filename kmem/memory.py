@@ -14,10 +14,14 @@ from pathlib import Path
 
 import torch
 
-from . import _checks, ops, snapshot
+from . import _checks, compiled_reads, ops, snapshot
 from .ledger import Ledger
 
 IdsLike = torch.Tensor | Iterable[int] | int
+
+
+class MemoryEditedError(RuntimeError):
+    """A backward ran after the memory its forward read was changed."""
 
 
 class KeyMemory:
@@ -40,8 +44,18 @@ class KeyMemory:
     uses every core). On CUDA the lock orders the kernel launches, which one stream (the
     default) then runs in that order. Views returned by :meth:`buffers` are outside the
     lock: a later delete scrubs them in place. So is the backward of an ``attend``
-    result, which reads the buffers after the call: finish it before deleting (the
-    compiled backends then raise autograd's in-place modification error).
+    result, which reads the buffers after the call: finish it before changing the
+    memory -- otherwise it raises :class:`MemoryEditedError`, on every backend.
+
+    Copies: ``copy.deepcopy``, ``pickle`` (and so ``torch.optim.swa_utils.AveragedModel``
+    of a model holding one) copy every slot, tombstones included; the copy is a memory
+    of its own, which forgets only what is deleted from it. :meth:`state_dict` /
+    :meth:`load_state_dict` carry the same state as tensors. A memory with a ledger
+    refuses to be copied: the copy's deletions would have no record.
+
+    ``torch.compile``: under compilation :meth:`search` and :meth:`attend` are single
+    custom ops (:mod:`kmem.compiled_reads`), so ``fullgraph=True`` compiles and the
+    compiled graph reads the memory live.
 
     Ledger: with a :class:`~kmem.ledger.Ledger` attached, every :meth:`delete` commits
     a receipt together with the deletion -- both or neither.
@@ -106,7 +120,11 @@ class KeyMemory:
         self.backend = backend
         self.ledger = ledger
         self.version = 0  # bumped by every mutation
+        # Bumped by every change of the buffers (version may be set back by a load): a
+        # pending backward compares it with the count its forward saw.
+        self.edits = 0
         self._lock = threading.RLock()  # re-entrant: delete compacts, load adds
+        self._handle = compiled_reads.register(self)
         self._slot_of: dict[int, int] = {}
         self._used = 0  # slots [0, _used) have held a row since the last compaction
         self._keys, self._values, self._slot_ids = self._allocate(capacity)
@@ -136,10 +154,27 @@ class KeyMemory:
         return len(self._slot_of)
 
     def __contains__(self, id_: object) -> bool:
+        # Only integers are ids: int() would make 2.9, '2' and tensor(2.5) mean 2.
         try:
-            return int(id_) in self._slot_of
-        except (TypeError, ValueError):
+            return _index(id_) in self._slot_of
+        except TypeError:
             return False
+
+    def __getstate__(self) -> dict:
+        if self.ledger is not None:
+            raise TypeError(
+                "a KeyMemory with a ledger cannot be copied or pickled: the copy's deletions would "
+                "have no receipts. Detach it first (mem.ledger = None) and attach a ledger to the copy."
+            )
+        with self._lock:
+            state = dict(self.__dict__)
+        del state["_lock"], state["_handle"]  # a copy is a memory of its own to compiled graphs
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+        self._handle = compiled_reads.register(self)
 
     def __repr__(self) -> str:
         kind = f"num_classes={self.num_classes}" if self.is_labels else f"value_dim={self.value_dim}"
@@ -212,6 +247,7 @@ class KeyMemory:
             self._slot_of.update(zip(id_list, range(self._used, self._used + n), strict=True))
             self._used += n
             self.version += 1
+            self.edits += 1
 
     def delete(self, ids: IdsLike, *, request_id: str | None = None, reason: str | None = None) -> int:
         """Delete rows by id; returns how many. O(1) per id in the memory's size.
@@ -259,6 +295,7 @@ class KeyMemory:
         self._values.index_fill_(0, slots, 0)
         self._slot_ids.index_fill_(0, slots, -1)
         self.version += 1
+        self.edits += 1
 
     def _scrub_recorded(
         self, ledger: Ledger, id_list: list[int], request_id: str, reason: str | None
@@ -311,6 +348,7 @@ class KeyMemory:
             self._used = len(self._slot_of)
             self._slot_of = dict(zip(self._slot_ids[: self._used].tolist(), range(self._used), strict=True))
             self.version += 1
+            self.edits += 1
             return reclaimed
 
     # ----------------------------------------------------------------- reads
@@ -328,6 +366,8 @@ class KeyMemory:
             ``(scores [B, k], ids [B, k])`` best first (ties: the row added earlier);
             ``-inf`` and ``-1`` where fewer than ``k`` rows qualify.
         """
+        if torch.compiler.is_compiling():
+            return compiled_reads.memory_search(queries, exclude_ids, self._handle, k)
         self._check_queries(queries)
         with self._lock:
             keys, _, slot_ids = self.buffers()
@@ -364,12 +404,29 @@ class KeyMemory:
         ``[B, value_dim]`` for a vector memory, class probabilities ``[B, num_classes]``
         for a label memory. ``k=None`` attends over every live row; ``scale`` defaults to
         ``1/sqrt(key_dim)``. A query with no live row gets zeros. Differentiable in
-        ``queries``.
+        ``queries``; its backward raises :class:`MemoryEditedError` if the memory changed
+        (add, delete, compact, load) after this call.
         """
+        if torch.compiler.is_compiling():
+            return compiled_reads.memory_attend(queries, exclude_ids, self._handle, k, scale)[0]
+        out, edits = self.read(queries, k, scale, exclude_ids)
+        return _EditGuard.apply(out, self, edits) if out.requires_grad else out
+
+    def read(
+        self,
+        queries: torch.Tensor,
+        k: int | None = 32,
+        scale: float | None = None,
+        exclude_ids: torch.Tensor | None = None,
+        backend: str | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """:meth:`attend`'s result without the check on its backward, and the :attr:`edits`
+        count of the memory it read (taken under the same lock); ``backend`` overrides
+        the memory's."""
         self._check_queries(queries)
         with self._lock:
             keys, values, slot_ids = self.buffers()
-            return ops.topk_attention(
+            out = ops.topk_attention(
                 queries,
                 keys,
                 values,
@@ -379,7 +436,19 @@ class KeyMemory:
                 metric=self.metric,
                 exclude_ids=exclude_ids,
                 num_classes=self.num_classes,
-                backend=self.backend,
+                backend=backend or self.backend,
+            )
+            return out, self.edits
+
+    def check_unedited(self, edits: int, now: int | None = None) -> None:
+        """Raise :class:`MemoryEditedError` unless the memory's :attr:`edits` (or ``now``)
+        is still ``edits``, the count a read saw."""
+        now = self.edits if now is None else now
+        if now != edits:
+            raise MemoryEditedError(
+                f"this KeyMemory changed ({now - edits} add/delete/compact/load call(s)) after the "
+                "attend whose backward is running: its gradient would read rows that are gone, moved "
+                "or overwritten. Run backward() before changing the memory, or recompute the forward."
             )
 
     # ----------------------------------------------------------- persistence
@@ -393,6 +462,69 @@ class KeyMemory:
             ids, keys, values = self.state()
             config = {**self._config(), "version": self.version}
         snapshot.write(path, {"ids": ids, "keys": keys, "values": values}, config)
+
+    def state_dict(self) -> dict:
+        """The whole memory as tensors and plain values, for a module's ``state_dict``.
+
+        ``{"config": settings, "version": int, "slot_ids": int64 [n], "keys": [n, key_dim],
+        "values": [n, ...]}``: copies of the ``n`` used slots in order, dead ones
+        included (``-1`` and zero bytes), so tombstones travel too. Loadable by
+        ``torch.load(..., weights_only=True)``.
+        """
+        with self._lock:
+            keys, values, slot_ids = (t.clone() for t in self.buffers())
+            return {
+                "config": self._config(),
+                "version": self.version,
+                "slot_ids": slot_ids,
+                "keys": keys,
+                "values": values,
+            }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace every row with those of :meth:`state_dict`'s ``state``, tombstones and
+        version included. Settings must match this memory's (the compaction policy may
+        differ); ``ValueError`` otherwise, and nothing changes.
+
+        Loading an older state brings back rows deleted since: with a ledger attached,
+        their receipts stay, but the rows are live again.
+        """
+        if not isinstance(state, dict) or set(state) != {"config", "version", "slot_ids", "keys", "values"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state must be a KeyMemory.state_dict(), got {got}")
+        mine = {k: v for k, v in self._config().items() if k != "compact_threshold"}
+        theirs = {k: v for k, v in dict(state["config"]).items() if k != "compact_threshold"}
+        if mine != theirs:
+            raise ValueError(f"state has settings {theirs}, this memory {mine}")
+        version, slot_ids = state["version"], state["slot_ids"]
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"state's version must be an int >= 0, got {version!r}")
+        _checks.int64("slot_ids", slot_ids)
+        _checks.shape("slot_ids", slot_ids, (None,))
+        n = slot_ids.shape[0]
+        if n and int(slot_ids.min()) < -1:
+            raise ValueError("slot_ids must be >= -1 (-1 marks a dead slot)")
+        live = slot_ids >= 0
+        self._check_keys("keys", state["keys"].to(self.device), n)
+        self._check_values(state["values"].to(self.device), n)
+        keys, values = state["keys"].to(self.device, self.dtype), state["values"].to(self.device)
+        if values.dtype != self._values.dtype:
+            values = _cast("values", values, self._values.dtype)
+        id_list = slot_ids[live].tolist()
+        if len(set(id_list)) != len(id_list):
+            raise ValueError(f"slot_ids repeats {_repeats(id_list)[:5]}")
+        with self._lock:
+            new = self._allocate(max(n, 1))
+            for dst, src in zip(new, (keys, values, slot_ids.to(self.device)), strict=True):
+                dst[:n] = src
+            dead = torch.nonzero(~live).reshape(-1).to(self.device)
+            new[0].index_fill_(0, dead, 0)  # a dead slot never holds bytes, whatever was loaded
+            new[1].index_fill_(0, dead, 0)
+            self._keys, self._values, self._slot_ids = new
+            self._slot_of = dict(zip(id_list, torch.nonzero(live).reshape(-1).tolist(), strict=True))
+            self._used = n
+            self.version = version
+            self.edits += 1
 
     @classmethod
     def load(
@@ -529,3 +661,19 @@ def _index(i: object) -> int:
 
 def _repeats(values: list[int]) -> list[int]:
     return sorted(v for v, count in Counter(values).items() if count > 1)
+
+
+class _EditGuard(torch.autograd.Function):
+    """Identity on an attend's result whose backward first checks that the memory's rows
+    were not edited since: it runs before the read's own backward, so every backend
+    fails the same way instead of one with an in-place error and another silently."""
+
+    @staticmethod
+    def forward(ctx, out: torch.Tensor, memory: KeyMemory, edits: int) -> torch.Tensor:
+        ctx.memory, ctx.edits = memory, edits
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.memory.check_unedited(ctx.edits)
+        return grad, None, None

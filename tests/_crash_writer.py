@@ -8,11 +8,14 @@ keys and values follow from their ids (:func:`rows`), at version
 
 from __future__ import annotations
 
+import io
+import time
 from pathlib import Path
 
 import torch
 
 import kmem
+from kmem import snapshot
 
 WINDOW, KEY_DIM, VALUE_DIM = 256, 32, 8
 
@@ -28,9 +31,14 @@ def version_at(last: int) -> int:
     return 1 + 2 * (last - (WINDOW - 1))
 
 
-def run(path: str, ready) -> None:
+def run(path: str, ready, aim: bool = False) -> None:
     """Continue from the snapshot at ``path`` (or start one); send the next id on
-    ``ready`` once a first save is done, then save forever."""
+    ``ready`` once a first save is done, then save forever.
+
+    ``aim``: the next save stops halfway through writing its temporary file, says
+    ``"mid-save"`` on ``ready`` and waits to be killed there -- a kill that lands inside
+    a save by construction, however slow the machine.
+    """
     if Path(path).exists():
         mem = kmem.KeyMemory.load(path)
         mem.compact_threshold = None
@@ -41,9 +49,26 @@ def run(path: str, ready) -> None:
     step = int(mem.ids()[-1]) + 1
     mem.save(path)
     ready.send(step)
+    if aim:
+        _stop_halfway(ready)
     while True:
         new = torch.tensor([step])
         mem.add(new, *rows(new))
         mem.delete([step - WINDOW])
         mem.save(path)
         step += 1
+
+
+def _stop_halfway(ready) -> None:
+    """Make the next snapshot write half its bytes, flush them, then block."""
+
+    def write_half(f, tensors, metadata):
+        whole = io.BytesIO()
+        write_whole(whole, tensors, metadata)
+        f.write(whole.getvalue()[: whole.tell() // 2])
+        f.flush()
+        ready.send("mid-save")
+        time.sleep(3600)
+
+    write_whole = snapshot._write_safetensors
+    snapshot._write_safetensors = write_half

@@ -51,7 +51,8 @@ def test_forget_changes_output_exactly_as_never_added():
     never = kmem.KeyMemory(8, 3)
     never.add(ids[1::2], keys[1::2], values[1::2])
     twin = kmem.KeyMemoryAttention(16, never, k=8)
-    twin.load_state_dict(layer.state_dict())
+    twin.q_proj.load_state_dict(layer.q_proj.state_dict())
+    twin.out_proj.load_state_dict(layer.out_proj.state_dict())
     assert torch.equal(layer(x), twin(x))
     assert not torch.allclose(layer(x), before)
 
@@ -65,10 +66,12 @@ def test_gradients_reach_projections_and_input():
     assert bool(x.grad.abs().sum() > 0)
 
 
-def test_state_dict_holds_only_projections():
+def test_state_dict_holds_projections_and_memory():
     mem, *_ = filled_memory(10)
     layer = kmem.KeyMemoryAttention(16, mem)
-    assert set(layer.state_dict()) == {"q_proj.weight", "q_proj.bias", "out_proj.weight", "out_proj.bias"}
+    state = layer.state_dict()
+    assert set(state) == {"q_proj.weight", "q_proj.bias", "out_proj.weight", "out_proj.bias", "_extra_state"}
+    assert torch.equal(state["_extra_state"]["memory"]["slot_ids"], mem.ids())
     assert "rows=10" in repr(layer)
 
 

@@ -33,6 +33,7 @@ from .routing import owner_of
 
 FORMAT = "kmem.ShardedKeyMemory"
 _SNAPSHOT_KEYS = {*_MEMORY_KEYS, "next_seq", "rank", "world_size"}
+_STATE_KEYS = {"rank", "world_size", "shard", "seq", "next_seq", "rows", "version"}
 _ERRORS = {"KeyError": KeyError, "TypeError": TypeError, "ValueError": ValueError}
 _READS = ("search", "attend")
 _QUERY_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -374,6 +375,54 @@ class ShardedKeyMemory:
             }
         snapshot.write(target, tensors, config, fmt=FORMAT)
         return target
+
+    def state_dict(self) -> dict:
+        """This rank's part of the memory (not a collective), for a module's ``state_dict``:
+        the shard's :meth:`KeyMemory.state_dict`, its rows' insertion numbers and the
+        group-wide counters, with ``rank`` and ``world_size``."""
+        with self._lock:
+            shard = self.shard.state_dict()
+            return {
+                "rank": self.rank,
+                "world_size": self.world_size,
+                "shard": shard,
+                "seq": self._seq[: len(shard["slot_ids"])].clone(),
+                "next_seq": self._next_seq,
+                "rows": self._rows,
+                "version": self.version,
+            }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Collective. Every rank replaces its shard with its part of :meth:`state_dict`
+        (taken on the same rank of a group of the same size, at the same version on
+        every rank); ``ValueError`` on every rank if any rank's part does not fit, and
+        then no rank changes."""
+        err = None
+        try:
+            if not isinstance(state, dict) or set(state) != _STATE_KEYS:
+                raise ValueError(f"state must be a ShardedKeyMemory.state_dict(), got {sorted(state)}")
+            where = (state["rank"], state["world_size"])
+            if where != (self.rank, self.world_size):
+                raise ValueError(
+                    f"state of rank {where[0]} of {where[1]}, not {self.rank} of {self.world_size}"
+                )
+            slot_ids, seq = state["shard"]["slot_ids"], state["seq"]
+            if bool((owner_of(slot_ids[slot_ids >= 0], self.world_size) != self.rank).any()):
+                raise ValueError(f"holds ids that rank {self.rank} does not own")
+            if seq.shape != slot_ids.shape or seq.dtype != torch.int64:
+                raise ValueError("seq must be int64 with one insertion number per slot")
+            config = {k: v for k, v in self.shard._config().items() if k != "dtype"}
+            check = KeyMemory(**config, dtype=self.dtype, device=self.device)
+            check.load_state_dict(state["shard"])  # every check, on a scratch memory
+        except (KeyError, TypeError, ValueError) as e:
+            err = e
+        versions = self._agree("load_state_dict", err, state["version"] if err is None else None)
+        if len(set(versions)) != 1:
+            raise ValueError(f"the ranks' states are at different versions: {versions}")
+        with self._lock:
+            self.shard.load_state_dict(state["shard"])
+            self._seq = state["seq"].to(self.device).clone()
+            self._next_seq, self._rows, self.version = state["next_seq"], state["rows"], state["version"]
 
     @classmethod
     def load(
