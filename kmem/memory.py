@@ -154,11 +154,7 @@ class KeyMemory:
         return len(self._slot_of)
 
     def __contains__(self, id_: object) -> bool:
-        # Only integers are ids: int() would make 2.9, '2' and tensor(2.5) mean 2.
-        try:
-            return _index(id_) in self._slot_of
-        except TypeError:
-            return False
+        return holds(self._slot_of, id_)
 
     def __getstate__(self) -> dict:
         if self.ledger is not None:
@@ -657,6 +653,15 @@ def _index(i: object) -> int:
     if isinstance(i, bool):
         raise TypeError("bool is not an id")
     return operator.index(i)
+
+
+def holds(ids: dict[int, int], id_: object) -> bool:
+    """``id_ in ids`` for an id map: only integers are ids (``int()`` would make 2.9,
+    ``'2'`` and ``tensor(2.5)`` mean 2)."""
+    try:
+        return _index(id_) in ids
+    except TypeError:
+        return False
 
 
 def _repeats(values: list[int]) -> list[int]:

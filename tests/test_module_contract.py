@@ -16,6 +16,7 @@ from torch.optim.swa_utils import AveragedModel
 
 import kmem
 from kmem.memory import MemoryEditedError
+from kmem.models.exemplars import ExemplarTokens
 
 CPU_BACKENDS = ["reference", "cpp", "triton"]  # triton runs under its interpreter here
 
@@ -26,8 +27,13 @@ def _layer(n=40, k=5, **kw):
     return kmem.KeyMemoryAttention(16, mem, num_heads=2, k=k)
 
 
-def test_membership_takes_integers_only():
-    mem, *_ = filled_memory(5)
+@pytest.mark.parametrize("table", ["memory", "tokens"])
+def test_membership_takes_integers_only(table):
+    if table == "memory":
+        mem, *_ = filled_memory(5)
+    else:
+        mem = ExemplarTokens(4)
+        mem.add(torch.arange(5), torch.randn(5, 4))
     assert 2 in mem and np.int64(2) in mem and torch.tensor(2) in mem
     for not_an_id in (2.9, 2.0, "2", torch.tensor(2.5), True, None, [2]):
         assert not_an_id not in mem, not_an_id

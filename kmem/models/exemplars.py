@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..memory import IdsLike, _id_list
+from ..memory import IdsLike, _id_list, holds
 
 
 class ExemplarTokens(nn.Module):
@@ -56,10 +56,7 @@ class ExemplarTokens(nn.Module):
         return len(self._row_of)
 
     def __contains__(self, id_: object) -> bool:
-        try:
-            return int(id_) in self._row_of
-        except (TypeError, ValueError):
-            return False
+        return holds(self._row_of, id_)
 
     # -------------------------------------------------------------- rows
     def add(self, ids: torch.Tensor, tokens: torch.Tensor) -> None:
