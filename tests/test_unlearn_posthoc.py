@@ -120,3 +120,23 @@ def test_bad_calls(trained):
         posthoc.unlearn("GA", model, retain, forget, num_classes=10, no_such_field=1)
     with pytest.raises(ValueError, match="sparsity"):
         posthoc.saliency_mask(model, forget, 0.0)
+
+
+def test_ga_early_stop_keeps_the_retain_probe_above_its_floor(trained):
+    model, retain, forget = trained
+    wild = posthoc.unlearn("GA", model, retain, forget, num_classes=10, lr=0.5, epochs=20)
+    assert _acc(wild.model, retain) < 0.5  # without the stop, ascent destroys the model
+    stopped = posthoc.unlearn("GA", model, retain, forget, num_classes=10, lr=0.5, epochs=20, stop_retain=0.9)
+    probe = Data(retain.inputs[:1024], retain.labels[:1024])
+    # It stopped at the first step that took the probe below 90% of its start, long before the end.
+    assert _acc(stopped.model, probe) < 0.9 * _acc(model, probe)
+    assert _acc(stopped.model, retain) > _acc(wild.model, retain)
+
+
+def test_clip_norm_bounds_every_step(trained):
+    model, retain, forget = trained
+    kw = dict(num_classes=10, lr=1.0, epochs=1, momentum=0.0, weight_decay=0.0, batch_size=len(forget.labels))
+    clipped = posthoc.unlearn("GA", model, retain, forget, clip_norm=1e-3, **kw)
+    pairs = zip(clipped.model.parameters(), model.parameters(), strict=True)
+    moved = torch.cat([(a - b).detach().flatten() for a, b in pairs])
+    assert 0 < float(moved.norm()) <= 1e-3 + 1e-6  # one step of lr 1 on a gradient of norm <= 1e-3

@@ -56,6 +56,10 @@ class Recipe:
     temperature: float = 4.0  # SCRUB
     gamma: float = 0.99  # SCRUB: weight of the retain cross-entropy
     alpha: float = 0.001  # SCRUB: weight of the retain distillation
+    clip_norm: float | None = None  # every method: clip the gradient's global L2 norm
+    # GA: stop once the retain probe's accuracy falls below this fraction of its start.
+    stop_retain: float | None = None
+    probe_size: int = 1024  # GA: retain samples the early stop checks
 
 
 # Epochs and rates sized for a classifier head on frozen features (the SalUn scripts use
@@ -97,7 +101,7 @@ class _Step:
     """One SGD update, optionally confined to the weights a mask selects."""
 
     def __init__(self, model: nn.Module, recipe: Recipe, mask: dict[str, torch.Tensor] | None = None):
-        self.model, self.mask = model, mask
+        self.model, self.mask, self.clip_norm = model, mask, recipe.clip_norm
         self.params = dict(model.named_parameters())
         self.opt = torch.optim.SGD(
             model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay
@@ -108,6 +112,8 @@ class _Step:
     def __call__(self, loss: torch.Tensor) -> None:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.clip_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
         self.opt.step()
         if self.mask is not None and self.frozen is not None:
             with torch.no_grad():
@@ -124,9 +130,33 @@ def _fine_tune(model, retain, forget, recipe, gen, num_classes, bar) -> None:
 
 def _gradient_ascent(model, retain, forget, recipe, gen, num_classes, bar) -> None:
     step = _Step(model, recipe)
+    probe = _RetainProbe(model, retain, recipe)
     for _ in bar(range(recipe.epochs)):
         for x, y in _batches(forget, recipe.batch_size, gen):
             step(-F.cross_entropy(model(x), y))
+            if probe.collapsed():
+                return
+
+
+class _RetainProbe:
+    """GA's early stop: the accuracy on the first ``probe_size`` retain samples, checked
+    after every step against ``stop_retain`` times its value before the first step
+    (gradient ascent has no other sign that it has started destroying the model)."""
+
+    def __init__(self, model: nn.Module, retain: Data, recipe: Recipe) -> None:
+        self.model, self.fraction = model, recipe.stop_retain
+        self.x, self.y = retain.inputs[: recipe.probe_size], retain.labels[: recipe.probe_size]
+        self.floor = None if self.fraction is None else self.fraction * self._accuracy()
+
+    def _accuracy(self) -> float:
+        training = self.model.training
+        with torch.no_grad():
+            correct = self.model.eval()(self.x).argmax(1) == self.y
+        self.model.train(training)
+        return float(correct.float().mean())
+
+    def collapsed(self) -> bool:
+        return self.floor is not None and self._accuracy() < self.floor
 
 
 def _random_labels(model, retain, forget, recipe, gen, num_classes, bar, mask=None) -> None:
