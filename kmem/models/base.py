@@ -102,7 +102,7 @@ class Classifier(nn.Module):
         """A copy of this model (same weights) reading ``memories`` instead of its own,
         e.g. ``model.with_memories(model.memory_for(retain))`` -- the model that never
         held the forgotten rows."""
-        held, self._held = self._held, []  # memories hold locks: not deep-copyable, and not copied
+        held, self._held = self._held, []  # the clone reads the memories given, not copies of these
         try:
             clone = copy.deepcopy(self)
         finally:
