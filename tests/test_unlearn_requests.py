@@ -53,3 +53,32 @@ def test_bad_requests():
         requests.parse_request("some:thing", ids, ids % 2)
     with pytest.raises(ValueError, match="must look like"):
         requests.parse_request("class:x", ids, ids % 2)
+
+
+def test_stream_request_is_disjoint_steps_in_order():
+    ids = torch.arange(1000) * 3
+    stream = requests.stream_request(ids, steps=10, fraction=0.01, seed=4)
+    assert stream.kind == "stream" and stream.name == "stream-10x1%" and len(stream.steps) == 10
+    assert all(len(s) == 10 for s in stream.steps)
+    union = torch.cat(stream.steps)
+    assert len(torch.unique(union)) == 100 and torch.equal(torch.sort(union).values, stream.ids)
+    assert bool(torch.isin(union, ids).all())
+    assert torch.equal(requests.parse_request("stream", ids, ids % 2, seed=4).ids, stream.ids)
+    three = requests.parse_request("stream:3x2%", ids, ids % 2, seed=4)
+    assert [len(s) for s in three.steps] == [20, 20, 20]
+    other = requests.stream_request(ids, seed=5)
+    assert not torch.equal(other.ids, stream.ids)
+
+
+def test_bad_stream_requests_name_the_request():
+    ids = torch.arange(100)
+    with pytest.raises(ValueError, match="nothing would be retained"):
+        requests.stream_request(ids, steps=10, fraction=0.1)
+    with pytest.raises(ValueError, match="steps"):
+        requests.stream_request(ids, steps=0)
+    with pytest.raises(ValueError, match="request 'stream:200x1%'"):
+        requests.parse_request("stream:200x1%", ids, ids % 2)
+    with pytest.raises(ValueError, match="request 'class:12': no sample has label 12"):
+        requests.parse_request("class:12", ids, ids % 10)
+    with pytest.raises(ValueError, match="request '150%'"):
+        requests.parse_request("150%", ids, ids % 10)

@@ -2,7 +2,14 @@
 
 from .metrics import Predictions, Scores, avg_gap, mia_auroc, mia_efficacy, prediction_gaps, score
 from .posthoc import METHODS, RECIPES, Recipe, Unlearned, saliency_mask, unlearn
-from .requests import ForgetRequest, class_request, parse_request, random_request, standard_requests
+from .requests import (
+    ForgetRequest,
+    class_request,
+    parse_request,
+    random_request,
+    standard_requests,
+    stream_request,
+)
 
 __all__ = [
     "METHODS",
@@ -22,5 +29,6 @@ __all__ = [
     "saliency_mask",
     "score",
     "standard_requests",
+    "stream_request",
     "unlearn",
 ]

@@ -19,14 +19,17 @@ class ForgetRequest:
     Attributes:
         name: short label used in reports, e.g. ``"random-10%"`` or ``"class-3"``.
         ids: int64 ``[m]`` sorted, distinct sample ids to forget.
-        kind: ``"random"`` or ``"class"``.
-        seed: the seed that drew a random request (``None`` for a class request).
+        kind: ``"random"``, ``"class"`` or ``"stream"``.
+        seed: the seed that drew a random or stream request (``None`` for a class request).
+        steps: a stream's requests in the order they arrive, each int64 ``[m_i]`` sorted,
+            disjoint, their union ``ids``; ``()`` for a one-shot request.
     """
 
     name: str
     ids: torch.Tensor
     kind: str
     seed: int | None = None
+    steps: tuple[torch.Tensor, ...] = ()
 
     def __post_init__(self) -> None:
         if self.ids.dtype != torch.int64 or self.ids.ndim != 1:
@@ -65,6 +68,27 @@ def random_request(ids: torch.Tensor, fraction: float, seed: int = 0) -> ForgetR
     return ForgetRequest(f"random-{100 * fraction:g}%", chosen, "random", seed)
 
 
+def stream_request(
+    ids: torch.Tensor, steps: int = 10, fraction: float = 0.01, seed: int = 0
+) -> ForgetRequest:
+    """``steps`` requests of ``round(fraction * n)`` samples each, applied one after another
+    to the same model: disjoint uniform draws from ``ids`` (one permutation, cut in order)."""
+    _check_ids(ids)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    count = max(1, round(fraction * len(ids)))
+    if steps * count >= len(ids):
+        raise ValueError(
+            f"{steps} requests of {count} samples forget {steps * count} of {len(ids)}: nothing would be retained"
+        )
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    parts = tuple(torch.sort(ids[order[i * count : (i + 1) * count]]).values for i in range(steps))
+    name = f"stream-{steps}x{100 * fraction:g}%"
+    return ForgetRequest(name, torch.sort(torch.cat(parts)).values, "stream", seed, parts)
+
+
 def class_request(ids: torch.Tensor, labels: torch.Tensor, label: int) -> ForgetRequest:
     """Forget every sample of class ``label``."""
     _check_ids(ids)
@@ -90,16 +114,25 @@ def standard_requests(
 
 
 def parse_request(spec: str, ids: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> ForgetRequest:
-    """A request from its command-line spelling: ``"random:0.1"`` (or ``"10%"``) or ``"class:3"``."""
+    """A request from its command-line spelling: ``"random:0.1"`` (or ``"10%"``),
+    ``"class:3"``, or ``"stream"`` / ``"stream:10x1%"`` (10 requests of 1% one after another)."""
     kind, _, arg = spec.partition(":")
     if kind.endswith("%") and not arg:
-        kind, arg = "random", str(float(kind[:-1]) / 100)
+        kind, arg = "random", kind
     try:
         if kind == "random":
-            return random_request(ids, float(arg), seed)
+            return random_request(ids, _fraction(arg), seed)
         if kind == "class":
             return class_request(ids, labels, int(arg))
+        if kind == "stream":
+            steps, _, fraction = (arg or "10x1%").partition("x")
+            return stream_request(ids, int(steps), _fraction(fraction), seed)
     except ValueError as err:
         if "could not convert" not in str(err) and "invalid literal" not in str(err):
-            raise
-    raise ValueError(f"request must look like 'random:0.1', '10%' or 'class:3', got {spec!r}")
+            raise ValueError(f"request {spec!r}: {err}") from None
+    raise ValueError(f"request must look like 'random:0.1', '10%', 'class:3' or 'stream:10x1%', got {spec!r}")
+
+
+def _fraction(text: str) -> float:
+    """``"0.1"`` or ``"10%"`` as 0.1."""
+    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
