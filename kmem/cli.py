@@ -8,8 +8,9 @@ import json
 import sys
 import time
 
-from .data import DATASETS, DatasetNotInstalled, load_dataset
-from .models import MODELS
+# Only torch-free modules at the top: each command imports what it needs, so that
+# `kmem --help` and `kmem ledger` start without loading torch.
+from .choices import DATASETS, METHODS, MODELS
 
 
 def _evaluate(args: argparse.Namespace, families: list[str]) -> int:
@@ -43,6 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _features(args: argparse.Namespace) -> int:
+    from .data import load_dataset
     from .encoder import NAME
     from .features import cache_path, encode
 
@@ -69,6 +71,7 @@ def _setting(text: str) -> tuple[str, object]:
 
 
 def _test_samples(model, name: str, data_dir: str | None, resolution: int):
+    from .data import load_dataset
     from .models import samples
 
     inputs = "images" if model.config.get("encoder") == "cnn" else "features"
@@ -76,6 +79,7 @@ def _test_samples(model, name: str, data_dir: str | None, resolution: int):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .data import load_dataset
     from .models import accuracy, samples, save_checkpoint, train
 
     config = dict(args.set)
@@ -202,7 +206,6 @@ def main(argv: list[str] | None = None) -> int:
         prog="kmem", description="A deletable key/value memory for models that must forget."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    from .unlearn.posthoc import METHODS
 
     demo = sub.add_parser(
         "demo",
@@ -213,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval", help="the same evaluation for chosen model families, dataset and requests"
     )
     evaluate.add_argument(
-        "--model", action="append", required=True, choices=("munkey", "spm", "baseline"),
+        "--model", action="append", required=True, choices=MODELS,
         help="model family (repeat for several); the baseline brings the post-hoc methods",
     )  # fmt: skip
     for cmd in (demo, evaluate):
@@ -303,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except DatasetNotInstalled as err:
+    except FileNotFoundError as err:
+        from .data import DatasetNotInstalled  # here, not at the top: kmem.data loads torch
+
+        if not isinstance(err, DatasetNotInstalled):
+            raise
         print(f"kmem: {err}", file=sys.stderr)
         return 2
 
