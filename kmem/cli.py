@@ -185,11 +185,11 @@ def _ledger(args: argparse.Namespace) -> int:
             result = ledger.verify(head=args.head)
             if result.ok:
                 print(f"OK: {result.receipts} receipt(s), chain intact, head {result.head}")
-                return 0
-            print(f"FAILED: {len(result.problems)} problem(s) in {result.receipts} receipt(s)")
-            for problem in result.problems:
-                print(f"  {problem}")
-            return 1
+            else:
+                print(f"FAILED: {len(result.problems)} problem(s) in {result.receipts} receipt(s)")
+            for line in (*result.problems, *(f"note: {note}" for note in result.notes)):
+                print(f"  {line}")
+            return 0 if result.ok else 1
         receipts = ledger.receipts(request_id=args.request, sample_id=args.id, last=args.last)
     if args.action == "show":
         for r in receipts:
