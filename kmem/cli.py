@@ -98,6 +98,7 @@ def _train(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as err:  # a bad setting is a user error, not a crash
         print(f"kmem: error: {err}", file=sys.stderr)
         return 2
+    model.dataset = args.data  # the checkpoint keeps it, for kmem forget --data to check
     losses = ", ".join(f"{loss:.4f}" for loss in report.losses)
     print(
         f"trained {args.model} on {data.train.name} ({len(train_set)} samples, seed {args.seed}) "
@@ -111,18 +112,65 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _forget_ids(args: argparse.Namespace, model) -> list[int]:
-    if args.ids is not None:
-        return [int(i) for i in args.ids.split(",") if i.strip()]
-    if args.ids_file is not None:
-        with open(args.ids_file) as f:
-            return [int(i) for i in f.read().split()]
-    import torch
+def _check_forget_args(args: argparse.Namespace) -> None:
+    """Refuse, before anything is read or written, what would lose data by accident."""
+    if args.out is None and not args.in_place:
+        raise ValueError(
+            f"say where the result goes: --out PATH, or --in-place to overwrite {args.checkpoint}"
+        )
+    if args.fraction is not None and not 0 < args.fraction <= 1:  # NaN fails too
+        raise ValueError(f"--fraction must be in (0, 1], got {args.fraction}")
 
-    held = model.memories()[0].ids()
-    count = round(args.fraction * len(held))
-    pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(args.seed))[:count]
-    return held[pick].tolist()
+
+def _check_dataset(model, checkpoint: str, data: str | None) -> None:
+    """``--data`` must be the dataset the model was trained on, where the checkpoint says."""
+    if data is None:
+        return
+    if model.dataset is None:
+        print(
+            f"kmem: note: {checkpoint} does not say which dataset it was trained on "
+            f"(written before kmem kept it): the test accuracy on {data} is only meaningful if it was",
+            file=sys.stderr,
+        )
+    elif model.dataset != data:
+        raise ValueError(f"--data {data}: {checkpoint} was trained on {model.dataset}")
+
+
+def _parse_ids(tokens: list[str], source: str) -> list[int]:
+    ids = []
+    for token in filter(None, (t.strip() for t in tokens)):
+        try:
+            ids.append(int(token))
+        except ValueError:
+            raise ValueError(f"{source}: {token!r} is not an integer sample id") from None
+    return ids
+
+
+def _read_ids_file(path: str) -> list[int]:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as err:
+        raise ValueError(f"--ids-file {path}: cannot read it: {err.strerror or err}") from None
+    return _parse_ids(text.split(), f"--ids-file {path}")
+
+
+def _forget_ids(args: argparse.Namespace, model) -> list[int]:
+    """The ids to forget, from ``--ids``, ``--ids-file`` or ``--fraction``; never none."""
+    if args.ids is not None:
+        ids, source = _parse_ids(args.ids.split(","), "--ids"), "--ids names no sample id"
+    elif args.ids_file is not None:
+        ids, source = _read_ids_file(args.ids_file), f"--ids-file {args.ids_file} names no sample id"
+    else:
+        import torch
+
+        held = model.memories()[0].ids()
+        count = round(args.fraction * len(held))
+        pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(args.seed))[:count]
+        ids, source = held[pick].tolist(), f"--fraction {args.fraction} of {len(held)} rows is 0 rows"
+    if not ids:
+        raise ValueError(f"nothing to forget: {source}")
+    return ids
 
 
 def _forget(args: argparse.Namespace) -> int:
@@ -130,17 +178,15 @@ def _forget(args: argparse.Namespace) -> int:
     from .models import accuracy, load_checkpoint, save_checkpoint
 
     try:
+        _check_forget_args(args)
         model = load_checkpoint(args.checkpoint)
+        if not model.memories():
+            raise ValueError(f"{model.name} has no memory to delete rows from: it cannot forget by id")
+        _check_dataset(model, args.checkpoint, args.data)
+        ids = _forget_ids(args, model)
     except (FileNotFoundError, ValueError) as err:
         print(f"kmem: error: {err}", file=sys.stderr)
         return 2
-    if not model.memories():
-        print(
-            f"kmem: error: {model.name} has no memory to delete rows from: it cannot forget by id",
-            file=sys.stderr,
-        )
-        return 2
-    ids = _forget_ids(args, model)
     test = _test_samples(model, args.data, args.data_dir, args.resolution) if args.data else None
     if test is not None:
         print(f"test accuracy before: {100 * accuracy(model, test):.2f}%")
@@ -275,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--ids-file", help="file of sample ids separated by white space")
     which.add_argument("--fraction", type=float, help="a random fraction of the rows held")
     fg.add_argument("--seed", type=int, default=0, help="for --fraction")
-    fg.add_argument("--out", "-o", help="checkpoint to write (default: replace the one read)")
+    where = fg.add_mutually_exclusive_group()  # one of them is required: see _check_forget_args
+    where.add_argument("--out", "-o", help="checkpoint to write")
+    where.add_argument("--in-place", action="store_true", help="overwrite the checkpoint read")
     fg.add_argument("--data", choices=DATASETS, help="report test accuracy on this dataset before and after")
     fg.add_argument("--resolution", type=int, default=64)
     fg.add_argument("--data-dir")
