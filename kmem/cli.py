@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 
@@ -78,11 +79,48 @@ def _test_samples(model, name: str, data_dir: str | None, resolution: int):
     return samples(load_dataset(name, root=data_dir).test, inputs, resolution)
 
 
+FEW_STEPS = 100  # fewer optimiser steps than this earn a hint to train longer
+
+
+def _dataset_settings(data: str, model: str, given: dict) -> dict:
+    """What ``kmem demo`` trains family ``model`` with on ``data``, less the ``given``
+    settings: the same defaults for the same data (digits needs more epochs)."""
+    from .demo import DATASET_CONFIGS
+
+    return {k: v for k, v in DATASET_CONFIGS.get(data, {}).get(model, {}).items() if k not in given}
+
+
+def _train_notes(args: argparse.Namespace, chosen: dict, report) -> list[str]:
+    """Why the run departs from the family's defaults, and whether it trained for too few steps."""
+    from .models import model_class
+
+    notes = []
+    if chosen:
+        defaults = model_class(args.model).defaults
+        ours = ", ".join(f"{k}={v}" for k, v in chosen.items())
+        theirs = ", ".join(f"{k}={defaults[k]}" for k in chosen)
+        notes.append(
+            f"{ours}: what kmem demo trains {args.model} with on {args.data} (the family's default: {theirs}); "
+            "--epochs or --set overrides it"
+        )
+    if report.steps < FEW_STEPS:
+        per_epoch = report.batches_per_epoch
+        notes.append(
+            f"hint: only {report.steps} optimiser steps ({report.config['epochs']} epoch(s) x {per_epoch} "
+            f"batches), likely too few to learn; try --epochs {math.ceil(FEW_STEPS / per_epoch)} or more"
+        )
+    return notes
+
+
 def _train(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .models import accuracy, samples, save_checkpoint, train
 
     config = dict(args.set)
+    if args.epochs is not None:
+        config["epochs"] = args.epochs
+    chosen = _dataset_settings(args.data, args.model, config)
+    config.update(chosen)
     if args.mode:
         if args.model != "spm":
             print("kmem: error: --mode is an SPM setting (spm-r or spm-c)", file=sys.stderr)
@@ -92,9 +130,7 @@ def _train(args: argparse.Namespace) -> int:
     inputs = "images" if config.get("encoder") == "cnn" else "features"
     train_set = samples(data.train, inputs, args.resolution)
     try:
-        model, report = train(
-            args.model, train_set, num_classes=data.num_classes, seed=args.seed, epochs=args.epochs, **config
-        )
+        model, report = train(args.model, train_set, num_classes=data.num_classes, seed=args.seed, **config)
     except (TypeError, ValueError) as err:  # a bad setting is a user error, not a crash
         print(f"kmem: error: {err}", file=sys.stderr)
         return 2
@@ -104,6 +140,8 @@ def _train(args: argparse.Namespace) -> int:
         f"trained {args.model} on {data.train.name} ({len(train_set)} samples, seed {args.seed}) "
         f"in {report.seconds:.1f} s; loss per epoch: {losses}"
     )
+    for note in _train_notes(args, chosen, report):
+        print(note)
     test = samples(data.test, inputs, args.resolution)
     print(f"test accuracy: {100 * accuracy(model, test):.2f}% on {len(test)} {data.test.name} samples")
     if args.out:
@@ -303,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--model", choices=MODELS, required=True)
     tr.add_argument("--data", choices=DATASETS, default="digits")
     tr.add_argument("--mode", choices=("spm-r", "spm-c"), help="SPM's mode (default spm-r)")
-    tr.add_argument("--epochs", type=int, help="default: the family's")
+    tr.add_argument("--epochs", type=int, help="default: the family's, or kmem demo's for the dataset")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resolution", type=int, default=64, help="key-encoder resolution of the features")
     tr.add_argument(

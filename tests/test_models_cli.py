@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kmem.cli import main
+from kmem.demo import DATASET_CONFIGS
 from kmem.ledger import Ledger
 from kmem.models import load_checkpoint, save_checkpoint
 
@@ -160,3 +161,26 @@ def test_forget_says_when_an_old_checkpoint_does_not_know_its_dataset(digits_che
     args = ["--ids", "3", "--data", "digits", "--resolution", "16", "--in-place"]
     assert main(["forget", str(old), *args]) == 0
     assert "does not say which dataset it was trained on" in capsys.readouterr().err
+
+
+def _train_default_epochs(tmp_path, capsys, *args):
+    path = tmp_path / "model.kmodel"
+    assert main(["train", "--data", "digits", "--resolution", "16", "--out", str(path), *args]) == 0
+    return load_checkpoint(path), capsys.readouterr().out
+
+
+def test_train_uses_the_demo_settings_for_the_dataset_and_says_so(tmp_path, capsys):
+    """Without --epochs, SPM on digits trains the demo's 20 epochs, not the family's 2
+    (12 optimiser steps there: 56% test accuracy). Two batches an epoch keep it quick."""
+    model, out = _train_default_epochs(tmp_path, capsys, "--model", "spm", "--set", "batch_size=1024")
+    assert model.config["epochs"] == DATASET_CONFIGS["digits"]["spm"]["epochs"] == 20
+    assert "epochs=20: what kmem demo trains spm with on digits (the family's default: epochs=2)" in out
+    assert "hint: only 40 optimiser steps (20 epoch(s) x 2 batches)" in out and "try --epochs 50" in out
+    model, out = _train_default_epochs(tmp_path, capsys, "--model", "spm", "--epochs", "1")
+    assert model.config["epochs"] == 1 and "what kmem demo trains" not in out
+    assert "hint: only 6 optimiser steps (1 epoch(s) x 6 batches)" in out
+
+
+def test_train_gives_no_hint_with_enough_steps(tmp_path, capsys):
+    model, out = _train_default_epochs(tmp_path, capsys, "--model", "baseline", "--set", "batch_size=8")
+    assert model.config["epochs"] == 5 and "hint:" not in out and "what kmem demo trains" not in out
