@@ -19,33 +19,45 @@ Public API:
   retrained oracle, post-hoc unlearning baselines, the evaluation and its report.
 """
 
-from . import models, ops, unlearn
-from .data import DATASETS, Dataset, DatasetNotInstalled, Split, load_dataset
-from .distributed import ShardedKeyMemory
-from .encoder import KeyEncoder
-from .features import cache_path, encode
-from .layers import KeyMemoryAttention
-from .ledger import Ledger, Receipt
-from .memory import KeyMemory
-from .ops import BackendUnavailable
+from __future__ import annotations
 
-__all__ = [
-    "DATASETS",
-    "BackendUnavailable",
-    "Dataset",
-    "DatasetNotInstalled",
-    "KeyEncoder",
-    "KeyMemory",
-    "KeyMemoryAttention",
-    "Ledger",
-    "Receipt",
-    "ShardedKeyMemory",
-    "Split",
-    "cache_path",
-    "encode",
-    "load_dataset",
-    "models",
-    "ops",
-    "unlearn",
-]
+import importlib
+
+# Public name -> the module that defines it. Imported on first use (PEP 562), so that
+# ``import kmem`` -- and so every ``kmem`` command, ``--help`` included -- does not pay
+# for torch before it needs it.
+_SUBMODULES = ("models", "ops", "unlearn")
+_HOMES = {
+    "DATASETS": "choices",
+    "BackendUnavailable": "ops",
+    "Dataset": "data",
+    "DatasetNotInstalled": "data",
+    "KeyEncoder": "encoder",
+    "KeyMemory": "memory",
+    "KeyMemoryAttention": "layers",
+    "Ledger": "ledger",
+    "Receipt": "ledger",
+    "ShardedKeyMemory": "distributed",
+    "Split": "data",
+    "cache_path": "features",
+    "encode": "features",
+    "load_dataset": "data",
+}
+
+__all__ = [*_HOMES, *_SUBMODULES]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    if name in _SUBMODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    elif name in _HOMES:
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # resolved once: later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
 import time
 
-from .data import DATASETS, DatasetNotInstalled, load_dataset
-from .models import MODELS
+# Only torch-free modules at the top: each command imports what it needs, so that
+# `kmem --help` and `kmem ledger` start without loading torch.
+from .choices import DATASETS, METHODS, MODELS
 
 
 def _evaluate(args: argparse.Namespace, families: list[str]) -> int:
@@ -43,6 +45,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _features(args: argparse.Namespace) -> int:
+    from .data import load_dataset
     from .encoder import NAME
     from .features import cache_path, encode
 
@@ -69,16 +72,55 @@ def _setting(text: str) -> tuple[str, object]:
 
 
 def _test_samples(model, name: str, data_dir: str | None, resolution: int):
+    from .data import load_dataset
     from .models import samples
 
     inputs = "images" if model.config.get("encoder") == "cnn" else "features"
     return samples(load_dataset(name, root=data_dir).test, inputs, resolution)
 
 
+FEW_STEPS = 100  # fewer optimiser steps than this earn a hint to train longer
+
+
+def _dataset_settings(data: str, model: str, given: dict) -> dict:
+    """What ``kmem demo`` trains family ``model`` with on ``data``, less the ``given``
+    settings: the same defaults for the same data (digits needs more epochs)."""
+    from .demo import DATASET_CONFIGS
+
+    return {k: v for k, v in DATASET_CONFIGS.get(data, {}).get(model, {}).items() if k not in given}
+
+
+def _train_notes(args: argparse.Namespace, chosen: dict, report) -> list[str]:
+    """Why the run departs from the family's defaults, and whether it trained for too few steps."""
+    from .models import model_class
+
+    notes = []
+    if chosen:
+        defaults = model_class(args.model).defaults
+        ours = ", ".join(f"{k}={v}" for k, v in chosen.items())
+        theirs = ", ".join(f"{k}={defaults[k]}" for k in chosen)
+        notes.append(
+            f"{ours}: what kmem demo trains {args.model} with on {args.data} (the family's default: {theirs}); "
+            "--epochs or --set overrides it"
+        )
+    if report.steps < FEW_STEPS:
+        per_epoch = report.batches_per_epoch
+        notes.append(
+            f"hint: only {report.steps} optimiser steps ({report.config['epochs']} epoch(s) x {per_epoch} "
+            f"batches), likely too few to learn; try --epochs {math.ceil(FEW_STEPS / per_epoch)} or more"
+        )
+    return notes
+
+
 def _train(args: argparse.Namespace) -> int:
+    from .data import load_dataset
     from .models import accuracy, samples, save_checkpoint, train
 
     config = dict(args.set)
+    if args.epochs is not None:
+        config["epochs"] = args.epochs
+    chosen = _dataset_settings(args.data, args.model, config)
+    config.update(chosen)
     if args.mode:
         if args.model != "spm":
             print("kmem: error: --mode is an SPM setting (spm-r or spm-c)", file=sys.stderr)
@@ -88,17 +130,18 @@ def _train(args: argparse.Namespace) -> int:
     inputs = "images" if config.get("encoder") == "cnn" else "features"
     train_set = samples(data.train, inputs, args.resolution)
     try:
-        model, report = train(
-            args.model, train_set, num_classes=data.num_classes, seed=args.seed, epochs=args.epochs, **config
-        )
+        model, report = train(args.model, train_set, num_classes=data.num_classes, seed=args.seed, **config)
     except (TypeError, ValueError) as err:  # a bad setting is a user error, not a crash
         print(f"kmem: error: {err}", file=sys.stderr)
         return 2
+    model.dataset = args.data  # the checkpoint keeps it, for kmem forget --data to check
     losses = ", ".join(f"{loss:.4f}" for loss in report.losses)
     print(
         f"trained {args.model} on {data.train.name} ({len(train_set)} samples, seed {args.seed}) "
         f"in {report.seconds:.1f} s; loss per epoch: {losses}"
     )
+    for note in _train_notes(args, chosen, report):
+        print(note)
     test = samples(data.test, inputs, args.resolution)
     print(f"test accuracy: {100 * accuracy(model, test):.2f}% on {len(test)} {data.test.name} samples")
     if args.out:
@@ -107,18 +150,65 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _forget_ids(args: argparse.Namespace, model) -> list[int]:
-    if args.ids is not None:
-        return [int(i) for i in args.ids.split(",") if i.strip()]
-    if args.ids_file is not None:
-        with open(args.ids_file) as f:
-            return [int(i) for i in f.read().split()]
-    import torch
+def _check_forget_args(args: argparse.Namespace) -> None:
+    """Refuse, before anything is read or written, what would lose data by accident."""
+    if args.out is None and not args.in_place:
+        raise ValueError(
+            f"say where the result goes: --out PATH, or --in-place to overwrite {args.checkpoint}"
+        )
+    if args.fraction is not None and not 0 < args.fraction <= 1:  # NaN fails too
+        raise ValueError(f"--fraction must be in (0, 1], got {args.fraction}")
 
-    held = model.memories()[0].ids()
-    count = round(args.fraction * len(held))
-    pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(args.seed))[:count]
-    return held[pick].tolist()
+
+def _check_dataset(model, checkpoint: str, data: str | None) -> None:
+    """``--data`` must be the dataset the model was trained on, where the checkpoint says."""
+    if data is None:
+        return
+    if model.dataset is None:
+        print(
+            f"kmem: note: {checkpoint} does not say which dataset it was trained on "
+            f"(written before kmem kept it): the test accuracy on {data} is only meaningful if it was",
+            file=sys.stderr,
+        )
+    elif model.dataset != data:
+        raise ValueError(f"--data {data}: {checkpoint} was trained on {model.dataset}")
+
+
+def _parse_ids(tokens: list[str], source: str) -> list[int]:
+    ids = []
+    for token in filter(None, (t.strip() for t in tokens)):
+        try:
+            ids.append(int(token))
+        except ValueError:
+            raise ValueError(f"{source}: {token!r} is not an integer sample id") from None
+    return ids
+
+
+def _read_ids_file(path: str) -> list[int]:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as err:
+        raise ValueError(f"--ids-file {path}: cannot read it: {err.strerror or err}") from None
+    return _parse_ids(text.split(), f"--ids-file {path}")
+
+
+def _forget_ids(args: argparse.Namespace, model) -> list[int]:
+    """The ids to forget, from ``--ids``, ``--ids-file`` or ``--fraction``; never none."""
+    if args.ids is not None:
+        ids, source = _parse_ids(args.ids.split(","), "--ids"), "--ids names no sample id"
+    elif args.ids_file is not None:
+        ids, source = _read_ids_file(args.ids_file), f"--ids-file {args.ids_file} names no sample id"
+    else:
+        import torch
+
+        held = model.memories()[0].ids()
+        count = round(args.fraction * len(held))
+        pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(args.seed))[:count]
+        ids, source = held[pick].tolist(), f"--fraction {args.fraction} of {len(held)} rows is 0 rows"
+    if not ids:
+        raise ValueError(f"nothing to forget: {source}")
+    return ids
 
 
 def _forget(args: argparse.Namespace) -> int:
@@ -126,17 +216,15 @@ def _forget(args: argparse.Namespace) -> int:
     from .models import accuracy, load_checkpoint, save_checkpoint
 
     try:
+        _check_forget_args(args)
         model = load_checkpoint(args.checkpoint)
+        if not model.memories():
+            raise ValueError(f"{model.name} has no memory to delete rows from: it cannot forget by id")
+        _check_dataset(model, args.checkpoint, args.data)
+        ids = _forget_ids(args, model)
     except (FileNotFoundError, ValueError) as err:
         print(f"kmem: error: {err}", file=sys.stderr)
         return 2
-    if not model.memories():
-        print(
-            f"kmem: error: {model.name} has no memory to delete rows from: it cannot forget by id",
-            file=sys.stderr,
-        )
-        return 2
-    ids = _forget_ids(args, model)
     test = _test_samples(model, args.data, args.data_dir, args.resolution) if args.data else None
     if test is not None:
         print(f"test accuracy before: {100 * accuracy(model, test):.2f}%")
@@ -181,11 +269,11 @@ def _ledger(args: argparse.Namespace) -> int:
             result = ledger.verify(head=args.head)
             if result.ok:
                 print(f"OK: {result.receipts} receipt(s), chain intact, head {result.head}")
-                return 0
-            print(f"FAILED: {len(result.problems)} problem(s) in {result.receipts} receipt(s)")
-            for problem in result.problems:
-                print(f"  {problem}")
-            return 1
+            else:
+                print(f"FAILED: {len(result.problems)} problem(s) in {result.receipts} receipt(s)")
+            for line in (*result.problems, *(f"note: {note}" for note in result.notes)):
+                print(f"  {line}")
+            return 0 if result.ok else 1
         receipts = ledger.receipts(request_id=args.request, sample_id=args.id, last=args.last)
     if args.action == "show":
         for r in receipts:
@@ -202,7 +290,6 @@ def main(argv: list[str] | None = None) -> int:
         prog="kmem", description="A deletable key/value memory for models that must forget."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    from .unlearn.posthoc import METHODS
 
     demo = sub.add_parser(
         "demo",
@@ -213,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval", help="the same evaluation for chosen model families, dataset and requests"
     )
     evaluate.add_argument(
-        "--model", action="append", required=True, choices=("munkey", "spm", "baseline"),
+        "--model", action="append", required=True, choices=MODELS,
         help="model family (repeat for several); the baseline brings the post-hoc methods",
     )  # fmt: skip
     for cmd in (demo, evaluate):
@@ -254,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--model", choices=MODELS, required=True)
     tr.add_argument("--data", choices=DATASETS, default="digits")
     tr.add_argument("--mode", choices=("spm-r", "spm-c"), help="SPM's mode (default spm-r)")
-    tr.add_argument("--epochs", type=int, help="default: the family's")
+    tr.add_argument("--epochs", type=int, help="default: the family's, or kmem demo's for the dataset")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resolution", type=int, default=64, help="key-encoder resolution of the features")
     tr.add_argument(
@@ -272,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument("--ids-file", help="file of sample ids separated by white space")
     which.add_argument("--fraction", type=float, help="a random fraction of the rows held")
     fg.add_argument("--seed", type=int, default=0, help="for --fraction")
-    fg.add_argument("--out", "-o", help="checkpoint to write (default: replace the one read)")
+    where = fg.add_mutually_exclusive_group()  # one of them is required: see _check_forget_args
+    where.add_argument("--out", "-o", help="checkpoint to write")
+    where.add_argument("--in-place", action="store_true", help="overwrite the checkpoint read")
     fg.add_argument("--data", choices=DATASETS, help="report test accuracy on this dataset before and after")
     fg.add_argument("--resolution", type=int, default=64)
     fg.add_argument("--data-dir")
@@ -303,7 +392,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except DatasetNotInstalled as err:
+    except FileNotFoundError as err:
+        from .data import DatasetNotInstalled  # here, not at the top: kmem.data loads torch
+
+        if not isinstance(err, DatasetNotInstalled):
+            raise
         print(f"kmem: {err}", file=sys.stderr)
         return 2
 

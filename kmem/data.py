@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .choices import DATASETS
 from .idx import read_idx
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -139,7 +140,6 @@ def _fashion_mnist(root: Path | None) -> Dataset:
 
 
 _LOADERS: dict[str, Callable[[Path | None], Dataset]] = {"digits": _digits, "fashion-mnist": _fashion_mnist}
-DATASETS = tuple(_LOADERS)
 
 
 def load_dataset(name: str, root: str | Path | None = None) -> Dataset:

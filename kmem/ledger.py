@@ -4,8 +4,11 @@ Each receipt says which sample ids a request deleted, when, and how the memory's
 version and row count changed -- never what the deleted rows held. Every receipt
 carries the SHA-256 of its own fields and of the receipt before it, so editing,
 removing or reordering a receipt breaks the chain that :meth:`Ledger.verify` walks.
-Dropping the newest receipts leaves a shorter valid chain: compare the head hash with
-one kept elsewhere (``verify(head=...)``) to catch that.
+Dropping the newest receipts would leave a shorter valid chain, so the chain's head
+(sequence number and hash of the last receipt) is kept in a table of its own, written
+in the same transaction as each receipt, and the last receipt must match it. Whoever
+rewrites that record too, or replaces the whole file, is caught only by a head hash
+kept elsewhere (``verify(head=...)``).
 
 The database is SQLite in WAL mode with ``synchronous=FULL`` (``durable=False``:
 ``NORMAL``, which survives a crash of the process but not of the machine). A receipt
@@ -25,10 +28,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added the head table; a schema-1 ledger gains it with its next receipt
 GENESIS = "0" * 64  # prev_hash of the first receipt
 
-_SCHEMA = """
+_RECEIPTS_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS receipts (
     seq INTEGER PRIMARY KEY,
     request_id TEXT NOT NULL,
@@ -42,9 +46,16 @@ CREATE TABLE IF NOT EXISTS receipts (
     rows_after INTEGER NOT NULL,
     prev_hash TEXT NOT NULL,
     hash TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS receipts_request ON receipts (request_id);
-"""
+)""",
+    "CREATE INDEX IF NOT EXISTS receipts_request ON receipts (request_id)",
+)
+# One row: the last receipt's seq and hash (0 and GENESIS before the first receipt).
+_HEAD_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS head (one INTEGER PRIMARY KEY CHECK (one = 1), seq INTEGER NOT NULL, "
+    "hash TEXT NOT NULL)",
+    f"INSERT OR IGNORE INTO head VALUES (1, 0, '{GENESIS}')",
+    f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
 _FIELDS = (
     "seq",
     "request_id",
@@ -91,6 +102,7 @@ class Verification:
     receipts: int
     head: str  # hash of the last receipt (GENESIS for an empty ledger)
     problems: tuple[str, ...]
+    notes: tuple[str, ...] = ()  # what could not be checked
 
     @property
     def ok(self) -> bool:
@@ -126,13 +138,14 @@ class Ledger:
         # Autocommit mode: transactions are begun and ended explicitly below.
         self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
         try:
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in ((0, SCHEMA_VERSION) if create else (SCHEMA_VERSION,)):
+            version = self._version()
+            if version not in ((0, 1, SCHEMA_VERSION) if create else (1, SCHEMA_VERSION)):
                 raise ValueError(f"{path} has ledger schema {version}, expected {SCHEMA_VERSION}")
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
-            self._conn.executescript(_SCHEMA)
-            self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            if version == 0:  # only a new ledger gets tables: a dropped one must stay missing
+                with self._transaction():
+                    self._run(*_RECEIPTS_SCHEMA, *_HEAD_SCHEMA)
         except sqlite3.DatabaseError as err:
             self._conn.close()
             raise ValueError(f"{path} is not a kmem ledger: {err}") from err
@@ -175,18 +188,31 @@ class Ledger:
             "rows_before": rows_before,
             "rows_after": rows_after,
         }
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")  # take the write lock now: the head cannot move
-            try:
-                receipt = self._append(fields)
-                yield receipt
-                self._conn.execute("COMMIT")
-            except BaseException:
-                if self._conn.in_transaction:
-                    self._conn.execute("ROLLBACK")
-                raise
+        with self._lock, self._transaction():
+            yield self._append(fields)
+
+    @contextmanager
+    def _transaction(self, begin: str = "BEGIN IMMEDIATE") -> Iterator[None]:
+        """A transaction; by default it holds the write lock from its start, so the head cannot move."""
+        self._conn.execute(begin)
+        try:
+            yield
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+
+    def _run(self, *statements: str) -> None:
+        for statement in statements:
+            self._conn.execute(statement)
+
+    def _version(self) -> int:
+        return self._conn.execute("PRAGMA user_version").fetchone()[0]
 
     def _append(self, fields: dict) -> Receipt:
+        if self._version() < SCHEMA_VERSION:  # a schema-1 ledger: its head is recorded from now on
+            self._run(*_HEAD_SCHEMA)
         last = self._conn.execute("SELECT seq, hash FROM receipts ORDER BY seq DESC LIMIT 1").fetchone()
         seq, prev_hash = (last[0] + 1, last[1]) if last else (1, GENESIS)
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
@@ -197,6 +223,9 @@ class Ledger:
             f"INSERT INTO receipts ({', '.join(_FIELDS)}) VALUES ({', '.join('?' * len(_FIELDS))})",
             [row[f] for f in _FIELDS],
         )
+        if self._conn.execute("UPDATE head SET seq = ?, hash = ?", (seq, receipt.hash)).rowcount != 1:
+            # Recreating it would bless whatever was removed before: refuse until someone looks.
+            raise ValueError(f"{self.path}: the ledger's head record is missing; see `kmem ledger verify`")
         return receipt
 
     # ------------------------------------------------------------- reading
@@ -231,31 +260,35 @@ class Ledger:
 
     def verify(self, head: str | None = None) -> Verification:
         """Walk the chain: every hash must match its receipt, link to the one before, and
-        the sequence must run 1, 2, 3, ...; counts must agree with the ids. ``head``: a
-        hash kept elsewhere that the last receipt must carry (catches dropped tails)."""
-        problems: list[str] = []
-        prev, count = GENESIS, 0
-        with self._lock:
-            rows = self._conn.execute(f"SELECT {', '.join(_FIELDS)} FROM receipts ORDER BY seq").fetchall()
-        for count, row in enumerate(rows, start=1):
+        the sequence must run 1, 2, 3, ...; counts must agree with the ids; the last
+        receipt must be the one the head record names (catches receipts removed from the
+        end). ``head``: a hash kept elsewhere that the last receipt must carry (catches a
+        rewritten head record too)."""
+        with self._lock, self._transaction("BEGIN DEFERRED"):  # one snapshot: receipts and head agree
+            rows, kept, version = self._chain()
+        problems: list[str] = [] if rows is not None else ["the receipts table is missing (dropped)"]
+        prev, last, count = GENESIS, 0, 0
+        for count, row in enumerate(rows or (), start=1):
             fields = dict(zip(_FIELDS, row, strict=True))
-            where = f"receipt {fields['seq']}"
-            if fields["seq"] != count:
-                problems.append(f"{where}: expected sequence number {count} (a receipt is missing)")
-            if fields["prev_hash"] != prev:
-                problems.append(f"{where}: does not link to the receipt before it (removed or reordered)")
-            try:
-                fields["ids"] = tuple(json.loads(fields["ids"]))
-            except (TypeError, ValueError):
-                problems.append(f"{where}: ids are not a JSON list")
-            if receipt_hash(fields) != fields["hash"]:
-                problems.append(f"{where}: hash does not match its content (edited)")
-            elif not fields["count"] == len(fields["ids"]) == fields["rows_before"] - fields["rows_after"]:
-                problems.append(f"{where}: count, ids and row counts disagree")
-            prev = fields["hash"]
+            problems += _receipt_problems(fields, count, prev)
+            prev, last = fields["hash"], fields["seq"]
+        end_problems, notes = _end_problems(version, kept, last, prev)
+        problems += end_problems
         if head is not None and head != prev:
             problems.append(f"the last receipt's hash is {prev}, expected {head} (receipts dropped or added)")
-        return Verification(receipts=count, head=prev, problems=tuple(problems))
+        return Verification(receipts=count, head=prev, problems=tuple(problems), notes=tuple(notes))
+
+    def _chain(self) -> tuple[list[tuple] | None, tuple[int, str] | None, int]:
+        """The receipts in order and the head record (``None`` where their table is missing), the schema."""
+        tables = {
+            name for (name,) in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        }
+        rows = kept = None
+        if "receipts" in tables:
+            rows = self._conn.execute(f"SELECT {', '.join(_FIELDS)} FROM receipts ORDER BY seq").fetchall()
+        if "head" in tables:
+            kept = self._conn.execute("SELECT seq, hash FROM head").fetchone()
+        return rows, kept, self._version()
 
     # ------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -275,3 +308,48 @@ class Ledger:
 def _receipt(row: tuple) -> Receipt:
     fields = dict(zip(_FIELDS, row, strict=True))
     return Receipt(**{**fields, "ids": tuple(json.loads(fields["ids"]))})
+
+
+def _receipt_problems(fields: dict, expected_seq: int, prev: str) -> list[str]:
+    """What is wrong with one receipt, the ``expected_seq``-th, whose predecessor's hash is ``prev``."""
+    problems = []
+    where = f"receipt {fields['seq']}"
+    if fields["seq"] != expected_seq:
+        problems.append(f"{where}: expected sequence number {expected_seq} (a receipt is missing)")
+    if fields["prev_hash"] != prev:
+        problems.append(f"{where}: does not link to the receipt before it (removed or reordered)")
+    try:
+        fields["ids"] = tuple(json.loads(fields["ids"]))
+    except (TypeError, ValueError):
+        problems.append(f"{where}: ids are not a JSON list")
+    if receipt_hash(fields) != fields["hash"]:
+        problems.append(f"{where}: hash does not match its content (edited)")
+    elif not fields["count"] == len(fields["ids"]) == fields["rows_before"] - fields["rows_after"]:
+        problems.append(f"{where}: count, ids and row counts disagree")
+    return problems
+
+
+def _end_problems(
+    version: int, kept: tuple[int, str] | None, last: int, prev: str
+) -> tuple[list[str], list[str]]:
+    """Problems and notes about the chain's end: its last receipt (``last``, hash ``prev``)
+    against the head record ``kept`` of a ledger of schema ``version``."""
+    if version < SCHEMA_VERSION:
+        note = (
+            f"schema {version}: written before kmem kept the chain's head, so receipts removed from its "
+            "end cannot be detected (its next receipt starts keeping it; --head checks a hash kept elsewhere)"
+        )
+        return [], [note]
+    if kept is None:
+        return ["the head record is missing (deleted): receipts removed from the end cannot be ruled out"], []
+    seq, hash_ = kept
+    if seq > last:
+        chain = f"ends at receipt {last}" if last else "is empty"
+        return [
+            f"the head record names receipt {seq} as the last but the chain {chain} (receipts removed)"
+        ], []
+    if (seq, hash_) != (last, prev):
+        return [
+            f"the last receipt, {last}, is not the one the head record names ({seq}, hash {hash_[:16]})"
+        ], []
+    return [], []

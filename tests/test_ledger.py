@@ -118,12 +118,69 @@ def test_verify_detects_edited_removed_and_reordered_receipts(tmp_path, sql, wor
     assert any(words in p for p in result.problems), result.problems
 
 
-def test_verify_with_a_kept_head_detects_a_dropped_tail(ledger, tmp_path):
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "DROP TABLE receipts",
+        "DELETE FROM receipts WHERE seq = 3",
+        "DELETE FROM receipts WHERE seq >= 2",
+        "DELETE FROM receipts",
+        "DELETE FROM head",
+    ],
+)
+def test_verify_detects_a_vanished_tail_without_a_kept_head(tmp_path, capsys, sql):
+    path = tmp_path / "ledger.db"
+    with kmem.Ledger(path) as ledger:
+        _three_receipts(ledger)
+    _tamper(path, sql)
+    with kmem.Ledger(path) as ledger:
+        result = ledger.verify()
+    assert not result.ok
+    assert any(words in p for p in result.problems for words in ("dropped", "removed", "missing")), (
+        result.problems
+    )
+    assert cli.main(["ledger", "verify", str(path)]) == 1
+    assert capsys.readouterr().out.startswith("FAILED")
+
+
+def test_a_damaged_head_record_refuses_new_receipts(ledger):
+    mem = _three_receipts(ledger)
+    _tamper(ledger.path, "DELETE FROM head")
+    with pytest.raises(ValueError, match="head record is missing"):
+        mem.delete([3])
+    assert 3 in mem and len(ledger) == 3
+
+
+def test_verify_with_a_kept_head_detects_a_rewritten_head_record(ledger):
     _three_receipts(ledger)
     head = ledger.verify().head
+    second = ledger.receipts()[1]
     _tamper(ledger.path, "DELETE FROM receipts WHERE seq = 3")
-    assert ledger.verify().ok  # a shorter chain is still a chain...
+    _tamper(ledger.path, "UPDATE head SET seq = ?, hash = ?", second.seq, second.hash)
+    assert ledger.verify().ok  # a consistent shorter chain...
     assert not ledger.verify(head=head).ok  # ...but not the one whose head was kept
+
+
+def test_a_schema_1_ledger_verifies_with_a_note_then_keeps_its_head(tmp_path, capsys):
+    """A ledger written before the head table: readable, its end unchecked (and said so),
+    until its next receipt, from which on a removed tail is caught."""
+    path = tmp_path / "old.db"
+    with kmem.Ledger(path) as ledger:
+        _three_receipts(ledger)
+    _tamper(path, "DROP TABLE head")
+    _tamper(path, "PRAGMA user_version = 1")
+    assert cli.main(["ledger", "verify", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("OK: 3 receipt(s)") and "note: schema 1" in out and "cannot be detected" in out
+    with kmem.Ledger(path) as ledger:
+        with ledger.record(
+            request_id="r4", ids=[9], version_before=9, version_after=10, rows_before=1, rows_after=0
+        ):
+            pass
+        assert ledger.verify().ok and not ledger.verify().notes and len(ledger) == 4
+    _tamper(path, "DELETE FROM receipts WHERE seq = 4")
+    with kmem.Ledger(path, create=False) as ledger:
+        assert not ledger.verify().ok
 
 
 def test_failed_receipt_insert_leaves_the_memory_untouched(ledger):

@@ -32,6 +32,9 @@ class Classifier(nn.Module):
 
     name: ClassVar[str]
     defaults: ClassVar[dict[str, Any]]
+    # The dataset it was trained on, where known (``kmem train`` sets it, checkpoints keep
+    # it): what ``kmem forget --data`` checks its test set against.
+    dataset: str | None = None
 
     def __init__(self, num_classes: int, input_shape: tuple[int, ...] | list[int], **config: Any) -> None:
         super().__init__()

@@ -2,8 +2,9 @@
 
 One safetensors file (format ``kmem.Classifier``) written atomically with checksums by
 :mod:`kmem.snapshot`: the ``state_dict`` tensors under their own names, each memory's
-live rows as ``memory.<i>.ids|keys|values``, and as settings the family, its config
-and each memory's settings and version counter. Loading rebuilds the model from the
+live rows as ``memory.<i>.ids|keys|values``, and as settings the family, its config,
+the dataset it was trained on (``model.dataset``, where known) and each memory's
+settings and version counter. Loading rebuilds the model from the
 settings, checks every tensor against its checksum and never unpickles anything.
 """
 
@@ -36,6 +37,7 @@ def save_checkpoint(model: Classifier, path: str | Path) -> None:
         "num_classes": model.num_classes,
         "input_shape": list(model.input_shape),
         "config": model.config,
+        "dataset": model.dataset,
         "memories": memories,
     }
     snapshot.write(path, tensors, config, fmt=FORMAT)
@@ -64,6 +66,7 @@ def load_checkpoint(path: str | Path) -> Classifier:
         memories = [_memory(settings, tensors, i) for i, settings in enumerate(config["memories"])]
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("memory.")}, strict=True)
         model.use_memories(memories)
+        model.dataset = config.get("dataset")  # absent from checkpoints written before it was kept
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"{path} is not a valid kmem checkpoint: {err}") from err
     return model.eval()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+from ..choices import MODELS
 from .base import Classifier
 from .baseline import Baseline
 from .munkey import Munkey
 from .spm import SPM
 
-MODELS = ("munkey", "spm", "baseline")
 _CLASSES: dict[str, type[Classifier]] = {"munkey": Munkey, "spm": SPM, "baseline": Baseline}
 
 

@@ -17,12 +17,18 @@ from .samples import Samples
 
 @dataclass(frozen=True)
 class TrainReport:
-    """What :func:`train` did: wall-clock ``seconds``, mean training loss per epoch, and
-    the model's full ``config`` (defaults filled in)."""
+    """What :func:`train` did: wall-clock ``seconds``, mean training loss per epoch, the
+    model's full ``config`` (defaults filled in) and its ``batches_per_epoch``."""
 
     seconds: float
     losses: list[float]
     config: dict[str, Any]
+    batches_per_epoch: int
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps taken: epochs x batches per epoch."""
+        return int(self.config["epochs"]) * self.batches_per_epoch
 
 
 def train(
@@ -59,7 +65,12 @@ def train(
         generator = torch.Generator().manual_seed(seed)  # batches, supports, permutations
         model = cls(num_classes, tuple(train.inputs.shape[1:]), **config)
         losses = _fit(model, train, generator, progress)
-    return model, TrainReport(time.perf_counter() - start, losses, dict(model.config))
+    batches = _batches_per_epoch(len(train), model.config)
+    return model, TrainReport(time.perf_counter() - start, losses, dict(model.config), batches)
+
+
+def _batches_per_epoch(samples: int, config: dict[str, Any]) -> int:
+    return math.ceil(samples / int(config["batch_size"]))
 
 
 def _fit(model: Classifier, train: Samples, generator: torch.Generator, progress: bool | None) -> list[float]:
@@ -73,7 +84,7 @@ def _fit(model: Classifier, train: Samples, generator: torch.Generator, progress
     sparse = {id(t.weight) for t in tables}
     dense = [p for p in model.parameters() if id(p) not in sparse]
     optimizer = torch.optim.AdamW(dense, lr=c["lr"], weight_decay=c["weight_decay"])
-    steps = math.ceil(len(train) / batch_size)
+    steps = _batches_per_epoch(len(train), c)
     total = max(1, epochs * steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))

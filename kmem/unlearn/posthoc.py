@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-METHODS = ("FT", "GA", "RL", "SalUn", "SCRUB")
+from ..choices import METHODS
 
 
 class Data(Protocol):
