@@ -80,6 +80,10 @@ logs, predictions computed before the deletion) are out of scope (see the README
 "What deletion guarantees")."""
 
 
+def _family(family: str) -> str:
+    return FAMILY_NAMES.get(family, family)
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -120,7 +124,7 @@ def table(result: RequestResult) -> str:
         s, up = r.scores, speedup(r, result)
         time = result.retrain_seconds.get(r.family) if r.method == ORACLE else s.seconds
         lines.append(
-            f"| {FAMILY_NAMES.get(r.family, r.family)} | {r.method} | {_fmt(s.ua)} | {_fmt(s.ra)} | {_fmt(s.ta)} "
+            f"| {_family(r.family)} | {r.method} | {_fmt(s.ua)} | {_fmt(s.ra)} | {_fmt(s.ta)} "
             f"| {_fmt(s.mia)} | {_fmt(s.mia_auc)} | {_fmt(s.avg_gap)} | {_fmt(s.hard_gap)} | {_fmt(s.soft_gap, 4)} "
             f"| {_seconds(time)} | {_times(up)} |"
         )
@@ -187,7 +191,7 @@ def _exactness_lines(result: RequestResult) -> list[str]:
     for e in result.exactness:
         verdict = "**yes**" if e.ok else "**NO**"
         lines.append(
-            f"- {FAMILY_NAMES.get(e.family, e.family)}: `forget` deleted {e.forgotten_rows:,} rows; after "
+            f"- {_family(e.family)}: `forget` deleted {e.forgotten_rows:,} rows; after "
             f"compaction ({_seconds(e.compact_seconds)}) the memory equals the memory built from the retained "
             f"ids alone (fingerprint `{e.fingerprint[:16]}…`): {verdict}; predictions on the forget and test "
             f"sets identical to those from that memory: {'yes' if e.predictions_equal else 'NO'}; forgotten "
@@ -230,7 +234,7 @@ def verdict(result: RequestResult, row: MethodResult) -> str:
     up = speedup(row, result)
     if up is not None:
         parts.append(f"{_times(up)} faster than retraining")
-    return f"{FAMILY_NAMES.get(row.family, row.family)} on {result.request}: " + "; ".join(parts)
+    return f"{_family(row.family)} on {result.request}: " + "; ".join(parts)
 
 
 def verdicts(results: Sequence[RequestResult]) -> list[str]:
@@ -264,9 +268,7 @@ def explanations(result: RequestResult) -> list[str]:
                 if r.family in saw
                 else []
             )
-            lines.append(
-                f"{FAMILY_NAMES.get(r.family, r.family)} on {result.request}: " + " ".join(far + cause)
-            )
+            lines.append(f"{_family(r.family)} on {result.request}: " + " ".join(far + cause))
     return lines
 
 
@@ -277,7 +279,7 @@ def _headline(result: RequestResult) -> list[str]:
     for r in (r for r in result.rows if r.method == KMEM):
         oracle, up, floor = result.row(r.family, ORACLE).scores, speedup(r, result), _floor(result, r.family)
         lines.append(
-            f"{FAMILY_NAMES.get(r.family, r.family)}: Avg. Gap {_fmt(r.scores.avg_gap)}"
+            f"{_family(r.family)}: Avg. Gap {_fmt(r.scores.avg_gap)}"
             + (f" (best post-hoc: {best.method} {_fmt(best.scores.avg_gap)})" if best else "")
             + (f" (two oracles' seeds apart: {_fmt(floor.scores.avg_gap)})" if floor else "")
             + f"; MIA-Eff. {_fmt(r.scores.mia)} vs the oracle's {_fmt(oracle.mia)}"
