@@ -316,11 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--epochs", type=int, help="training epochs of every model (default: each family's)")
         cmd.add_argument("--seed", type=int, default=0)
         cmd.add_argument(
-            "--floor", action="store_true",
-            help="also retrain each oracle with the next seed: the gap between two equally valid oracles",
+            "--floor", action=argparse.BooleanOptionalAction, default=cmd is demo,
+            help="also retrain each oracle with the next seed: the gap between two equally valid oracles "
+            "(default: on for demo, whose verdicts need it; off for eval)",
         )  # fmt: skip
         cmd.add_argument("--out", default="kmem-report", help="report folder (default: ./kmem-report)")
-        cmd.add_argument("--no-progress", action="store_true", help="no progress bars")
+        cmd.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
     demo.set_defaults(func=_demo)
     evaluate.set_defaults(func=_eval)
     feats = sub.add_parser(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,20 @@ def test_cli_eval(tmp_path, capsys):
 def test_cli_rejects_bad_request(tmp_path):
     with pytest.raises(ValueError, match="must look like"):
         cli.main(["eval", "--model", "spm", "--request", "half", "--out", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    ("argv", "floor"),
+    [(["demo"], True), (["demo", "--no-floor"], False), (["eval", "--model", "spm"], False)],
+)
+def test_demo_computes_the_floor_by_default(monkeypatch, argv, floor):
+    """The demo's verdicts are judged against the floor: it is on unless --no-floor; eval's stays opt-in."""
+    asked = {}
+
+    def run(*args, **kwargs):
+        asked.update(kwargs)
+        return demo.DemoResult([], Path("report.md"), "")
+
+    monkeypatch.setattr(demo, "run", run)
+    assert cli.main(argv) == 0
+    assert asked["floor"] is floor

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -107,3 +109,23 @@ def test_setup_epochs_override_the_family_settings(digits):
     setup.epochs = 1
     model, _ = setup.train("baseline", train[:50])
     assert model.config["epochs"] == 1 and model.config["dropout"] == 0.3
+
+
+@pytest.mark.parametrize("progress", [None, False])
+def test_progress_lines_off_a_terminal(digits, capsys, progress):
+    train, test = digits
+    setup = Setup(num_classes=10, epochs=1, methods=("GA",), recipes={"GA": {"epochs": 1}}, progress=progress)
+    request = random_request(train.ids, 0.1, seed=0)
+    evaluate("digits", train, test, [request], setup, families=("baseline",))
+    lines = capsys.readouterr().err.splitlines()  # captured: not a terminal, so no bars
+    if progress is False:
+        assert lines == []
+        return
+    steps = [
+        "baseline: train on all 300 samples",
+        "random-10%: baseline: retrain",
+        "random-10%: baseline: GA",
+    ]
+    assert len(lines) == len(steps)
+    for i, (line, step) in enumerate(zip(lines, steps, strict=True), 1):
+        assert re.fullmatch(rf"\[{i}/3\] {re.escape(step)}.* \(\d+\.\d s\)", line), line

@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 from kmem.unlearn.metrics import Scores
-from kmem.unlearn.report import speedup, summary, table, write_report
-from kmem.unlearn.results import KMEM, ORACLE, ORIGINAL, Exactness, MethodResult, RequestResult
+from kmem.unlearn.report import explanations, speedup, summary, table, write_report
+from kmem.unlearn.results import KMEM, ORACLE, ORACLE_SEED, ORIGINAL, Exactness, MethodResult, RequestResult
+
+
+def s(ua, mia, seconds=None, gap=None):
+    return Scores(
+        ua=ua,
+        ra=99.0,
+        ta=90.0,
+        mia=mia,
+        mia_auc=51.0,
+        seconds=seconds,
+        avg_gap=gap,
+        hard_gap=gap,
+        soft_gap=gap,
+    )
 
 
 def _result() -> RequestResult:
-    def s(ua, mia, seconds=None, gap=None):
-        return Scores(
-            ua=ua,
-            ra=99.0,
-            ta=90.0,
-            mia=mia,
-            mia_auc=51.0,
-            seconds=seconds,
-            avg_gap=gap,
-            hard_gap=gap,
-            soft_gap=gap,
-        )
-
     return RequestResult(
         dataset="digits",
         request="random-10%",
@@ -77,3 +79,60 @@ def test_summary_says_whether_exact():
     assert "munkey: memory after forget == memory of the retained ids alone: yes" in text
     r.exactness[0] = Exactness("munkey", 144, False, 0, True, "00" * 32, 0.0, "the head")
     assert "retained ids alone: NO" in summary([r])
+
+
+def _with_floor(gap: float, ua: float = 9.0) -> RequestResult:
+    """The result with munkey's floor: the next seed's oracle, ``gap`` from the oracle."""
+    r = _result()
+    r.rows.insert(2, MethodResult("munkey", ORACLE_SEED, s(ua, 12.0, gap=gap)))
+    return r
+
+
+def test_verdict_forgot_opens_the_report(tmp_path):
+    text = write_report([_with_floor(0.2)], tmp_path, command="kmem demo", setup=["seed 0"]).read_text()
+    line = (
+        "- MUNKEY-style on random-10%: forgot -- Avg. Gap 0.40 to its oracle, within the floor's 0.20 + 0.3; "
+        "beats the best post-hoc baseline (FT, 3.25); 20,000x faster than retraining"
+    )
+    assert line in text
+    # Right after the title and the reproduce line, before the set-up and the tables.
+    assert text.index("Reproduce with") < text.index("## Verdict") < text.index(line) < text.index("- seed 0")
+    assert "Avg. Gap + 0.3" in text and "evidence about the memory, not a verdict on forgetting" in text
+    assert summary([_with_floor(0.2)]).splitlines()[1] == "  " + line[2:]
+
+
+def test_verdict_did_not_forget():
+    r = _with_floor(0.05)
+    r.rows[-2] = MethodResult("baseline", "FT", s(3.0, 5.0, seconds=1.5, gap=0.3))
+    first = summary([r]).splitlines()[1]
+    assert first.startswith(
+        "  MUNKEY-style on random-10%: did not forget -- Avg. Gap 0.40 to its oracle, above"
+    )
+    assert "does not beat the best post-hoc baseline (FT, 0.30)" in first
+
+
+def test_verdict_without_floor_cannot_judge(tmp_path):
+    text = write_report([_result()], tmp_path).read_text()
+    assert "MUNKEY-style on random-10%: cannot judge -- no floor was computed (rerun with --floor)" in text
+    assert "forgot --" not in text and "did not forget" not in text
+
+
+def test_far_metric_explained_under_its_table(tmp_path):
+    r = _with_floor(0.2)
+    kmem = r.row("munkey", KMEM)
+    r.rows[r.rows.index(kmem)] = replace(kmem, scores=replace(kmem.scores, ua=2.0))
+    (line,) = explanations(r)
+    assert line == (
+        "MUNKEY-style on random-10%: UA 2.00 against the oracle's 9.00 -- the forgotten samples are still "
+        "classified right more often than by a model that never saw them: they are still recognised. "
+        "Deleting the rows leaves the trained weights as they were: the classifier head."
+    )
+    text = write_report([r], tmp_path).read_text()
+    assert (
+        text.index("| MUNKEY-style | kmem forget |")
+        < text.index(line)
+        < text.index("Exactness of the memory")
+    )
+    # 7 points off, but two oracles are 3 apart on UA: within 3x the floor's, not far.
+    r.rows[2] = MethodResult("munkey", ORACLE_SEED, s(6.0, 12.0, gap=0.2))
+    assert explanations(r) == []

@@ -11,12 +11,13 @@ Every method is scored against its own family's oracle (:mod:`kmem.unlearn.metri
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from tqdm.auto import tqdm
@@ -53,7 +54,8 @@ class Setup:
         mia_draws: draws of the MIA's members averaged (see
             :func:`~kmem.unlearn.metrics.mia_efficacy`); they differ only where more
             retained samples are scored than there are test samples.
-        progress: progress bars (None: when stderr is a terminal).
+        progress: progress bars (None: when stderr is a terminal; when it is not, one plain
+            line per finished step there instead, so a log shows how far the run is).
     """
 
     num_classes: int
@@ -287,7 +289,7 @@ def evaluate(
         tempfile.TemporaryDirectory(prefix="kmem-eval-") as tmp,
         tqdm(total=total, desc="evaluation", unit="step", disable=_no_bar(setup.progress)) as bar,
     ):
-        step = _stepper(bar)
+        step = _stepper(bar, _lines(setup.progress))
         for family in families:
             step(f"{family}: train on all {len(train):,} samples")
             originals[family], _ = setup.train(family, train)
@@ -307,12 +309,13 @@ def evaluate(
                 )
             folder = Path(tmp) / request.name
             folder.mkdir()
+            within = _named(step, request.name)
             for family in families:
                 if family == "baseline":
-                    rows, seconds = _baseline(originals[family], sets, request, setup, step, result.notes)
+                    rows, seconds = _baseline(originals[family], sets, request, setup, within, result.notes)
                 else:
                     rows, seconds, exact = _memory_family(
-                        family, originals[family], sets, request, setup, folder, step
+                        family, originals[family], sets, request, setup, folder, within
                     )
                     result.exactness.append(exact)
                 result.rows += rows
@@ -326,14 +329,32 @@ def _no_bar(progress: bool | None) -> bool | None:
     return None if progress is None else not progress  # tqdm: None = off unless a terminal
 
 
-def _stepper(bar: tqdm) -> Callable[[str], None]:
-    """Advance ``bar`` by one step, showing what runs next."""
-    started = [False]
+def _lines(progress: bool | None) -> TextIO | None:
+    """stderr when progress was left to the default and stderr is not a terminal: tqdm's bar
+    is off there, and a log must not go silent for minutes."""
+    return sys.stderr if progress is None and not sys.stderr.isatty() else None
+
+
+def _stepper(bar: tqdm, lines: TextIO | None) -> Callable[[str], None]:
+    """Advance ``bar`` by one step, showing what runs next; to ``lines`` (if given), write one
+    line per finished step with its wall time, flushed."""
+    done, running, started = 0, None, 0.0
 
     def step(what: str) -> None:
-        if started[0]:
+        nonlocal done, running, started
+        now = time.perf_counter()
+        if running is not None:
             bar.update()
-        started[0] = True
+            done += 1
+            if lines is not None:
+                count = f"{done:>{len(str(bar.total))}}/{bar.total}"
+                print(f"[{count}] {running} ({now - started:.1f} s)", file=lines, flush=True)
+        running, started = what, now
         bar.set_postfix_str(what)
 
     return step
+
+
+def _named(step: Callable[[str], None], request: str) -> Callable[[str], None]:
+    """``step`` with each step's name led by the request it works on."""
+    return lambda what: step(f"{request}: {what}")

@@ -1,6 +1,7 @@
 """The evaluation report: a Markdown file with the metrics tables, PNG plots and the raw JSON.
 
-``write_report`` writes, into one folder, ``report.md`` (a table per forget request, the
+``write_report`` writes, into one folder, ``report.md`` (a verdict per memory family and
+request, a table per request with the metrics far from the oracle explained, the
 exactness evidence and what is not guaranteed), ``results.json`` and per request
 ``<request>-time.png`` (forgetting time vs retraining, log scale) and
 ``<request>-accuracy.png`` (UA, RA, TA and MIA-Efficacy per method).
@@ -14,9 +15,56 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from .metrics import GAP_METRICS
 from .results import KMEM, ORACLE, ORACLE_SEED, REFERENCES, MethodResult, RequestResult
 
 FAMILY_NAMES = {"munkey": "MUNKEY-style", "spm": "SPM-style", "baseline": "baseline (parametric)"}
+METRIC_NAMES = {"ua": "UA", "ra": "RA", "ta": "TA", "mia": "MIA-Eff."}
+
+# A memory family forgot a request when its `kmem forget` Avg. Gap to the oracle is at
+# most the floor's (two equally valid oracles, seeds apart) plus this many points.
+FORGOT_MARGIN = 0.3
+CRITERION = (
+    f'A memory family forgot a request when its "{KMEM}" row\'s Avg. Gap to its oracle is at most '
+    f"the floor's Avg. Gap + {FORGOT_MARGIN} (the floor, \"{ORACLE_SEED}\", is the oracle's recipe retrained "
+    "with the next seed and scored against the oracle: how far apart two equally valid oracles are)."
+)
+# A `kmem forget` metric is explained under its table when it is further from the
+# oracle's than FAR_POINTS and than FAR_FLOOR_TIMES the floor's distance on that metric.
+FAR_POINTS = 5.0
+FAR_FLOOR_TIMES = 3.0
+# What a metric of `kmem forget` below (-1) or above (+1) the oracle's means.
+MEANINGS = {
+    ("ua", -1): (
+        "the forgotten samples are still classified right more often than by a model that never saw them: "
+        "they are still recognised"
+    ),
+    ("ua", 1): (
+        "the forgotten samples are misclassified more often than by a model that never saw them: "
+        "deleting their rows took more than never training on them"
+    ),
+    ("ra", -1): (
+        "the retained samples are classified worse than by the oracle: forgetting cost what it should keep"
+    ),
+    ("ra", 1): "the retained samples are classified better than by the oracle",
+    ("ta", -1): "unseen test samples are classified worse than by the oracle: forgetting cost accuracy",
+    ("ta", 1): (
+        "unseen test samples are classified better than by the oracle: the model still knows what only "
+        "the forgotten samples taught"
+    ),
+    ("mia", -1): (
+        "fewer forgotten samples pass for non-members than with the oracle: they still look like training samples"
+    ),
+    ("mia", 1): (
+        "more forgotten samples pass for non-members than with the oracle: they look less familiar than "
+        "unseen samples, which marks them out too"
+    ),
+}
+EXACTNESS_IS_NOT_A_VERDICT = (
+    "The exactness checks under each table (the memory after `forget` equals the memory built from the "
+    "retained samples alone) are evidence about the memory, not a verdict on forgetting: the trained "
+    "weights saw the forgotten samples, and only the gaps to the oracle measure what they kept."
+)
 
 NOT_GUARANTEED = """\
 **What forgetting guarantees here, and what it does not.** For the memory models
@@ -30,6 +78,10 @@ change every weight approximately and guarantee nothing exact; the oracle is the
 reference all methods are compared with. Copies made outside the model (checkpoints,
 logs, predictions computed before the deletion) are out of scope (see the README's
 "What deletion guarantees")."""
+
+
+def _family(family: str) -> str:
+    return FAMILY_NAMES.get(family, family)
 
 
 def _slug(text: str) -> str:
@@ -72,7 +124,7 @@ def table(result: RequestResult) -> str:
         s, up = r.scores, speedup(r, result)
         time = result.retrain_seconds.get(r.family) if r.method == ORACLE else s.seconds
         lines.append(
-            f"| {FAMILY_NAMES.get(r.family, r.family)} | {r.method} | {_fmt(s.ua)} | {_fmt(s.ra)} | {_fmt(s.ta)} "
+            f"| {_family(r.family)} | {r.method} | {_fmt(s.ua)} | {_fmt(s.ra)} | {_fmt(s.ta)} "
             f"| {_fmt(s.mia)} | {_fmt(s.mia_auc)} | {_fmt(s.avg_gap)} | {_fmt(s.hard_gap)} | {_fmt(s.soft_gap, 4)} "
             f"| {_seconds(time)} | {_times(up)} |"
         )
@@ -139,7 +191,7 @@ def _exactness_lines(result: RequestResult) -> list[str]:
     for e in result.exactness:
         verdict = "**yes**" if e.ok else "**NO**"
         lines.append(
-            f"- {FAMILY_NAMES.get(e.family, e.family)}: `forget` deleted {e.forgotten_rows:,} rows; after "
+            f"- {_family(e.family)}: `forget` deleted {e.forgotten_rows:,} rows; after "
             f"compaction ({_seconds(e.compact_seconds)}) the memory equals the memory built from the retained "
             f"ids alone (fingerprint `{e.fingerprint[:16]}…`): {verdict}; predictions on the forget and test "
             f"sets identical to those from that memory: {'yes' if e.predictions_equal else 'NO'}; forgotten "
@@ -148,35 +200,107 @@ def _exactness_lines(result: RequestResult) -> list[str]:
     return lines
 
 
+def _floor(result: RequestResult, family: str) -> MethodResult | None:
+    """The family's floor row (``ORACLE_SEED``), when it was computed."""
+    return next((r for r in result.rows if (r.family, r.method) == (family, ORACLE_SEED)), None)
+
+
+def _best_posthoc(result: RequestResult) -> MethodResult | None:
+    """The post-hoc baseline method with the smallest Avg. Gap, when the baseline ran."""
+    posthoc = [r for r in result.rows if r.family == "baseline" and r.method not in REFERENCES]
+    return min(posthoc, key=lambda r: r.scores.avg_gap or math.inf, default=None)
+
+
+def forgot(row: MethodResult, floor: MethodResult) -> bool:
+    """Whether ``row``'s Avg. Gap is within the floor's plus ``FORGOT_MARGIN``."""
+    return row.scores.avg_gap <= floor.scores.avg_gap + FORGOT_MARGIN
+
+
+def verdict(result: RequestResult, row: MethodResult) -> str:
+    """One plain line: did the memory family of ``row`` (its ``kmem forget`` row) forget?"""
+    gap, floor = _fmt(row.scores.avg_gap), _floor(result, row.family)
+    if floor is None:
+        parts = [f"cannot judge -- no floor was computed (rerun with --floor); Avg. Gap {gap} to its oracle"]
+    else:
+        met = forgot(row, floor)
+        parts = [
+            f"{'forgot' if met else 'did not forget'} -- Avg. Gap {gap} to its oracle, "
+            f"{'within' if met else 'above'} the floor's {_fmt(floor.scores.avg_gap)} + {FORGOT_MARGIN}"
+        ]
+    best = _best_posthoc(result)
+    if best is not None:
+        beats = "beats" if row.scores.avg_gap < best.scores.avg_gap else "does not beat"
+        parts.append(f"{beats} the best post-hoc baseline ({best.method}, {_fmt(best.scores.avg_gap)})")
+    up = speedup(row, result)
+    if up is not None:
+        parts.append(f"{_times(up)} faster than retraining")
+    return f"{_family(row.family)} on {result.request}: " + "; ".join(parts)
+
+
+def verdicts(results: Sequence[RequestResult]) -> list[str]:
+    """The verdict of every memory family on every request."""
+    return [verdict(result, r) for result in results for r in result.rows if r.method == KMEM]
+
+
+def _far(row: MethodResult, oracle: MethodResult, floor: MethodResult | None) -> list[str]:
+    """The metrics of ``row`` far from the oracle's, each as a sentence of what it means."""
+    sentences = []
+    for metric in GAP_METRICS:
+        value, truth = getattr(row.scores, metric), getattr(oracle.scores, metric)
+        spread = 0.0 if floor is None else abs(getattr(floor.scores, metric) - truth)
+        if abs(value - truth) > max(FAR_POINTS, FAR_FLOOR_TIMES * spread):
+            meaning = MEANINGS[metric, 1 if value > truth else -1]
+            sentences.append(
+                f"{METRIC_NAMES[metric]} {_fmt(value)} against the oracle's {_fmt(truth)} -- {meaning}."
+            )
+    return sentences
+
+
+def explanations(result: RequestResult) -> list[str]:
+    """Per memory family with a ``kmem forget`` metric far from its oracle's, what it means."""
+    saw = {e.family: e.weights_that_saw for e in result.exactness}
+    lines = []
+    for r in (r for r in result.rows if r.method == KMEM):
+        far = _far(r, result.row(r.family, ORACLE), _floor(result, r.family))
+        if far:
+            cause = (
+                [f"Deleting the rows leaves the trained weights as they were: {saw[r.family]}."]
+                if r.family in saw
+                else []
+            )
+            lines.append(f"{_family(r.family)} on {result.request}: " + " ".join(far + cause))
+    return lines
+
+
 def _headline(result: RequestResult) -> list[str]:
     """One line per memory family: its Avg. Gap against the best post-hoc baseline's, and the speed-up."""
-    posthoc = [r for r in result.rows if r.family == "baseline" and r.method not in REFERENCES]
-    best = min(posthoc, key=lambda r: r.scores.avg_gap or math.inf, default=None)
+    best = _best_posthoc(result)
     lines = []
-    floors = {r.family: r.scores.avg_gap for r in result.rows if r.method == ORACLE_SEED}
     for r in (r for r in result.rows if r.method == KMEM):
-        oracle, up = result.row(r.family, ORACLE).scores, speedup(r, result)
+        oracle, up, floor = result.row(r.family, ORACLE).scores, speedup(r, result), _floor(result, r.family)
         lines.append(
-            f"{FAMILY_NAMES.get(r.family, r.family)}: Avg. Gap {_fmt(r.scores.avg_gap)}"
+            f"{_family(r.family)}: Avg. Gap {_fmt(r.scores.avg_gap)}"
             + (f" (best post-hoc: {best.method} {_fmt(best.scores.avg_gap)})" if best else "")
-            + (f" (two oracles' seeds apart: {_fmt(floors[r.family])})" if r.family in floors else "")
+            + (f" (two oracles' seeds apart: {_fmt(floor.scores.avg_gap)})" if floor else "")
             + f"; MIA-Eff. {_fmt(r.scores.mia)} vs the oracle's {_fmt(oracle.mia)}"
-            + f"; forgot in {_seconds(r.scores.seconds)}"
+            + f"; `forget` ran in {_seconds(r.scores.seconds)}"
             + ("" if up is None else f", {_times(up)} faster than retraining")
         )
     return lines
 
 
 def summary(results: Sequence[RequestResult]) -> str:
-    """A few lines per request: what the report's tables say, for the terminal."""
-    out = []
+    """The verdicts, then a few lines per request: what the report's tables say, for the terminal."""
+    judged = verdicts(results)
+    out = [f"Verdict. {CRITERION}", *(f"  {line}" for line in judged)] if judged else []
     for result in results:
         out.append(
             f"{result.dataset}, {result.request} ({result.forgotten:,} forgotten, {result.retained:,} kept):"
         )
         out += [f"  {line}" for line in _headline(result)]
         out += [
-            f"  {e.family}: memory after forget == memory of the retained ids alone: {'yes' if e.ok else 'NO'}"
+            f"  {e.family}: memory after forget == memory of the retained ids alone: {'yes' if e.ok else 'NO'} "
+            "(evidence about the memory, not a verdict on forgetting)"
             for e in result.exactness
         ]
     return "\n".join(out)
@@ -200,6 +324,18 @@ def write_report(
     md = [f"# {title}", ""]
     if command:
         md += [f"Reproduce with: `{command}`", ""]
+    judged = verdicts(results)
+    if judged:
+        md += [
+            "## Verdict",
+            "",
+            CRITERION,
+            "",
+            *(f"- {line}" for line in judged),
+            "",
+            EXACTNESS_IS_NOT_A_VERDICT,
+            "",
+        ]
     md += [f"- {line}" for line in setup] + ([""] if setup else [])
     md += [
         "UA = 100 - forget accuracy, RA = retain accuracy, TA = test accuracy, MIA-Eff. = % of forget samples "
@@ -217,6 +353,12 @@ def write_report(
             "apart two equally valid oracles are; a method's gap below it is as close as retraining gets.",
             "",
         ]
+    md += [
+        f"Far from the oracle (explained under a table): a `{KMEM}` metric among UA, RA, TA and MIA-Eff. more "
+        f"than max({FAR_POINTS:g} points, {FAR_FLOOR_TIMES:g}x the floor's distance to the oracle on that "
+        "metric) from the oracle's.",
+        "",
+    ]
     for result in results:
         slug = _slug(f"{result.dataset}-{result.request}")
         _plot_times(result, out / f"{slug}-time.png")
@@ -232,8 +374,16 @@ def write_report(
             *_headline(result),
             "",
         ]
+        far = explanations(result)
+        if far:
+            md += ["**Far from the oracle:**", "", *(f"- {line}" for line in far), ""]
         if result.exactness:
-            md += ["**Exactness of the memory models' forgetting:**", "", *_exactness_lines(result), ""]
+            md += [
+                "**Exactness of the memory (evidence about the memory, not a verdict on forgetting):**",
+                "",
+                *_exactness_lines(result),
+                "",
+            ]
         md += [f"_{note}_" for note in result.notes] + ([""] if result.notes else [])
         md += [
             f"![forgetting time vs retraining]({slug}-time.png)",
