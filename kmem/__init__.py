@@ -6,6 +6,8 @@ Public API:
   ``attend``, ``save``/``load``; safe to share between threads.
 * :class:`Ledger` -- a tamper-evident SQLite record of every deletion (:class:`Receipt`).
 * :class:`KeyMemoryAttention` -- an ``nn.Module`` that attends over a memory.
+* :class:`MemoryEditedError` -- raised by a backward whose forward read a memory that
+  changed since.
 * :class:`ShardedKeyMemory` (:mod:`kmem.distributed`) -- a memory split over the ranks
   of a ``torch.distributed`` process group, with exact global top-k.
 * :mod:`kmem.ops` -- the functional ops and their backends.
@@ -35,6 +37,7 @@ _HOMES = {
     "KeyEncoder": "encoder",
     "KeyMemory": "memory",
     "KeyMemoryAttention": "layers",
+    "MemoryEditedError": "memory",
     "Ledger": "ledger",
     "Receipt": "ledger",
     "ShardedKeyMemory": "distributed",

@@ -15,7 +15,6 @@ from conftest import filled_memory
 from torch.optim.swa_utils import AveragedModel
 
 import kmem
-from kmem.memory import MemoryEditedError
 from kmem.models.exemplars import ExemplarTokens
 
 CPU_BACKENDS = ["reference", "cpp", "triton"]  # triton runs under its interpreter here
@@ -127,17 +126,17 @@ def test_backward_after_delete_raises_the_same_on_every_backend(backend, k):
     q = torch.randn(3, 8, requires_grad=True)
     out = mem.attend(q, k=k)
     mem.delete([int(mem.search(q.detach(), 1)[1][0, 0])])
-    with pytest.raises(MemoryEditedError, match="backward"):
+    with pytest.raises(kmem.MemoryEditedError, match="backward"):
         out.sum().backward()
     # A compaction moves rows: the same.
     out = mem.attend(q, k=k)
     mem.compact()
-    with pytest.raises(MemoryEditedError):
+    with pytest.raises(kmem.MemoryEditedError):
         out.sum().backward()
     # Adding rows writes into the buffers the forward read: the same.
     out = mem.attend(q, k=k)
     mem.add(torch.tensor([100]), torch.randn(1, 8), torch.randn(1, 3))
-    with pytest.raises(MemoryEditedError):
+    with pytest.raises(kmem.MemoryEditedError):
         out.sum().backward()
     # Reads change nothing: backward runs.
     out = mem.attend(q, k=k)
@@ -165,7 +164,7 @@ def test_compile_fullgraph_layer_matches_eager_forward_and_backward(backend, k):
     # The graph reads the memory live, and its backward checks for deletions too.
     out = compiled(x)
     layer.forget([0, 1, 2])
-    with pytest.raises(MemoryEditedError):
+    with pytest.raises(kmem.MemoryEditedError):
         out.sum().backward()
     torch.testing.assert_close(compiled(x), layer(x))
 
