@@ -9,7 +9,7 @@ import torch
 
 import kmem
 from kmem.models import samples
-from kmem.unlearn import random_request
+from kmem.unlearn import random_request, stream_request
 from kmem.unlearn.evaluate import Setup, evaluate, weights_that_saw
 from kmem.unlearn.results import KMEM, ORACLE, ORIGINAL
 
@@ -129,3 +129,18 @@ def test_progress_lines_off_a_terminal(digits, capsys, progress):
     assert len(lines) == len(steps)
     for i, (line, step) in enumerate(zip(lines, steps, strict=True), 1):
         assert re.fullmatch(rf"\[{i}/3\] {re.escape(step)}.* \(\d+\.\d s\)", line), line
+
+
+def test_a_stream_of_requests_is_forgotten_in_order_exactly(digits):
+    train, test = digits
+    setup = Setup(num_classes=10, epochs=1, methods=("FT",), recipes={"FT": {"epochs": 1}}, progress=False)
+    stream = stream_request(train.ids, steps=3, fraction=0.02, seed=1)
+    (r,) = evaluate("digits", train, test, [stream], setup, families=("munkey", "spm", "baseline"))
+    assert (r.forgotten, r.retained) == (18, 282)
+    for family in ("munkey", "spm"):
+        assert len(r.step_seconds[family]) == 3 and all(t > 0 for t in r.step_seconds[family])
+        assert r.row(family, KMEM).scores.seconds == pytest.approx(sum(r.step_seconds[family]))
+        note = next(n for n in r.notes if n.startswith(f"{family}: 3 requests"))
+        assert "3 ledger receipts, chain intact" in note and "after every request: yes" in note
+    assert all(e.ok and e.forgotten_rows == 18 for e in r.exactness)
+    assert r.row("baseline", "FT").scores.seconds > 0

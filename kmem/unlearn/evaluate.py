@@ -22,6 +22,8 @@ from typing import Any, TextIO
 import torch
 from tqdm.auto import tqdm
 
+from ..ledger import Ledger
+from ..memory import KeyMemory
 from ..models import load_checkpoint, predict_proba, save_checkpoint
 from ..models import train as train_model
 from ..models.base import Classifier
@@ -93,6 +95,11 @@ class _Sets:
     forget: Samples
     test: Samples
     retain_eval: Samples  # the retained samples that are scored
+    train: Samples  # the whole training set
+
+    def retain_after(self, forgotten: torch.Tensor) -> Samples:
+        """The training samples left once ``forgotten`` (int64 ids) are gone."""
+        return self.train[~torch.isin(self.train.ids, forgotten)]
 
     @classmethod
     def split(cls, train: Samples, test: Samples, request: ForgetRequest, setup: Setup) -> _Sets:
@@ -107,7 +114,7 @@ class _Sets:
         if setup.max_retain is not None and len(retain) > setup.max_retain:
             pick = torch.randperm(len(retain), generator=torch.Generator().manual_seed(setup.seed))
             scored = retain[torch.sort(pick[: setup.max_retain]).values]
-        return cls(retain, train[gone], test, scored)
+        return cls(retain, train[gone], test, scored, train)
 
     def predict(self, model: Classifier, notes: list[str] | None = None, label: str = "") -> Predictions:
         """Probabilities on the three sets; rows that are not finite (a diverged method) are
@@ -196,15 +203,40 @@ def _copy(model: Classifier, folder: Path) -> Classifier:
 
 
 def _memory_family(
-    family: str, original: Classifier, sets: _Sets, request: ForgetRequest, setup: Setup, folder: Path, step
-) -> tuple[list[MethodResult], float, Exactness]:
+    family: str,
+    original: Classifier,
+    sets: _Sets,
+    request: ForgetRequest,
+    setup: Setup,
+    folder: Path,
+    step,
+    notes: list[str],
+) -> tuple[list[MethodResult], float, Exactness, list[float]]:
     against, oracles, retrain_seconds = _oracle(family, sets, setup, step)
 
     step(f"{family}: forget {len(request):,} samples by deleting their rows")
     model = _copy(original, folder)
-    start = time.perf_counter()
-    deleted = model.forget(request.ids)
-    seconds = time.perf_counter() - start
+    if request.steps:  # a stream: each request is a deletion with its own receipt
+        model.memories()[0].ledger = Ledger(folder / f"{family}-ledger.db")
+    seconds, deleted, steps_exact = [], 0, True
+    forgotten = torch.empty(0, dtype=torch.int64)
+    for ids in request.steps or (request.ids,):
+        start = time.perf_counter()
+        deleted += model.forget(ids)
+        seconds.append(time.perf_counter() - start)
+        forgotten = torch.cat([forgotten, ids])
+        if request.steps:  # exact after every request, not only after the last
+            steps_exact &= _memories_equal(model.memories(), model.memory_for(sets.retain_after(forgotten)))
+    if request.steps:
+        ledger = model.memories()[0].ledger
+        check = ledger.verify()
+        notes.append(
+            f"{family}: {len(request.steps)} requests one after another, "
+            f"{len(ledger.receipts())} ledger receipts, chain {'intact' if check.ok else 'BROKEN'}; forget "
+            f"time per request: {', '.join(f'{1e3 * t:.2f}' for t in seconds)} ms; memory equal to the "
+            f"retained samples' after every request: {'yes' if steps_exact else 'NO'}."
+        )
+        ledger.close()
     start = time.perf_counter()
     for mem in model.memories():
         mem.compact()
@@ -219,8 +251,7 @@ def _memory_family(
     exact = Exactness(
         family=family,
         forgotten_rows=deleted,
-        fingerprints_equal=len(held) == len(rebuilt)
-        and all(a.fingerprint() == b.fingerprint() for a, b in zip(held, rebuilt, strict=True)),
+        fingerprints_equal=steps_exact and _memories_equal(held, rebuilt),
         forgotten_ids_left=sum(int(torch.isin(m.ids(), request.ids).sum()) for m in held),
         predictions_equal=same_predictions,
         fingerprint=held[0].fingerprint() if held else "",
@@ -232,9 +263,16 @@ def _memory_family(
     rows = [
         MethodResult(family, ORIGINAL, against(sets.predict(original))),
         *oracles,
-        MethodResult(family, KMEM, against(sets.predict(model), seconds)),
+        MethodResult(family, KMEM, against(sets.predict(model), sum(seconds))),
     ]
-    return rows, retrain_seconds, exact
+    return rows, retrain_seconds, exact, seconds
+
+
+def _memories_equal(held: Sequence[KeyMemory], rebuilt: Sequence[KeyMemory]) -> bool:
+    """Fingerprint for fingerprint, the memories equal those rebuilt from the retained samples."""
+    return len(held) == len(rebuilt) and all(
+        a.fingerprint() == b.fingerprint() for a, b in zip(held, rebuilt, strict=True)
+    )
 
 
 def _baseline(
@@ -244,19 +282,23 @@ def _baseline(
     rows = [MethodResult("baseline", ORIGINAL, against(sets.predict(original))), *oracles]
     for method in setup.methods:
         step(f"baseline: {method}")
-        out = posthoc.unlearn(
-            method,
-            original,
-            sets.retain,
-            sets.forget,
-            num_classes=setup.num_classes,
-            seed=setup.seed,
-            progress=setup.progress,
-            **setup.recipes.get(method, {}),
-        )
+        model, seconds, forgotten = original, 0.0, torch.empty(0, dtype=torch.int64)
+        for ids in request.steps or (request.ids,):  # a stream: the method once per request, in order
+            forgotten = torch.cat([forgotten, ids])
+            out = posthoc.unlearn(
+                method,
+                model,
+                sets.retain_after(forgotten),
+                sets.train[torch.isin(sets.train.ids, ids)],
+                num_classes=setup.num_classes,
+                seed=setup.seed,
+                progress=setup.progress,
+                **setup.recipes.get(method, {}),
+            )
+            model, seconds = out.model, seconds + out.seconds
         rows.append(
             MethodResult(
-                "baseline", method, against(sets.predict(out.model, notes, f"baseline {method}"), out.seconds)
+                "baseline", method, against(sets.predict(model, notes, f"baseline {method}"), seconds)
             )
         )
     return rows, retrain_seconds
@@ -314,10 +356,12 @@ def evaluate(
                 if family == "baseline":
                     rows, seconds = _baseline(originals[family], sets, request, setup, within, result.notes)
                 else:
-                    rows, seconds, exact = _memory_family(
-                        family, originals[family], sets, request, setup, folder, within
+                    rows, seconds, exact, forget_seconds = _memory_family(
+                        family, originals[family], sets, request, setup, folder, within, result.notes
                     )
                     result.exactness.append(exact)
+                    if request.steps:
+                        result.step_seconds[family] = forget_seconds
                 result.rows += rows
                 result.retrain_seconds[family] = seconds
             results.append(result)

@@ -33,7 +33,8 @@ class Exactness:
         forgotten_rows: rows ``forget`` deleted.
         fingerprints_equal: after ``forget`` and ``compact``, every memory's fingerprint
             (SHA-256 of its settings and live ids, keys, values) equals that of the memory
-            the same model builds from the retained samples alone (``memory_for``).
+            the same model builds from the retained samples alone (``memory_for``); for a
+            stream request, after every one of its requests too.
         forgotten_ids_left: forgotten ids still in any memory (must be 0).
         predictions_equal: the model's predictions on the forget and test sets equal, bit
             for bit, those of the same weights reading the memory of the retained samples.
@@ -68,6 +69,8 @@ class RequestResult:
     test: int
     rows: list[MethodResult] = field(default_factory=list)
     retrain_seconds: dict[str, float] = field(default_factory=dict)  # by family
+    # A stream request: each memory family's forget time per request, in order.
+    step_seconds: dict[str, list[float]] = field(default_factory=dict)
     exactness: list[Exactness] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
