@@ -17,18 +17,24 @@ from .choices import DATASETS, METHODS, MODELS
 def _evaluate(args: argparse.Namespace, families: list[str]) -> int:
     from . import demo
 
-    result = demo.run(
-        args.data,
-        quick=args.quick,
-        out=args.out,
-        families=families,
-        requests=args.request,
-        methods=args.methods,
-        seed=args.seed,
-        epochs=args.epochs,
-        floor=args.floor,
-        progress=False if args.no_progress else None,
-    )
+    seeds = args.seeds if args.seeds is not None else 1 if args.quick or args.command == "demo" else 3
+    try:
+        result = demo.run(
+            args.data,
+            quick=args.quick,
+            out=args.out,
+            families=families,
+            requests=args.request,
+            methods=args.methods,
+            seed=args.seed,
+            seeds=seeds,
+            epochs=args.epochs,
+            floor=args.floor,
+            progress=False if args.no_progress else None,
+        )
+    except ValueError as err:  # a bad request or seed count: checked before anything runs or is written
+        print(f"kmem: error: {err}", file=sys.stderr)
+        return 2
     print(result.summary)
     print(f"report: {result.report}")
     return 0 if result.exact else 1
@@ -314,10 +320,15 @@ def main(argv: list[str] | None = None) -> int:
             "--methods", nargs="+", default=list(METHODS), choices=METHODS, help="post-hoc methods"
         )
         cmd.add_argument("--epochs", type=int, help="training epochs of every model (default: each family's)")
-        cmd.add_argument("--seed", type=int, default=0)
+        cmd.add_argument("--seed", type=int, default=0, help="the first evaluation seed (default 0)")
+        cmd.add_argument(
+            "--seeds", type=int,
+            help="independent seeds, each with its own requests, models and oracles; the report gives "
+            "means with 95%% intervals (default: 3 for eval, 1 for demo and --quick)",
+        )  # fmt: skip
         cmd.add_argument(
             "--floor", action=argparse.BooleanOptionalAction, default=cmd is demo,
-            help="also retrain each oracle with the next seed: the gap between two equally valid oracles "
+            help="also retrain each oracle with another seed: the gap between two equally valid oracles "
             "(default: on for demo, whose verdicts need it; off for eval)",
         )  # fmt: skip
         cmd.add_argument("--out", default="kmem-report", help="report folder (default: ./kmem-report)")

@@ -13,14 +13,15 @@ from __future__ import annotations
 import shlex
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .data import load_dataset
 from .models.samples import Samples, samples
 from .unlearn import posthoc
-from .unlearn.evaluate import MEMORY_FAMILIES, Setup, evaluate
+from .unlearn.evaluate import MEMORY_FAMILIES, ORACLE_SEED_OFFSET, Setup, evaluate
+from .unlearn.protocol import evaluation_seeds
 from .unlearn.report import summary, write_report
 from .unlearn.requests import parse_request
 from .unlearn.results import RequestResult
@@ -70,6 +71,7 @@ def run(
     requests: Sequence[str] | None = None,
     methods: Sequence[str] = posthoc.METHODS,
     seed: int = 0,
+    seeds: int = 1,
     epochs: int | None = None,
     limit: int | None = None,
     floor: bool = False,
@@ -79,17 +81,23 @@ def run(
     """Evaluate forgetting on dataset ``data`` and write the report into ``out``.
 
     ``requests`` are spelled as on the command line (``"10%"``, ``"random:0.01"``,
-    ``"class:3"``; default: the mode's). ``epochs`` overrides the mode's training epochs;
+    ``"class:3"``, ``"stream:10x1%"``; default: the mode's). ``seeds`` independent runs
+    (seeds ``seed .. seed + seeds - 1``) each draw their own requests, initialisations,
+    models, oracles and post-hoc runs; the report gives means with 95% intervals. ``epochs`` overrides the mode's training epochs;
     ``limit`` keeps only the first ``limit`` training samples (for tests); ``floor`` adds
-    each oracle retrained with the next seed, scored against the oracle. ``command`` is
+    each oracle retrained with another seed, scored against the oracle. ``command`` is
     the command line printed in the report (default: this process's).
     """
     mode = QUICK if quick else FULL
+    runs = evaluation_seeds(seeds, first=seed)
     dataset = load_dataset(data)
     train, test = samples(dataset.train), samples(dataset.test)
     if limit is not None:
         train = train[:limit]
-    asked = [parse_request(spec, train.ids, train.labels, seed) for spec in (requests or mode.requests)]
+    specs = requests or mode.requests
+    asked = {
+        s: [parse_request(spec, train.ids, train.labels, s) for spec in specs] for s in runs
+    }  # checked first
     setup = Setup(
         num_classes=dataset.num_classes,
         seed=seed,
@@ -101,8 +109,10 @@ def run(
         floor=floor,
         progress=progress,
     )
-    results = evaluate(data, train, test, asked, setup, families)
-    lines = _setup_lines(data, train, test, setup, families, mode)
+    results = [
+        r for s in runs for r in evaluate(data, train, test, asked[s], replace(setup, seed=s), families)
+    ]
+    lines = _setup_lines(data, train, test, setup, families, mode, runs)
     shown = command or "kmem " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = write_report(
         results, out, title=f"kmem: proof of forgetting on {data}", command=shown, setup=lines
@@ -111,7 +121,13 @@ def run(
 
 
 def _setup_lines(
-    data: str, train: Samples, test: Samples, setup: Setup, families: Sequence[str], mode: Mode
+    data: str,
+    train: Samples,
+    test: Samples,
+    setup: Setup,
+    families: Sequence[str],
+    mode: Mode,
+    runs: Sequence[int],
 ) -> list[str]:
     epochs = "each family's default epochs" if setup.epochs is None else f"{setup.epochs} training epoch(s)"
     if setup.epochs is None and setup.configs:
@@ -119,7 +135,7 @@ def _setup_lines(
     lines = [
         f"data: {data}, {len(train):,} training and {len(test):,} test samples, frozen EfficientNet-Lite0 "
         f"features ({train.inputs.shape[1]}-d)",
-        f"models: {', '.join(families)}; {epochs}; seed {setup.seed} (the oracle: same recipe and seed)",
+        f"models: {', '.join(families)}; {epochs}; {_seeds_line(runs)}",
     ]
     if "baseline" in families:
         each = f" ({mode.recipe_epochs} epochs each)" if mode.recipe_epochs else ""
@@ -130,3 +146,16 @@ def _setup_lines(
     quick = "--quick (fewer epochs and requests: a smoke run, not the full-size figures)"
     lines.append(f"mode: {quick if mode is QUICK else 'full'}")
     return lines
+
+
+def _seeds_line(runs: Sequence[int]) -> str:
+    seeds = (
+        f"seed {runs[0]}"
+        if len(runs) == 1
+        else f"{len(runs)} independent seeds ({runs[0]}..{runs[-1]}; means ± 95% intervals)"
+    )
+    return (
+        f"{seeds}; each seed s draws its own random requests and trains the original with seed s, its oracle "
+        f"with s + {ORACLE_SEED_OFFSET} and the floor's oracle with s + {2 * ORACLE_SEED_OFFSET}: no two "
+        "models start from the same weights"
+    )

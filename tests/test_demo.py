@@ -49,31 +49,58 @@ def test_cli_eval(tmp_path, capsys):
         str(out),
         "--no-progress",
         "--floor",
+        "--seeds",
+        "1",
     ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "digits, class-3" in printed and "SPM-style: Avg. Gap" in printed and f"report: {out}" in printed
     assert "two oracles' seeds apart" in printed
     assert (out / "report.md").exists() and (out / "results.json").exists()
-    # --floor: the oracle's recipe with the next seed, scored against the oracle, untimed.
-    (result,) = json.loads((out / "results.json").read_text())
-    rows = {row["method"]: row["scores"] for row in result["rows"]}
+    # --floor: the oracle's recipe with another seed, scored against the oracle, untimed.
+    saved = json.loads((out / "results.json").read_text())
+    rows = {row["method"]: row["scores"] for row in saved["rows"] if row["family"] == "spm"}
     floor = rows[ORACLE_SEED]
     assert floor["seconds"] is None and floor["avg_gap"] > 0 and rows[ORACLE]["avg_gap"] == 0
     assert f"| SPM-style | {ORACLE_SEED} |" in (out / "report.md").read_text()
 
 
-def test_cli_rejects_bad_request(tmp_path):
-    with pytest.raises(ValueError, match="must look like"):
-        cli.main(["eval", "--model", "spm", "--request", "half", "--out", str(tmp_path)])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--request", "half"], "must look like"),
+        (["--request", "150%"], "request '150%'"),
+        (["--request", "class:12"], "request 'class:12': no sample has label 12"),
+        (["--seeds", "0"], "seeds must be an int >= 1, got 0"),
+        (["--seed", "-1"], "seed must be an int in"),
+    ],
+)
+def test_cli_rejects_bad_arguments_and_writes_nothing(tmp_path, capsys, args, message):
+    out = tmp_path / "report"
+    assert cli.main(["eval", "--model", "spm", "--no-progress", "--out", str(out), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_cli_rejects_an_unknown_method(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["eval", "--model", "spm", "--methods", "NegGrad"])
+    assert exit_.value.code == 2 and "invalid choice: 'NegGrad'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
-    ("argv", "floor"),
-    [(["demo"], True), (["demo", "--no-floor"], False), (["eval", "--model", "spm"], False)],
+    ("argv", "floor", "seeds"),
+    [
+        (["demo"], True, 1),
+        (["demo", "--no-floor"], False, 1),
+        (["eval", "--model", "spm"], False, 3),
+        (["eval", "--model", "spm", "--quick"], False, 1),
+        (["eval", "--model", "spm", "--seeds", "5"], False, 5),
+    ],
 )
-def test_demo_computes_the_floor_by_default(monkeypatch, argv, floor):
-    """The demo's verdicts are judged against the floor: it is on unless --no-floor; eval's stays opt-in."""
+def test_demo_computes_the_floor_by_default(monkeypatch, argv, floor, seeds):
+    """The demo's verdicts are judged against the floor: it is on unless --no-floor; eval's stays opt-in.
+    eval runs 3 seeds unless --quick or --seeds says otherwise; the demo one."""
     asked = {}
 
     def run(*args, **kwargs):
@@ -82,4 +109,4 @@ def test_demo_computes_the_floor_by_default(monkeypatch, argv, floor):
 
     monkeypatch.setattr(demo, "run", run)
     assert cli.main(argv) == 0
-    assert asked["floor"] is floor
+    assert asked["floor"] is floor and asked["seeds"] == seeds

@@ -55,10 +55,17 @@ def test_selection_ties_go_to_the_earlier_point_and_failures_are_errors():
         protocol.select("GA", [], lambda s, seed: 0.0)
 
 
-@pytest.mark.parametrize("bad", [0, -1, True, 2.0, protocol.MAX_EVALUATION_SEEDS + 1])
+@pytest.mark.parametrize("bad", [0, -1, True, 2.0])
 def test_evaluation_seeds_refuse_bad_counts(bad):
-    with pytest.raises(ValueError, match="seeds"):
+    with pytest.raises(ValueError, match="seeds must be"):
         protocol.evaluation_seeds(bad)
+
+
+def test_evaluation_seeds_stay_below_the_limit():
+    assert protocol.evaluation_seeds(3, first=5) == [5, 6, 7]
+    for n, first in ((protocol.MAX_EVALUATION_SEEDS + 1, 0), (2, protocol.MAX_EVALUATION_SEEDS - 1), (1, -1)):
+        with pytest.raises(ValueError, match="seed must be"):
+            protocol.evaluation_seeds(n, first)
 
 
 def test_description_names_the_selection_seed():

@@ -68,8 +68,11 @@ def test_write_report(tmp_path):
     for png in ("digits-random-10-time.png", "digits-random-10-accuracy.png"):
         assert (tmp_path / "out" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({png})" in text
-    (saved,) = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["rows"][2]["scores"]["avg_gap"] == 0.4 and saved["exactness"][0]["fingerprints_equal"]
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (
+        saved["rows"][2]["scores"]["avg_gap"] == 0.4
+        and saved["requests"][0]["exactness"][0]["fingerprints_equal"]
+    )
 
 
 def test_summary_says_whether_exact():
@@ -82,7 +85,7 @@ def test_summary_says_whether_exact():
 
 
 def _with_floor(gap: float, ua: float = 9.0) -> RequestResult:
-    """The result with munkey's floor: the next seed's oracle, ``gap`` from the oracle."""
+    """The result with munkey's floor: another seed's oracle, ``gap`` from the oracle."""
     r = _result()
     r.rows.insert(2, MethodResult("munkey", ORACLE_SEED, s(ua, 12.0, gap=gap)))
     return r

@@ -30,10 +30,14 @@ from ..models.base import Classifier
 from ..models.samples import Samples
 from . import posthoc
 from .metrics import Predictions, Scores, score
+from .protocol import MAX_EVALUATION_SEEDS
 from .requests import ForgetRequest
 from .results import KMEM, ORACLE, ORACLE_SEED, ORIGINAL, Exactness, MethodResult, RequestResult
 
 MEMORY_FAMILIES = ("munkey", "spm")
+# Oracles train with the evaluation seed plus this (floors: twice this): never a seed an
+# original model of another evaluation seed uses (those stay below MAX_EVALUATION_SEEDS).
+ORACLE_SEED_OFFSET = MAX_EVALUATION_SEEDS
 
 
 @dataclass
@@ -42,7 +46,10 @@ class Setup:
 
     Attributes:
         num_classes: classes of the dataset.
-        seed: seeds training (the oracle uses the same seed) and the post-hoc methods.
+        seed: seeds the original model's training and the post-hoc methods. The oracle
+            trains with :attr:`oracle_seed` and the floor's oracle with :attr:`floor_seed`:
+            models trained with one seed start from the same weights whatever their
+            data, so an oracle sharing the original's would look closer than retraining is.
         epochs: overrides each family's default number of epochs (None: the default).
         configs: per family, extra settings passed to ``kmem.models.train``.
         methods: the post-hoc methods applied to the baseline.
@@ -50,7 +57,7 @@ class Setup:
         max_retain: score RA and the MIA on at most this many retained samples (a seeded
             draw; None: all) -- predicting every retained sample is the costliest part
             of the evaluation for memory models on large datasets.
-        floor: also retrain each oracle with seed ``seed + 1`` and score it against the
+        floor: also retrain each oracle with :attr:`floor_seed` and score it against the
             oracle: the gap between two equally valid oracles, below which no method's
             gap means anything.
         mia_draws: draws of the MIA's members averaged (see
@@ -70,6 +77,14 @@ class Setup:
     mia_draws: int = 5
     floor: bool = False
     progress: bool | None = None
+
+    @property
+    def oracle_seed(self) -> int:
+        return self.seed + ORACLE_SEED_OFFSET
+
+    @property
+    def floor_seed(self) -> int:
+        return self.seed + 2 * ORACLE_SEED_OFFSET
 
     def train(self, family: str, data: Samples, seed: int | None = None) -> tuple[Classifier, float]:
         """A model of ``family`` trained on ``data`` (with ``seed``, default the setup's), and
@@ -175,10 +190,10 @@ Scorer = Callable[[Predictions, float | None], Scores]
 
 def _oracle(family: str, sets: _Sets, setup: Setup, step) -> tuple[Scorer, list[MethodResult], float]:
     """Retrain ``family`` without the forget set; returns a scorer of predictions against
-    it, its rows (itself and, with ``setup.floor``, the next seed's oracle) and the
+    it, its rows (itself and, with ``setup.floor``, an oracle trained with another seed) and the
     retraining's wall time."""
     step(f"{family}: retrain without the forget set (oracle)")
-    oracle, seconds = setup.train(family, sets.retain)
+    oracle, seconds = setup.train(family, sets.retain, seed=setup.oracle_seed)
     truth = sets.predict(oracle)
     ref = score(truth, mia_draws=setup.mia_draws)
 
@@ -188,8 +203,8 @@ def _oracle(family: str, sets: _Sets, setup: Setup, step) -> tuple[Scorer, list[
     # The oracle against itself: its own metrics, no gap (scoring it again would refit the SVCs).
     rows = [MethodResult(family, ORACLE, replace(ref, avg_gap=0.0, hard_gap=0.0, soft_gap=0.0))]
     if setup.floor:
-        step(f"{family}: retrain with the next seed (floor)")
-        other, _ = setup.train(family, sets.retain, seed=setup.seed + 1)
+        step(f"{family}: retrain with another seed (floor)")
+        other, _ = setup.train(family, sets.retain, seed=setup.floor_seed)
         rows.append(MethodResult(family, ORACLE_SEED, against(sets.predict(other))))
     return against, rows, seconds
 
@@ -343,6 +358,7 @@ def evaluate(
                 forgotten=len(sets.forget),
                 retained=len(sets.retain),
                 test=len(test),
+                seed=setup.seed,
             )
             if len(sets.retain_eval) < len(sets.retain):
                 result.notes.append(

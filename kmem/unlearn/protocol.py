@@ -88,11 +88,16 @@ def within_budget(method: str, retain: int, forget: int, retrain_epochs: int) ->
     return [p for p in GRIDS[method] if passes(method, p, retain, forget) <= budget]
 
 
-def evaluation_seeds(n: int) -> list[int]:
-    """The seeds ``0 .. n-1`` that draw the reported requests and models."""
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_EVALUATION_SEEDS:
-        raise ValueError(f"seeds must be an int in [1, {MAX_EVALUATION_SEEDS}], got {n!r}")
-    return list(range(n))
+def evaluation_seeds(n: int, first: int = 0) -> list[int]:
+    """The seeds ``first .. first + n - 1`` that draw the reported requests and models;
+    all below :data:`MAX_EVALUATION_SEEDS`, so never :data:`SELECTION_SEED`."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"seeds must be an int >= 1, got {n!r}")
+    if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= MAX_EVALUATION_SEEDS - n:
+        raise ValueError(
+            f"seed must be an int in [0, {MAX_EVALUATION_SEEDS - n}] for {n} seed(s), got {first!r}"
+        )
+    return list(range(first, first + n))
 
 
 @dataclass

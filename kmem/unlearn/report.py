@@ -15,6 +15,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from .aggregate import aggregate
 from .metrics import GAP_METRICS
 from .results import KMEM, ORACLE, ORACLE_SEED, REFERENCES, MethodResult, RequestResult
 
@@ -27,7 +28,7 @@ FORGOT_MARGIN = 0.3
 CRITERION = (
     f'A memory family forgot a request when its "{KMEM}" row\'s Avg. Gap to its oracle is at most '
     f"the floor's Avg. Gap + {FORGOT_MARGIN} (the floor, \"{ORACLE_SEED}\", is the oracle's recipe retrained "
-    "with the next seed and scored against the oracle: how far apart two equally valid oracles are)."
+    "with another seed and scored against the oracle: how far apart two equally valid oracles are)."
 )
 # A `kmem forget` metric is explained under its table when it is further from the
 # oracle's than FAR_POINTS and than FAR_FLOOR_TIMES the floor's distance on that metric.
@@ -112,8 +113,16 @@ def speedup(row: MethodResult, result: RequestResult) -> float | None:
     return retrain / max(row.scores.seconds, 1e-9)
 
 
+def _cell(result: RequestResult, row: MethodResult, name: str, digits: int = 2) -> str:
+    """A metric's mean, ``± half-width`` of its 95% interval when several seeds ran."""
+    ci = result.spread.get(f"{row.family}/{row.method}", {}).get(name)
+    value = _fmt(getattr(row.scores, name), digits)
+    return value if ci is None or ci.half is None else f"{value} ± {ci.half:.{digits}f}"
+
+
 def table(result: RequestResult) -> str:
-    """The Markdown metrics table of one request: one line per (family, method)."""
+    """The Markdown metrics table of one request: one line per (family, method); over
+    several seeds each metric is ``mean ± half-width of its 95% interval``."""
     head = (
         "| model | method | UA | RA | TA | MIA-Eff. | MIA AUROC | Avg. Gap ↓ | hard gap % ↓ | soft gap (KL) ↓ "
         "| time | x faster than retraining |\n"
@@ -123,9 +132,9 @@ def table(result: RequestResult) -> str:
     for r in result.rows:
         s, up = r.scores, speedup(r, result)
         time = result.retrain_seconds.get(r.family) if r.method == ORACLE else s.seconds
+        cells = [_cell(result, r, m) for m in ("ua", "ra", "ta", "mia", "mia_auc", "avg_gap", "hard_gap")]
         lines.append(
-            f"| {_family(r.family)} | {r.method} | {_fmt(s.ua)} | {_fmt(s.ra)} | {_fmt(s.ta)} "
-            f"| {_fmt(s.mia)} | {_fmt(s.mia_auc)} | {_fmt(s.avg_gap)} | {_fmt(s.hard_gap)} | {_fmt(s.soft_gap, 4)} "
+            f"| {_family(r.family)} | {r.method} | {' | '.join(cells)} | {_cell(result, r, 'soft_gap', 4)} "
             f"| {_seconds(time)} | {_times(up)} |"
         )
     return "\n".join(lines)
@@ -175,7 +184,9 @@ def _plot_accuracy(result: RequestResult, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(names) + 1), 4))
     for j, (key, label) in enumerate(metrics):
         xs = [i + (j - 1.5) * width for i in range(len(names))]
-        ax.bar(xs, [getattr(r.scores, key) for r in result.rows], width, label=label)
+        halves = [result.spread.get(f"{r.family}/{r.method}", {}).get(key) for r in result.rows]
+        errors = [0.0 if ci is None or ci.half is None else ci.half for ci in halves]
+        ax.bar(xs, [getattr(r.scores, key) for r in result.rows], width, label=label, yerr=errors, capsize=2)
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("%")
     ax.set_ylim(0, 105)
@@ -290,7 +301,9 @@ def _headline(result: RequestResult) -> list[str]:
 
 
 def summary(results: Sequence[RequestResult]) -> str:
-    """The verdicts, then a few lines per request: what the report's tables say, for the terminal."""
+    """The verdicts, then a few lines per request: what the report's tables say, for the
+    terminal; ``results`` as in :func:`write_report` (one per request and seed)."""
+    results = aggregate(results)
     judged = verdicts(results)
     out = [f"Verdict. {CRITERION}", *(f"  {line}" for line in judged)] if judged else []
     for result in results:
@@ -313,12 +326,16 @@ def write_report(
     title: str = "kmem unlearning report",
     command: str | None = None,
     setup: Sequence[str] = (),
+    selected: dict[str, dict] | None = None,
 ) -> Path:
     """Write ``report.md``, ``results.json`` and the plots into ``out_dir``; returns the Markdown's path.
 
-    ``command`` is the command line that reproduces the report; ``setup`` lines describe
-    the run (models, epochs, seeds) and go under the title.
+    ``results`` holds one result per request and seed; the report shows each request's
+    mean over its seeds with 95% intervals. ``command`` is the command line that
+    reproduces the report; ``setup`` lines describe the run (models, epochs, seeds) and
+    go under the title; ``selected`` is the setting each method ran with, by method.
     """
+    per_seed, results = results, aggregate(results)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = [f"# {title}", ""]
@@ -349,7 +366,7 @@ def write_report(
     ]
     if any(r.method == ORACLE_SEED for result in results for r in result.rows):
         md += [
-            f"`{ORACLE_SEED}`: the oracle's recipe with the next seed, scored against the oracle -- how far "
+            f"`{ORACLE_SEED}`: the oracle's recipe with another seed, scored against the oracle -- how far "
             "apart two equally valid oracles are; a method's gap below it is as close as retraining gets.",
             "",
         ]
@@ -393,5 +410,29 @@ def write_report(
     md += [NOT_GUARANTEED, ""]
     path = out / "report.md"
     path.write_text("\n".join(md))
-    (out / "results.json").write_text(json.dumps([r.to_json() for r in results], indent=1))
+    (out / "results.json").write_text(json.dumps(results_json(per_seed, results, selected), indent=1))
     return path
+
+
+def results_json(
+    per_seed: Sequence[RequestResult], means: Sequence[RequestResult], selected: dict[str, dict] | None
+) -> dict:
+    """``rows``: one per request, seed, family and method with its ``scores``; ``requests``:
+    each seed's run of a request without its rows; ``aggregate``: the means and intervals
+    the report shows; ``selected``: the setting each method ran with."""
+    return {
+        "rows": [
+            {
+                "request": r.request,
+                "seed": r.seed,
+                "family": row.family,
+                "method": row.method,
+                "scores": row.scores.as_dict(),
+            }
+            for r in per_seed
+            for row in r.rows
+        ],
+        "requests": [{k: v for k, v in r.to_json().items() if k != "rows"} for r in per_seed],
+        "aggregate": [r.to_json() for r in means],
+        "selected": selected or {},
+    }

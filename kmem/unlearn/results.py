@@ -10,8 +10,8 @@ from .metrics import Scores
 ORIGINAL = "original"  # the trained model, before any forgetting
 ORACLE = "retrain (oracle)"  # the same recipe trained from scratch without the forget set
 KMEM = "kmem forget"  # memory models: delete the rows, no weight update
-# The oracle's recipe with the next seed: how far apart two equally valid oracles are.
-ORACLE_SEED = "retrain, next seed (floor)"
+# The oracle's recipe with another seed: how far apart two equally valid oracles are.
+ORACLE_SEED = "retrain, another seed (floor)"
 REFERENCES = (ORIGINAL, ORACLE, ORACLE_SEED)  # rows that are not forgetting methods
 
 
@@ -71,6 +71,10 @@ class RequestResult:
     retrain_seconds: dict[str, float] = field(default_factory=dict)  # by family
     # A stream request: each memory family's forget time per request, in order.
     step_seconds: dict[str, list[float]] = field(default_factory=dict)
+    seed: int | None = 0  # the evaluation seed (None: an aggregate over ``seeds``)
+    seeds: list[int] = field(default_factory=list)
+    # An aggregate's intervals: "family/method" -> metric -> Interval (kmem.unlearn.stats).
+    spread: dict[str, dict[str, Any]] = field(default_factory=dict)
     exactness: list[Exactness] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
