@@ -14,8 +14,8 @@ from kmem import demo
 from kmem.models import samples, train
 from kmem.unlearn.aggregate import aggregate
 from kmem.unlearn.evaluate import ORACLE_SEED_OFFSET, Setup
-from kmem.unlearn.report import table, write_report
-from kmem.unlearn.results import KMEM, ORACLE_SEED
+from kmem.unlearn.report import table, verdicts, write_report
+from kmem.unlearn.results import KMEM, ORACLE_SEED, MethodResult
 from kmem.unlearn.stats import mean_ci
 
 
@@ -78,3 +78,19 @@ def test_seeds_draw_their_own_requests_and_initialisations(tmp_path, monkeypatch
     oracle, _ = train("spm", data, num_classes=10, seed=ORACLE_SEED_OFFSET, epochs=0)
     weights = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in (first, oracle)]
     assert not torch.equal(*weights)
+
+
+def test_verdict_says_whether_mia_is_inside_the_floor_interval():
+    group = []
+    for seed, (mia, floor_mia) in enumerate([(11.0, 12.0), (11.5, 12.4), (12.0, 11.6)]):
+        r = _seeded(seed, 0.4)
+        r.rows[2] = replace(r.rows[2], scores=replace(r.rows[2].scores, mia=mia))
+        r.rows.insert(
+            2, MethodResult("munkey", ORACLE_SEED, replace(r.rows[1].scores, mia=floor_mia, avg_gap=0.5))
+        )
+        group.append(r)
+    (mean,) = aggregate(group)
+    ci = mean_ci([12.0, 12.4, 11.6])
+    (line,) = [v for v in verdicts([mean]) if v.startswith("MUNKEY")]
+    assert f"MIA-Eff. 11.50 inside the floor's 95% interval [{ci.low:.2f}, {ci.high:.2f}]" in line
+    assert "forgot" in line

@@ -238,6 +238,9 @@ def verdict(result: RequestResult, row: MethodResult) -> str:
             f"{'forgot' if met else 'did not forget'} -- Avg. Gap {gap} to its oracle, "
             f"{'within' if met else 'above'} the floor's {_fmt(floor.scores.avg_gap)} + {FORGOT_MARGIN}"
         ]
+    mia = _mia_verdict(result, row, floor)
+    if mia:
+        parts.append(mia)
     best = _best_posthoc(result)
     if best is not None:
         beats = "beats" if row.scores.avg_gap < best.scores.avg_gap else "does not beat"
@@ -246,6 +249,18 @@ def verdict(result: RequestResult, row: MethodResult) -> str:
     if up is not None:
         parts.append(f"{_times(up)} faster than retraining")
     return f"{_family(row.family)} on {result.request}: " + "; ".join(parts)
+
+
+def _mia_verdict(result: RequestResult, row: MethodResult, floor: MethodResult | None) -> str | None:
+    """Over several seeds: is the mean MIA-Efficacy inside the floor's 95% interval (the
+    MIA-Efficacy an independently retrained oracle scores)?"""
+    ci = None if floor is None else result.spread.get(f"{floor.family}/{floor.method}", {}).get("mia")
+    if ci is None or ci.half is None:
+        return None
+    inside = "inside" if row.scores.mia in ci else "outside"
+    return (
+        f"MIA-Eff. {_fmt(row.scores.mia)} {inside} the floor's 95% interval [{_fmt(ci.low)}, {_fmt(ci.high)}]"
+    )
 
 
 def verdicts(results: Sequence[RequestResult]) -> list[str]:
