@@ -30,6 +30,7 @@ def _evaluate(args: argparse.Namespace, families: list[str]) -> int:
             seeds=seeds,
             epochs=args.epochs,
             floor=args.floor,
+            tune=args.tune,
             progress=False if args.no_progress else None,
         )
     except ValueError as err:  # a bad request or seed count: checked before anything runs or is written
@@ -330,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
             "--floor", action=argparse.BooleanOptionalAction, default=cmd is demo,
             help="also retrain each oracle with another seed: the gap between two equally valid oracles "
             "(default: on for demo, whose verdicts need it; off for eval)",
+        )  # fmt: skip
+        cmd.add_argument(
+            "--tune", metavar="REQUEST", nargs="?", const="10%",
+            help="first select every method's setting by the declared protocol (kmem.unlearn.protocol) on "
+            "this request drawn with the selection seed, never reported (default request: 10%%)",
         )  # fmt: skip
         cmd.add_argument("--out", default="kmem-report", help="report folder (default: ./kmem-report)")
         cmd.add_argument("--no-progress", action="store_true", help="no progress bars or lines")

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from .data import load_dataset
 from .models.samples import Samples, samples
-from .unlearn import posthoc
+from .unlearn import posthoc, protocol, tuning
 from .unlearn.evaluate import MEMORY_FAMILIES, ORACLE_SEED_OFFSET, Setup, evaluate
-from .unlearn.protocol import evaluation_seeds
+from .unlearn.protocol import SELECTION_SEED, Setting, evaluation_seeds
 from .unlearn.report import summary, write_report
 from .unlearn.requests import parse_request
 from .unlearn.results import RequestResult
@@ -75,6 +75,8 @@ def run(
     epochs: int | None = None,
     limit: int | None = None,
     floor: bool = False,
+    tune: str | None = None,
+    grids: Mapping[str, Sequence[Setting]] | None = None,
     progress: bool | None = None,
     command: str | None = None,
 ) -> DemoResult:
@@ -85,8 +87,12 @@ def run(
     (seeds ``seed .. seed + seeds - 1``) each draw their own requests, initialisations,
     models, oracles and post-hoc runs; the report gives means with 95% intervals. ``epochs`` overrides the mode's training epochs;
     ``limit`` keeps only the first ``limit`` training samples (for tests); ``floor`` adds
-    each oracle retrained with another seed, scored against the oracle. ``command`` is
-    the command line printed in the report (default: this process's).
+    each oracle retrained with another seed, scored against the oracle. ``tune`` (a
+    request spec, e.g. ``"10%"``) first runs the declared tuning protocol
+    (:mod:`kmem.unlearn.protocol`) on that request drawn with the selection seed, and
+    every method then runs with its selected setting; ``grids`` replaces declared grids
+    by name (tests). ``command`` is the command line printed in the report (default:
+    this process's).
     """
     mode = QUICK if quick else FULL
     runs = evaluation_seeds(seeds, first=seed)
@@ -109,13 +115,29 @@ def run(
         floor=floor,
         progress=progress,
     )
+    if tune is not None:
+        parse_request(tune, train.ids, train.labels, SELECTION_SEED)  # a bad spec fails before any training
+        tuned = tuning.tune(train, test, tune, setup, families, grids)
+        setup = replace(
+            setup,
+            tuned=tuned.configs,
+            recipes={m: {**setup.recipes.get(m, {}), **r} for m, r in tuned.recipes.items()},
+        )
     results = [
         r for s in runs for r in evaluate(data, train, test, asked[s], replace(setup, seed=s), families)
     ]
     lines = _setup_lines(data, train, test, setup, families, mode, runs)
+    if tune is not None:
+        lines += [f"tuning protocol, on request {tune}: {line}" for line in protocol.describe()]
+        lines += [f"selected: {name} {setting}" for name, setting in tuned.selected().items()]
     shown = command or "kmem " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     report = write_report(
-        results, out, title=f"kmem: proof of forgetting on {data}", command=shown, setup=lines
+        results,
+        out,
+        title=f"kmem: proof of forgetting on {data}",
+        command=shown,
+        setup=lines,
+        selected=tuned.selected() if tune is not None else None,
     )
     return DemoResult(results, report, summary(results))
 

@@ -54,6 +54,8 @@ class Setup:
         configs: per family, extra settings passed to ``kmem.models.train``.
         methods: the post-hoc methods applied to the baseline.
         recipes: per method, overrides of its :class:`~kmem.unlearn.posthoc.Recipe`.
+        tuned: per family, the settings selection chose (:mod:`kmem.unlearn.tuning`):
+            applied last, over ``configs`` and ``epochs``.
         max_retain: score RA and the MIA on at most this many retained samples (a seeded
             draw; None: all) -- predicting every retained sample is the costliest part
             of the evaluation for memory models on large datasets.
@@ -73,6 +75,7 @@ class Setup:
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     methods: Sequence[str] = posthoc.METHODS
     recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tuned: dict[str, dict[str, Any]] = field(default_factory=dict)
     max_retain: int | None = None
     mia_draws: int = 5
     floor: bool = False
@@ -92,6 +95,7 @@ class Setup:
         config = dict(self.configs.get(family, {}))
         if self.epochs is not None:
             config["epochs"] = self.epochs
+        config.update(self.tuned.get(family, {}))
         start = time.perf_counter()
         model, _ = train_model(
             family,

@@ -81,11 +81,17 @@ def passes(method: str, setting: Mapping[str, Any], retain: int, forget: int) ->
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
-def within_budget(method: str, retain: int, forget: int, retrain_epochs: int) -> list[Setting]:
-    """``GRIDS[method]`` without the points that cost more than one retraining
-    (``retrain_epochs`` epochs over the ``retain`` samples)."""
+def within_budget(
+    method: str, retain: int, forget: int, retrain_epochs: int, points: Sequence[Setting] | None = None
+) -> list[Setting]:
+    """``points`` (default ``GRIDS[method]``) without those that cost more than one
+    retraining (``retrain_epochs`` epochs over the ``retain`` samples)."""
     budget = retrain_epochs * retain
-    return [p for p in GRIDS[method] if passes(method, p, retain, forget) <= budget]
+    return [
+        p
+        for p in (GRIDS[method] if points is None else points)
+        if passes(method, p, retain, forget) <= budget
+    ]
 
 
 def evaluation_seeds(n: int, first: int = 0) -> list[int]:

@@ -1,0 +1,127 @@
+"""The tuning protocol of :mod:`kmem.unlearn.protocol`, run: every forgetting method's
+grid scored on the selection request, the setting with the lowest Avg. Gap kept.
+
+The selection request is drawn with :data:`~kmem.unlearn.protocol.SELECTION_SEED`, and
+every model of the selection (originals, oracles, post-hoc runs) trains with that seed
+or its oracle offsets: nothing here reads an evaluation seed, so the settings chosen
+here are never chosen by the figures later reported.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..models import model_class
+from ..models.base import Classifier
+from ..models.samples import Samples
+from . import posthoc, protocol
+from .evaluate import Setup, _lines, _memory_family, _no_bar, _oracle, _Sets, _stepper
+from .protocol import SELECTION_SEED, Selection, Setting
+from .requests import ForgetRequest, parse_request
+from .results import KMEM
+
+Score = Callable[[Setting, int], float | None]
+
+
+@dataclass
+class Tuned:
+    """What selection chose: per post-hoc method its recipe overrides, per memory family
+    its settings, and every :class:`~kmem.unlearn.protocol.Selection` made."""
+
+    recipes: dict[str, Setting]
+    configs: dict[str, Setting]
+    selections: list[Selection]
+
+    def selected(self) -> dict[str, Setting]:
+        """Every method's and family's chosen setting, by name (for ``results.json``)."""
+        return {**self.recipes, **self.configs}
+
+
+def tune(
+    train: Samples,
+    test: Samples,
+    request: str,
+    setup: Setup,
+    families: Sequence[str],
+    grids: Mapping[str, Sequence[Setting]] | None = None,
+) -> Tuned:
+    """Select every method's setting on the ``request`` spec drawn with the selection seed.
+
+    ``families`` as in :func:`~kmem.unlearn.evaluate.evaluate`: ``"baseline"`` tunes the
+    post-hoc methods of ``setup.methods``, a memory family its recipe. ``grids`` replaces
+    the declared grids by name (for tests at a tiny size); the budget still applies.
+    """
+    grids = dict(grids or {})
+    chosen = replace(setup, seed=SELECTION_SEED, floor=False)
+    asked = parse_request(request, train.ids, train.labels, SELECTION_SEED)
+    sets = _Sets.split(train, test, asked, chosen)
+    memory = [f for f in families if f != "baseline"]
+    points = {f: list(grids.get(f, protocol.FAMILY_GRIDS[f])) for f in memory}
+    if "baseline" in families:
+        epochs = chosen.epochs or int(model_class("baseline").defaults["epochs"])
+        for method in setup.methods:
+            points[method] = protocol.within_budget(
+                method, len(sets.retain), len(sets.forget), epochs, grids.get(method)
+            )
+    total = sum(len(p) for p in points.values()) + 2 * ("baseline" in families) + 1
+    selections, recipes, configs = [], {}, {}
+    with (
+        tempfile.TemporaryDirectory(prefix="kmem-tune-") as tmp,
+        tqdm(total=total, desc="selection", unit="run", disable=_no_bar(setup.progress)) as bar,
+    ):
+        step = _stepper(bar, _lines(setup.progress))
+        for family in memory:
+            score = _family_scorer(family, train, sets, asked, chosen, step, Path(tmp))
+            selections.append(protocol.select(family, points[family], score))
+            configs[family] = selections[-1].setting
+        if "baseline" in families:
+            step("baseline: train the original")
+            original, _ = chosen.train("baseline", train)
+            against, _, _ = _oracle("baseline", sets, chosen, step)
+            for method in setup.methods:
+                score = _posthoc_scorer(method, original, sets, chosen, against, step)
+                selections.append(protocol.select(method, points[method], score))
+                recipes[method] = selections[-1].setting
+        step("done")
+    return Tuned(recipes, configs, selections)
+
+
+def _posthoc_scorer(
+    method: str, original: Classifier, sets: _Sets, setup: Setup, against, step: Callable[[str], None]
+) -> Score:
+    def score(setting: Setting, seed: int) -> float | None:
+        step(f"baseline: {method} {setting}")
+        out = posthoc.unlearn(
+            method, original, sets.retain, sets.forget,
+            num_classes=setup.num_classes, seed=seed, progress=False, **setting,
+        )  # fmt: skip
+        diverged: list[str] = []
+        scores = against(sets.predict(out.model, diverged, method), out.seconds)
+        return None if diverged else scores.avg_gap
+
+    return score
+
+
+def _family_scorer(
+    family: str,
+    train: Samples,
+    sets: _Sets,
+    request: ForgetRequest,
+    setup: Setup,
+    step: Callable[[str], None],
+    tmp: Path,
+) -> Score:
+    def score(setting: Setting, seed: int) -> float | None:
+        step(f"{family}: {setting}")
+        point = replace(setup, seed=seed, tuned={**setup.tuned, family: setting})
+        original, _ = point.train(family, train)
+        folder = Path(tempfile.mkdtemp(dir=tmp))
+        rows, *_ = _memory_family(family, original, sets, request, point, folder, lambda what: None, [])
+        return next(r.scores.avg_gap for r in rows if r.method == KMEM)
+
+    return score

@@ -1,0 +1,88 @@
+"""The tuning protocol run at a tiny size: selection on the selection request only,
+diverged points discarded, the chosen settings used by the evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import kmem
+from kmem import demo
+from kmem.models import samples
+from kmem.unlearn import posthoc, protocol
+from kmem.unlearn.evaluate import ORACLE_SEED_OFFSET, Setup
+from kmem.unlearn.tuning import tune
+
+GRIDS = {
+    "FT": protocol.grid(lr=(1e-3, 1e-2), epochs=(1,)),
+    "GA": protocol.grid(lr=(1e-3, 1e38), epochs=(1,)),  # lr 1e38 diverges: discarded, never chosen
+    "spm": protocol.grid(epochs=(1, 2)),
+}
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = kmem.load_dataset("digits")
+    return samples(data.train)[:300], samples(data.test)[:100]
+
+
+def _spy_seeds(monkeypatch) -> list[int]:
+    seen = []
+    train, unlearn = Setup.train, posthoc.unlearn
+
+    def spy_train(self, family, data, seed=None):
+        seen.append(self.seed if seed is None else seed)
+        return train(self, family, data, seed)
+
+    def spy_unlearn(*args, seed=0, **kwargs):
+        seen.append(seed)
+        return unlearn(*args, seed=seed, **kwargs)
+
+    monkeypatch.setattr(Setup, "train", spy_train)
+    monkeypatch.setattr(posthoc, "unlearn", spy_unlearn)
+    return seen
+
+
+def test_selection_reads_no_evaluation_seed_and_discards_divergence(digits, monkeypatch):
+    seen = _spy_seeds(monkeypatch)
+    train, test = digits
+    setup = Setup(num_classes=10, epochs=1, methods=("FT", "GA"), progress=False)
+    tuned = tune(train, test, "10%", setup, ("spm", "baseline"), GRIDS)
+    s = protocol.SELECTION_SEED
+    assert set(seen) <= {s, s + ORACLE_SEED_OFFSET}
+    assert set(tuned.recipes) == {"FT", "GA"} and set(tuned.configs) == {"spm"}
+    ga = next(sel for sel in tuned.selections if sel.method == "GA")
+    assert ga.discarded == 1 and ga.scores[1] is None and tuned.recipes["GA"]["lr"] == 1e-3
+    assert tuned.configs["spm"]["epochs"] in (1, 2)
+    best = next(sel for sel in tuned.selections if sel.method == "FT")
+    assert best.setting == best.points[min(range(2), key=lambda i: (best.scores[i], i))]
+
+
+def test_the_budget_applies_to_given_grids_too(digits):
+    train, test = digits
+    setup = Setup(num_classes=10, epochs=1, methods=("FT",), progress=False)
+    # 30 epochs of fine-tuning cost more than one 1-epoch retraining: dropped, nothing left.
+    with pytest.raises(ValueError, match="no grid point within the budget"):
+        tune(train, test, "10%", setup, ("baseline",), {"FT": protocol.grid(lr=(1e-3,), epochs=(30,))})
+
+
+def test_demo_runs_the_selected_settings_and_reports_them(digits, tmp_path, monkeypatch):
+    ran = []
+    unlearn = posthoc.unlearn
+
+    def spy(method, *args, **kwargs):
+        ran.append((method, kwargs.get("lr"), kwargs.get("seed")))
+        return unlearn(method, *args, **kwargs)
+
+    monkeypatch.setattr(posthoc, "unlearn", spy)
+    demo.run(
+        quick=True, out=tmp_path, families=("baseline",), requests=["10%"], methods=("FT",), limit=300,
+        epochs=1, tune="10%", grids={"FT": protocol.grid(lr=(1e-3, 1e-2), epochs=(1,))}, progress=False,
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "results.json").read_text())
+    chosen = saved["selected"]["FT"]["lr"]
+    evaluation = [r for r in ran if r[2] == 0]
+    assert evaluation == [("FT", chosen, 0)]  # the evaluation seed ran the selected setting only
+    text = (tmp_path / "report.md").read_text()
+    assert f"selection request drawn with seed {protocol.SELECTION_SEED}" in text and "selected: FT" in text
