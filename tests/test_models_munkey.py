@@ -184,3 +184,18 @@ def test_retrieve_self_trains_on_each_samples_own_top_k():
     own = batch.ids[(want == batch.ids[:, None]).any(1)]
     assert sorted(touched.tolist()) == sorted(m.tokens.rows(own).tolist())
     assert len(own) > 0.9 * len(batch)
+
+
+def test_token_table_fingerprint_proves_the_rows_kept_and_gone():
+    table = ExemplarTokens(4)
+    table.add(torch.arange(10), torch.randn(10, 4))
+    table.exp_avg += torch.randn(10, 4)  # optimiser state is part of the evidence
+    table.steps += torch.arange(10)
+    kept = torch.tensor([0, 2, 3, 5, 6, 7, 8, 9])
+    want = table.fingerprint(only=kept)
+    assert want != table.fingerprint()
+    table.delete([1, 4])
+    table.compact()
+    assert table.fingerprint() == want
+    table.exp_avg[0, 0] += 1.0  # a retained row's state changed: caught
+    assert table.fingerprint() != want

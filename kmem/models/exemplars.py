@@ -18,6 +18,8 @@ is not retrieved is not touched.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 from torch import nn
 
@@ -141,6 +143,23 @@ class ExemplarTokens(nn.Module):
         # torch.optim optimiser's, which would point at the old tensor) is what follows them.
         self.weight = nn.Parameter(weight.contiguous())
         self.ids, self.exp_avg, self.exp_avg_sq, self.steps = ids, exp_avg, exp_avg_sq, steps
+
+    def fingerprint(self, only: torch.Tensor | None = None) -> str:
+        """SHA-256 of the live rows in order -- ids, tokens and their optimiser state
+        (moments, step counts) -- or of just the live rows whose id is in ``only`` (int64).
+
+        After deleting ids and compacting, the table fingerprints as it did before,
+        restricted to the ids kept: the rows kept are untouched, the others gone.
+        """
+        keep = self.ids >= 0
+        if only is not None:
+            keep &= torch.isin(self.ids, only)
+        digest = hashlib.sha256()
+        for t in (self.ids, self.weight.detach(), self.exp_avg, self.exp_avg_sq, self.steps):
+            part = t[keep].contiguous()
+            digest.update(str((part.dtype, tuple(part.shape))).encode())
+            digest.update(part.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     # --------------------------------------------------------- optimiser
     @torch.no_grad()

@@ -177,8 +177,10 @@ def weights_that_saw(model: Classifier) -> str:
     text += " -- were fitted with the forgotten samples in the training set and are unchanged by forget"
     if tables and model.rows_fit_own_sample_only():
         text += (
-            " (each row of the per-sample tables was fitted by its own sample's loss alone: the "
-            "forgotten samples' rows are deleted with their memory rows and no retained row was fitted to them)"
+            " (each row of the per-sample tables got gradient from its own sample's loss only, and the "
+            "forgotten samples' rows are deleted with their memory rows; but that loss was computed with the "
+            "retrieved neighbours' rows in the same forward pass, forgotten neighbours included, so a retained "
+            "row may still carry their influence)"
         )
     elif tables:
         text += (
@@ -235,6 +237,7 @@ def _memory_family(
 
     step(f"{family}: forget {len(request):,} samples by deleting their rows")
     model = _copy(original, folder)
+    tables_before = [t.fingerprint(only=sets.retain.ids) for t in model.row_tables()]
     if request.steps:  # a stream: each request is a deletion with its own receipt
         model.memories()[0].ledger = Ledger(folder / f"{family}-ledger.db")
     seconds, deleted, steps_exact = [], 0, True
@@ -260,6 +263,8 @@ def _memory_family(
     for mem in model.memories():
         mem.compact()
     compact_seconds = time.perf_counter() - start
+    for table in model.row_tables():
+        table.compact()
     rebuilt = model.memory_for(sets.retain)
     held = model.memories()
     never = model.with_memories(rebuilt)
@@ -276,6 +281,8 @@ def _memory_family(
         fingerprint=held[0].fingerprint() if held else "",
         compact_seconds=compact_seconds,
         weights_that_saw=weights_that_saw(model),
+        tables_equal=[t.fingerprint() for t in model.row_tables()] == tables_before,
+        tables=len(tables_before),
     )
 
     step(f"{family}: score")

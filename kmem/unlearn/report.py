@@ -206,9 +206,19 @@ def _exactness_lines(result: RequestResult) -> list[str]:
             f"compaction ({_seconds(e.compact_seconds)}) the memory equals the memory built from the retained "
             f"ids alone (fingerprint `{e.fingerprint[:16]}…`): {verdict}; predictions on the forget and test "
             f"sets identical to those from that memory: {'yes' if e.predictions_equal else 'NO'}; forgotten "
-            f"ids left in memory: {e.forgotten_ids_left}. Weights that did see the forgotten samples: {e.weights_that_saw}."
+            f"ids left in memory: {e.forgotten_ids_left}; {_tables(e)}. Weights that did see the forgotten "
+            f"samples: {e.weights_that_saw}."
         )
     return lines
+
+
+def _tables(e) -> str:
+    if not e.tables:
+        return "no per-sample table besides the memory"
+    return (
+        f"its {e.tables} per-sample table(s) (rows with their optimiser state) hold exactly their retained rows, "
+        f"byte for byte: {'yes' if e.tables_equal else 'NO'}"
+    )
 
 
 def _floor(result: RequestResult, family: str) -> MethodResult | None:

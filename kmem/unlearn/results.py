@@ -42,6 +42,7 @@ class Exactness:
         compact_seconds: the compaction after the timed ``forget``.
         weights_that_saw: the trained weights that were fitted with the forgotten samples
             and are not changed by ``forget``.
+        tables_equal: see the field's comment; True for a model without such tables.
     """
 
     family: str
@@ -52,10 +53,19 @@ class Exactness:
     fingerprint: str
     compact_seconds: float
     weights_that_saw: str
+    # Per-sample tables (MUNKEY's tokens with their optimiser state): after forget and
+    # compaction, each fingerprints as it did before, restricted to the retained ids.
+    tables_equal: bool = True
+    tables: int = 0  # how many such tables the model has
 
     @property
     def ok(self) -> bool:
-        return self.fingerprints_equal and self.predictions_equal and self.forgotten_ids_left == 0
+        return (
+            self.fingerprints_equal
+            and self.tables_equal
+            and self.predictions_equal
+            and self.forgotten_ids_left == 0
+        )
 
 
 @dataclass
