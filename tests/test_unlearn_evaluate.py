@@ -115,7 +115,9 @@ def test_setup_epochs_override_the_family_settings(digits):
 @pytest.mark.parametrize("progress", [None, False])
 def test_progress_lines_off_a_terminal(digits, capsys, progress):
     train, test = digits
-    setup = Setup(num_classes=10, epochs=1, methods=("GA",), recipes={"GA": {"epochs": 1}}, progress=progress)
+    setup = Setup(
+        num_classes=10, epochs=1, methods=("GA",), recipes={"GA": {"epochs": 1}}, progress=progress, shadows=2
+    )
     request = random_request(train.ids, 0.1, seed=0)
     evaluate("digits", train, test, [request], setup, families=("baseline",))
     lines = capsys.readouterr().err.splitlines()  # captured: not a terminal, so no bars
@@ -124,12 +126,14 @@ def test_progress_lines_off_a_terminal(digits, capsys, progress):
         return
     steps = [
         "baseline: train on all 300 samples",
+        "random-10%: LiRA shadow 1/2",
+        "random-10%: LiRA shadow 2/2",
         "random-10%: baseline: retrain",
         "random-10%: baseline: GA",
     ]
     assert len(lines) == len(steps)
     for i, (line, step) in enumerate(zip(lines, steps, strict=True), 1):
-        assert re.fullmatch(rf"\[{i}/3\] {re.escape(step)}.* \(\d+\.\d s\)", line), line
+        assert re.fullmatch(rf"\[{i}/5\] {re.escape(step)}.* \(\d+\.\d s\)", line), line
 
 
 def test_a_stream_of_requests_is_forgotten_in_order_exactly(digits):
@@ -145,3 +149,11 @@ def test_a_stream_of_requests_is_forgotten_in_order_exactly(digits):
         assert "3 ledger receipts, chain intact" in note and "after every request: yes" in note
     assert all(e.ok and e.forgotten_rows == 18 for e in r.exactness)
     assert r.row("baseline", "FT").scores.seconds > 0
+
+
+def test_lira_scores_every_row_and_shadow_counts_are_checked(results):
+    (r,) = results
+    for row in r.rows:
+        assert 0 <= row.scores.lira_auc <= 100 and 0 <= row.scores.lira_tpr <= 100
+    with pytest.raises(ValueError, match="shadows must be 0"):
+        Setup(num_classes=10, shadows=1)

@@ -29,7 +29,7 @@ from ..models import train as train_model
 from ..models.base import Classifier
 from ..models.samples import Samples
 from . import posthoc
-from .metrics import Predictions, Scores, score
+from .metrics import Predictions, Scores, confidence, score
 from .protocol import MAX_EVALUATION_SEEDS
 from .requests import ForgetRequest
 from .results import KMEM, ORACLE, ORACLE_SEED, ORIGINAL, Exactness, MethodResult, RequestResult
@@ -65,6 +65,9 @@ class Setup:
         mia_draws: draws of the MIA's members averaged (see
             :func:`~kmem.unlearn.metrics.mia_efficacy`); they differ only where more
             retained samples are scored than there are test samples.
+        shadows: shadow models for offline LiRA (:mod:`kmem.unlearn.attacks`): the baseline's
+            recipe trained on random halves of the retained samples, so that neither a
+            forget nor a test sample is in any (0: no LiRA; 1 is refused: it needs 2).
         progress: progress bars (None: when stderr is a terminal; when it is not, one plain
             line per finished step there instead, so a log shows how far the run is).
     """
@@ -79,7 +82,12 @@ class Setup:
     max_retain: int | None = None
     mia_draws: int = 5
     floor: bool = False
+    shadows: int = 4
     progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.shadows == 1 or self.shadows < 0:
+            raise ValueError(f"shadows must be 0 (no LiRA) or >= 2, got {self.shadows}")
 
     @property
     def oracle_seed(self) -> int:
@@ -115,6 +123,8 @@ class _Sets:
     test: Samples
     retain_eval: Samples  # the retained samples that are scored
     train: Samples  # the whole training set
+    # LiRA's shadow confidences (forget [S, m], test [S, n]); None: no LiRA.
+    shadows: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def retain_after(self, forgotten: torch.Tensor) -> Samples:
         """The training samples left once ``forgotten`` (int64 ids) are gone."""
@@ -201,10 +211,17 @@ def _oracle(family: str, sets: _Sets, setup: Setup, step) -> tuple[Scorer, list[
     step(f"{family}: retrain without the forget set (oracle)")
     oracle, seconds = setup.train(family, sets.retain, seed=setup.oracle_seed)
     truth = sets.predict(oracle)
-    ref = score(truth, mia_draws=setup.mia_draws)
+    ref = score(truth, mia_draws=setup.mia_draws, shadows=sets.shadows)
 
     def against(pred: Predictions, seconds: float | None = None) -> Scores:
-        return score(pred, oracle=truth, oracle_scores=ref, seconds=seconds, mia_draws=setup.mia_draws)
+        return score(
+            pred,
+            oracle=truth,
+            oracle_scores=ref,
+            seconds=seconds,
+            mia_draws=setup.mia_draws,
+            shadows=sets.shadows,
+        )
 
     # The oracle against itself: its own metrics, no gap (scoring it again would refit the SVCs).
     rows = [MethodResult(family, ORACLE, replace(ref, avg_gap=0.0, hard_gap=0.0, soft_gap=0.0))]
@@ -213,6 +230,22 @@ def _oracle(family: str, sets: _Sets, setup: Setup, step) -> tuple[Scorer, list[
         other, _ = setup.train(family, sets.retain, seed=setup.floor_seed)
         rows.append(MethodResult(family, ORACLE_SEED, against(sets.predict(other))))
     return against, rows, seconds
+
+
+def _shadows(sets: _Sets, setup: Setup, step) -> tuple[torch.Tensor, torch.Tensor]:
+    """True-class confidences ``(forget [S, m], test [S, n])`` of ``setup.shadows`` baselines,
+    each trained on its own random half of the retained samples (seeds apart from every
+    evaluation model's)."""
+    confs = []
+    for i in range(setup.shadows):
+        step(f"LiRA shadow {i + 1}/{setup.shadows}")
+        seed = setup.seed + (3 + i) * ORACLE_SEED_OFFSET
+        half = torch.randperm(len(sets.retain), generator=torch.Generator().manual_seed(seed))
+        shadow, _ = setup.train("baseline", sets.retain[torch.sort(half[: len(half) // 2]).values], seed=seed)
+        confs.append(
+            [confidence(predict_proba(shadow, s.inputs), s.labels) for s in (sets.forget, sets.test)]
+        )
+    return torch.stack([c[0] for c in confs]), torch.stack([c[1] for c in confs])
 
 
 def _copy(model: Classifier, folder: Path) -> Classifier:
@@ -349,7 +382,10 @@ def evaluate(
     originals: dict[str, Classifier] = {}
     memory = [f for f in families if f != "baseline"]
     per_request = (
-        3 * len(memory) + ("baseline" in families) * (1 + len(setup.methods)) + setup.floor * len(families)
+        3 * len(memory)
+        + ("baseline" in families) * (1 + len(setup.methods))
+        + setup.floor * len(families)
+        + setup.shadows
     )
     total = len(families) + len(requests) * per_request
     results = []
@@ -363,6 +399,9 @@ def evaluate(
             originals[family], _ = setup.train(family, train)
         for request in requests:
             sets = _Sets.split(train, test, request, setup)
+            within = _named(step, request.name)
+            if setup.shadows:
+                sets = replace(sets, shadows=_shadows(sets, setup, within))
             result = RequestResult(
                 dataset=dataset,
                 request=request.name,
@@ -378,7 +417,6 @@ def evaluate(
                 )
             folder = Path(tmp) / request.name
             folder.mkdir()
-            within = _named(step, request.name)
             for family in families:
                 if family == "baseline":
                     rows, seconds = _baseline(originals[family], sets, request, setup, within, result.notes)

@@ -65,6 +65,9 @@ class Scores:
     avg_gap: float | None = None
     hard_gap: float | None = None
     soft_gap: float | None = None
+    # Offline LiRA (kmem.unlearn.attacks) telling forget from test samples, with shadows.
+    lira_auc: float | None = None
+    lira_tpr: float | None = None  # % of forget samples caught at 1% FPR
 
     def as_dict(self) -> dict[str, float | None]:
         return asdict(self)
@@ -172,8 +175,12 @@ def score(
     oracle_scores: Scores | None = None,
     seconds: float | None = None,
     mia_draws: int = 1,
+    shadows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Scores:
     """All metrics of one method's predictions; the gaps need the oracle's predictions.
+
+    ``shadows``: true-class confidences ``(forget [S, m], test [S, n])`` of ``S >= 2``
+    shadow models trained on neither set; with them the scores include offline LiRA.
 
     ``oracle_scores`` saves recomputing the oracle's own metrics (and its SVC fits);
     ``mia_draws``: draws of the members averaged in MIA-Efficacy (the same seeded draws
@@ -190,8 +197,13 @@ def score(
         mia_auc=mia_auroc(conf["forget"], conf["test"]),
         seconds=seconds,
     )
+    if shadows is not None:
+        from .attacks import lira_scores  # attacks imports this module
+
+        auc, tpr = lira_scores(conf["forget"], conf["test"], *shadows)
+        base = Scores(**{**base.as_dict(), "lira_auc": auc, "lira_tpr": tpr})
     if oracle is None:
         return base
-    ref = oracle_scores if oracle_scores is not None else score(oracle, mia_draws=mia_draws)
+    ref = oracle_scores if oracle_scores is not None else score(oracle, mia_draws=mia_draws, shadows=shadows)
     hard, soft = prediction_gaps(pred.forget, oracle.forget)
     return Scores(**{**base.as_dict(), "avg_gap": avg_gap(base, ref), "hard_gap": hard, "soft_gap": soft})

@@ -125,8 +125,8 @@ def table(result: RequestResult) -> str:
     several seeds each metric is ``mean ± half-width of its 95% interval``."""
     head = (
         "| model | method | UA | RA | TA | MIA-Eff. | MIA AUROC | Avg. Gap ↓ | hard gap % ↓ | soft gap (KL) ↓ "
-        "| time | x faster than retraining |\n"
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        "| LiRA AUROC | LiRA TPR@1% | time | x faster than retraining |\n"
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     )
     lines = [head]
     for r in result.rows:
@@ -135,7 +135,7 @@ def table(result: RequestResult) -> str:
         cells = [_cell(result, r, m) for m in ("ua", "ra", "ta", "mia", "mia_auc", "avg_gap", "hard_gap")]
         lines.append(
             f"| {_family(r.family)} | {r.method} | {' | '.join(cells)} | {_cell(result, r, 'soft_gap', 4)} "
-            f"| {_seconds(time)} | {_times(up)} |"
+            f"| {_cell(result, r, 'lira_auc')} | {_cell(result, r, 'lira_tpr')} | {_seconds(time)} | {_times(up)} |"
         )
     return "\n".join(lines)
 
@@ -385,7 +385,10 @@ def write_report(
         "true-class confidence tells forget samples from test samples (MUNKEY's forget-set MIA, %; 50: "
         "forgotten samples look exactly like unseen ones), Avg. Gap = mean |method - oracle| over UA, RA, TA "
         "and MIA-Eff.; hard / soft gap = % of forget samples whose prediction differs from the "
-        "oracle's / mean KL(oracle || method) on them. Each model family is compared with its own oracle; "
+        "oracle's / mean KL(oracle || method) on them. LiRA = offline LiRA (Carlini et al. 2022), a per-sample "
+        "attack calibrated by shadow models of the baseline trained on halves of the retained samples: its "
+        "AUROC telling forget from test samples, and the % of forget samples it catches at 1% false positives "
+        "(oracle: about 1). Each model family is compared with its own oracle; "
         "time is the wall time of the forgetting itself (the oracle's: retraining).",
         "",
     ]
