@@ -14,7 +14,8 @@ Protocol (the report quotes :func:`describe`):
    per-sample gradient passes (:func:`passes`); grid points over it are dropped before
    anything runs.
 3. Selection: every remaining point is scored by its Avg. Gap to the oracle on the
-   selection request (seed :data:`SELECTION_SEED`); a point whose model diverged
+   selection request (seed :data:`SELECTION_SEED`; MIA-Efficacy from one draw of the
+   attacker's members, to keep ~100 scorings affordable); a point whose model diverged
    (non-finite outputs) is discarded, never scored; the lowest Avg. Gap wins, ties to
    the earlier grid point. The winner then runs on the evaluation seeds, which
    :func:`evaluation_seeds` guarantees differ from the selection seed.
@@ -151,6 +152,6 @@ def describe() -> list[str]:
         "clipping at 1 and an early stop below 90% of its start retain-probe accuracy.",
         f"Memory-family recipe grids: {families}.",
         "Budget: one run costs at most one retraining, in per-sample gradient passes.",
-        f"Selection: lowest Avg. Gap on a selection request drawn with seed {SELECTION_SEED} (never reported); "
-        "diverged points discarded; the winner runs on evaluation seeds 0..n-1.",
+        f"Selection: lowest Avg. Gap (MIA-Efficacy from one draw) on a selection request drawn with seed "
+        f"{SELECTION_SEED} (never reported); diverged points discarded; the winner runs on the evaluation seeds.",
     ]
