@@ -74,6 +74,7 @@ def _all_exact(per_seed: list[Exactness]) -> Exactness:
         first,
         forgotten_rows=round(sum(e.forgotten_rows for e in per_seed) / len(per_seed)),
         fingerprints_equal=all(e.fingerprints_equal for e in per_seed),
+        tables_equal=all(e.tables_equal for e in per_seed),
         forgotten_ids_left=sum(e.forgotten_ids_left for e in per_seed),
         predictions_equal=all(e.predictions_equal for e in per_seed),
         compact_seconds=sum(e.compact_seconds for e in per_seed) / len(per_seed),

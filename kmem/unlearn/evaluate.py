@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -126,9 +126,21 @@ class _Sets:
     # LiRA's shadow confidences (forget [S, m], test [S, n]); None: no LiRA.
     shadows: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def retain_after(self, forgotten: torch.Tensor) -> Samples:
-        """The training samples left once ``forgotten`` (int64 ids) are gone."""
-        return self.train[~torch.isin(self.train.ids, forgotten)]
+    def stages(self, request: ForgetRequest) -> Iterator[tuple[torch.Tensor, Samples, Samples]]:
+        """``(ids, retain, forget)`` per request in the order they arrive: the ids forgotten
+        at that stage, the training samples left after it and the samples it forgets.
+        One stage for a one-shot request, one per request of a stream."""
+        if not request.steps:
+            yield request.ids, self.retain, self.forget
+            return
+        forgotten = torch.empty(0, dtype=torch.int64)
+        for ids in request.steps:
+            forgotten = torch.cat([forgotten, ids])
+            yield (
+                ids,
+                self.train[~torch.isin(self.train.ids, forgotten)],
+                self.train[torch.isin(self.train.ids, ids)],
+            )
 
     @classmethod
     def split(cls, train: Samples, test: Samples, request: ForgetRequest, setup: Setup) -> _Sets:
@@ -274,14 +286,12 @@ def _memory_family(
     if request.steps:  # a stream: each request is a deletion with its own receipt
         model.memories()[0].ledger = Ledger(folder / f"{family}-ledger.db")
     seconds, deleted, steps_exact = [], 0, True
-    forgotten = torch.empty(0, dtype=torch.int64)
-    for ids in request.steps or (request.ids,):
+    for ids, retain, _ in sets.stages(request):
         start = time.perf_counter()
         deleted += model.forget(ids)
         seconds.append(time.perf_counter() - start)
-        forgotten = torch.cat([forgotten, ids])
         if request.steps:  # exact after every request, not only after the last
-            steps_exact &= _memories_equal(model.memories(), model.memory_for(sets.retain_after(forgotten)))
+            steps_exact &= _memories_equal(model.memories(), model.memory_for(retain))
     if request.steps:
         ledger = model.memories()[0].ledger
         check = ledger.verify()
@@ -341,14 +351,13 @@ def _baseline(
     rows = [MethodResult("baseline", ORIGINAL, against(sets.predict(original))), *oracles]
     for method in setup.methods:
         step(f"baseline: {method}")
-        model, seconds, forgotten = original, 0.0, torch.empty(0, dtype=torch.int64)
-        for ids in request.steps or (request.ids,):  # a stream: the method once per request, in order
-            forgotten = torch.cat([forgotten, ids])
+        model, seconds = original, 0.0
+        for _, retain, forget in sets.stages(request):  # a stream: the method once per request, in order
             out = posthoc.unlearn(
                 method,
                 model,
-                sets.retain_after(forgotten),
-                sets.train[torch.isin(sets.train.ids, ids)],
+                retain,
+                forget,
                 num_classes=setup.num_classes,
                 seed=setup.seed,
                 progress=setup.progress,

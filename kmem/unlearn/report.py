@@ -113,9 +113,14 @@ def speedup(row: MethodResult, result: RequestResult) -> float | None:
     return retrain / max(row.scores.seconds, 1e-9)
 
 
+def _interval(result: RequestResult, row: MethodResult, name: str):
+    """The 95% interval of ``row``'s metric ``name`` over the seeds (None: not aggregated)."""
+    return result.spread.get(f"{row.family}/{row.method}", {}).get(name)
+
+
 def _cell(result: RequestResult, row: MethodResult, name: str, digits: int = 2) -> str:
     """A metric's mean, ``± half-width`` of its 95% interval when several seeds ran."""
-    ci = result.spread.get(f"{row.family}/{row.method}", {}).get(name)
+    ci = _interval(result, row, name)
     value = _fmt(getattr(row.scores, name), digits)
     return value if ci is None or ci.half is None else f"{value} ± {ci.half:.{digits}f}"
 
@@ -184,7 +189,7 @@ def _plot_accuracy(result: RequestResult, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(names) + 1), 4))
     for j, (key, label) in enumerate(metrics):
         xs = [i + (j - 1.5) * width for i in range(len(names))]
-        halves = [result.spread.get(f"{r.family}/{r.method}", {}).get(key) for r in result.rows]
+        halves = [_interval(result, r, key) for r in result.rows]
         errors = [0.0 if ci is None or ci.half is None else ci.half for ci in halves]
         ax.bar(xs, [getattr(r.scores, key) for r in result.rows], width, label=label, yerr=errors, capsize=2)
     ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
@@ -264,7 +269,7 @@ def verdict(result: RequestResult, row: MethodResult) -> str:
 def _mia_verdict(result: RequestResult, row: MethodResult, floor: MethodResult | None) -> str | None:
     """Over several seeds: is the mean MIA-Efficacy inside the floor's 95% interval (the
     MIA-Efficacy an independently retrained oracle scores)?"""
-    ci = None if floor is None else result.spread.get(f"{floor.family}/{floor.method}", {}).get("mia")
+    ci = None if floor is None else _interval(result, floor, "mia")
     if ci is None or ci.half is None:
         return None
     inside = "inside" if row.scores.mia in ci else "outside"
