@@ -337,7 +337,12 @@ def main(argv: list[str] | None = None) -> int:
             help="first select every method's setting by the declared protocol (kmem.unlearn.protocol) on "
             "this request drawn with the selection seed, never reported (default request: 10%%)",
         )  # fmt: skip
-        cmd.add_argument("--out", default="kmem-report", help="report folder (default: ./kmem-report)")
+        cmd.add_argument(
+            "--out",
+            default="kmem-report",
+            help="report folder (default: ./kmem-report); finished pieces stay in OUT/parts, so a rerun "
+            "resumes and the same command in a second shell shares the work",
+        )
         cmd.add_argument("--no-progress", action="store_true", help="no progress bars or lines")
     demo.set_defaults(func=_demo)
     evaluate.set_defaults(func=_eval)

@@ -10,20 +10,23 @@ family's oracle. The report (Markdown + PNG plots + JSON) goes to ``out``.
 
 from __future__ import annotations
 
+import functools
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .data import load_dataset
 from .models.samples import Samples, samples
 from .unlearn import posthoc, protocol, tuning
 from .unlearn.evaluate import MEMORY_FAMILIES, ORACLE_SEED_OFFSET, Setup, evaluate
+from .unlearn.parts import Parts, Unit
 from .unlearn.protocol import SELECTION_SEED, Setting, evaluation_seeds
 from .unlearn.report import summary, write_report
-from .unlearn.requests import parse_request
+from .unlearn.requests import ForgetRequest, parse_request
 from .unlearn.results import RequestResult
 
 FAMILIES = (*MEMORY_FAMILIES, "baseline")
@@ -117,15 +120,16 @@ def run(
     )
     if tune is not None:
         parse_request(tune, train.ids, train.labels, SELECTION_SEED)  # a bad spec fails before any training
-        tuned = tuning.tune(train, test, tune, setup, families, grids)
-        setup = replace(
-            setup,
-            tuned=tuned.configs,
-            recipes={m: {**setup.recipes.get(m, {}), **r} for m, r in tuned.recipes.items()},
-        )
-    results = [
-        r for s in runs for r in evaluate(data, train, test, asked[s], replace(setup, seed=s), families)
-    ]
+    done = Parts(Path(out) / "parts", log=None if progress is False else sys.stderr).run(
+        _units(data, train, test, specs, asked, setup, families, tune, grids)
+    )
+    tuned = tuning.Tuned.merge(
+        [tuning.Tuned.from_json(done[name]) for name in done if name.startswith("select-")]
+    )
+    results = []
+    for s in runs:
+        per_family = [[RequestResult.from_json(r) for r in done[f"eval-seed{s}-{f}"]] for f in families]
+        results += [functools.reduce(RequestResult.merged, same) for same in zip(*per_family, strict=True)]
     lines = _setup_lines(data, train, test, setup, families, mode, runs)
     if tune is not None:
         lines += [f"tuning protocol, on request {tune}: {line}" for line in protocol.describe()]
@@ -140,6 +144,71 @@ def run(
         selected=tuned.selected() if tune is not None else None,
     )
     return DemoResult(results, report, summary(results))
+
+
+def _units(
+    data: str,
+    train: Samples,
+    test: Samples,
+    specs: Sequence[str],
+    asked: Mapping[int, Sequence[ForgetRequest]],
+    setup: Setup,
+    families: Sequence[str],
+    tune: str | None,
+    grids: Mapping[str, Sequence[Setting]] | None,
+) -> list[Unit]:
+    """The run's pieces (:mod:`kmem.unlearn.parts`): with ``tune``, one selection per
+    memory family and one for the baseline's post-hoc methods; then one evaluation per
+    seed and family, which reads its family's selection."""
+    common = {
+        "kmem": __version__,
+        "data": data,
+        "train": len(train),
+        "test": len(test),
+        "setup": {k: v for k, v in asdict(setup).items() if k not in ("seed", "progress")},
+    }
+    units = []
+    if tune is not None:
+        for family in families:
+            units.append(
+                Unit(
+                    f"select-{family}",
+                    key=lambda _, f=family: {**common, "tune": tune, "family": f, "grids": grids},
+                    compute=lambda _, f=family: tuning.tune(train, test, tune, setup, [f], grids).to_json(),
+                )
+            )
+    for s in asked:
+        for family in families:
+            needs = (f"select-{family}",) if tune is not None else ()
+            units.append(
+                Unit(
+                    f"eval-seed{s}-{family}",
+                    key=lambda got, s=s, f=family: {
+                        **common,
+                        "seed": s,
+                        "family": f,
+                        "requests": list(specs),
+                        "selected": got,
+                    },
+                    compute=lambda got, s=s, f=family: [
+                        r.to_json()
+                        for r in evaluate(data, train, test, asked[s], _with(setup, got, seed=s), [f])
+                    ],
+                    needs=needs,
+                )
+            )
+    return units
+
+
+def _with(setup: Setup, selections: Mapping[str, Any], seed: int) -> Setup:
+    """``setup`` for ``seed`` running with the settings the ``selections`` (Tuned JSON) chose."""
+    tuned = tuning.Tuned.merge([tuning.Tuned.from_json(t) for t in selections.values()])
+    return replace(
+        setup,
+        seed=seed,
+        tuned={**setup.tuned, **tuned.configs},
+        recipes={m: {**setup.recipes.get(m, {}), **r} for m, r in tuned.recipes.items()} or setup.recipes,
+    )
 
 
 def _setup_lines(

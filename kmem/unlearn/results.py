@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .metrics import Scores
@@ -96,3 +96,29 @@ class RequestResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RequestResult:
+        """The inverse of :meth:`to_json` for one seed's result (an aggregate's ``spread``
+        stays plain dicts)."""
+        fields = dict(data)
+        fields["rows"] = [MethodResult(r["family"], r["method"], Scores(**r["scores"])) for r in data["rows"]]
+        fields["exactness"] = [Exactness(**e) for e in data["exactness"]]
+        return cls(**fields)
+
+    def merged(self, other: RequestResult) -> RequestResult:
+        """This request's result with ``other``'s families (the same request and seed, run
+        apart) appended: rows, times, exactness, and the notes not already here."""
+        if (other.dataset, other.request, other.seed) != (self.dataset, self.request, self.seed):
+            raise ValueError(
+                f"cannot merge {other.dataset}/{other.request}/seed {other.seed} into "
+                f"{self.dataset}/{self.request}/seed {self.seed}"
+            )
+        return replace(
+            self,
+            rows=[*self.rows, *other.rows],
+            retrain_seconds={**self.retrain_seconds, **other.retrain_seconds},
+            step_seconds={**self.step_seconds, **other.step_seconds},
+            exactness=[*self.exactness, *other.exactness],
+            notes=[*self.notes, *(n for n in other.notes if n not in self.notes)],
+        )

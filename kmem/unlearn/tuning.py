@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -40,6 +41,22 @@ class Tuned:
     def selected(self) -> dict[str, Setting]:
         """Every method's and family's chosen setting, by name (for ``results.json``)."""
         return {**self.recipes, **self.configs}
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Tuned:
+        return cls(dict(data["recipes"]), dict(data["configs"]), [Selection(**s) for s in data["selections"]])
+
+    @classmethod
+    def merge(cls, parts: Sequence[Tuned]) -> Tuned:
+        """One record of several selections made apart (e.g. one per family)."""
+        return cls(
+            {k: v for t in parts for k, v in t.recipes.items()},
+            {k: v for t in parts for k, v in t.configs.items()},
+            [s for t in parts for s in t.selections],
+        )
 
 
 def tune(
