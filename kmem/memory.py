@@ -8,7 +8,6 @@ import math
 import operator
 import threading
 import uuid
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from . import _checks, compiled_reads, ops, snapshot
 from .ledger import Ledger
+from .slot_index import SlotIndex, repeats
 
 IdsLike = torch.Tensor | Iterable[int] | int
 
@@ -31,8 +31,9 @@ class KeyMemory:
     ``values [capacity, value_dim]`` (vector values) or int64 ``[capacity]`` (class
     labels), and ``slot_ids [capacity]`` int64 holding each slot's id, ``-1`` for a free
     or deleted slot -- the tombstone mask every op skips. Rows fill slots in insertion
-    order; an ``id -> slot`` dict makes ``delete`` O(1) per id: it marks the slot dead
-    and zeroes its key and value bytes at once. :meth:`compact` later moves the live rows
+    order; an ``id -> slot`` index (:class:`~kmem.slot_index.SlotIndex`, sorted tensors)
+    finds them, and ``delete`` marks the slots dead and zeroes their key and value bytes
+    at once. :meth:`compact` later moves the live rows
     to the front, keeping their order, so the memory is then identical to one that only
     ever received the surviving rows.
 
@@ -125,9 +126,10 @@ class KeyMemory:
         self.edits = 0
         self._lock = threading.RLock()  # re-entrant: delete compacts, load adds
         self._handle = compiled_reads.register(self)
-        self._slot_of: dict[int, int] = {}
         self._used = 0  # slots [0, _used) have held a row since the last compaction
+        self._rows = 0  # live rows
         self._keys, self._values, self._slot_ids = self._allocate(capacity)
+        self._index = SlotIndex(self._slot_ids)
 
     # ------------------------------------------------------------------ state
     @property
@@ -148,13 +150,20 @@ class KeyMemory:
     def num_dead(self) -> int:
         """Deleted rows whose slots :meth:`compact` has not reclaimed yet."""
         with self._lock:
-            return self._used - len(self._slot_of)
+            return self._used - self._rows
 
     def __len__(self) -> int:
-        return len(self._slot_of)
+        return self._rows
 
     def __contains__(self, id_: object) -> bool:
-        return holds(self._slot_of, id_)
+        with self._lock:
+            return self._index.holds(id_, self._slot_ids)
+
+    def has(self, ids: IdsLike) -> torch.Tensor:
+        """``id in memory`` for many ids at once: bool ``[n]``, on the memory's device."""
+        ids = _id_tensor("ids", ids).to(self.device)
+        with self._lock:
+            return self._index.find(ids, self._slot_ids) >= 0
 
     def __getstate__(self) -> dict:
         if self.ledger is not None:
@@ -223,14 +232,14 @@ class KeyMemory:
 
         Raises ``TypeError``/``ValueError`` naming the argument; nothing is added then.
         """
-        id_list = self._check_new_ids(ids)
-        n = len(id_list)
+        n = len(self._check_new_ids(ids))
         self._check_keys("keys", keys, n)
         self._check_values(values, n)
         keys = _cast("keys", keys, self.dtype)
         values = values.detach() if self.is_labels else _cast("values", values, self.dtype)
+        ids = ids.to(self.device)
         with self._lock:
-            live = [i for i in id_list if i in self._slot_of]
+            live = ids[self._index.find(ids, self._slot_ids) >= 0].tolist()
             if live:
                 raise ValueError(f"{len(live)} id(s) already in the memory, e.g. {live[:5]}")
             if not n:
@@ -239,14 +248,17 @@ class KeyMemory:
             rows = slice(self._used, self._used + n)
             self._keys[rows] = keys
             self._values[rows] = values
-            self._slot_ids[rows] = ids.to(self.device)
-            self._slot_of.update(zip(id_list, range(self._used, self._used + n), strict=True))
+            self._slot_ids[rows] = ids
+            slots = torch.arange(self._used, self._used + n, device=self.device)
+            self._index.insert(ids, slots, self._slot_ids)
             self._used += n
+            self._rows += n
             self.version += 1
             self.edits += 1
 
     def delete(self, ids: IdsLike, *, request_id: str | None = None, reason: str | None = None) -> int:
-        """Delete rows by id; returns how many. O(1) per id in the memory's size.
+        """Delete rows by id; returns how many. O(n log N) for n ids of N rows, in a few
+        vectorised passes.
 
         The slots are marked dead and their key and value bytes overwritten with zeros
         before this returns. Unknown or repeated ids raise (``KeyError`` /
@@ -258,10 +270,7 @@ class KeyMemory:
         Without a ledger, ``request_id`` and ``reason`` raise ``ValueError``: nothing
         would record them.
         """
-        id_list = _id_list("ids", ids)
-        id_set = set(id_list)
-        if len(id_set) != len(id_list):
-            raise ValueError(f"ids repeats {_repeats(id_list)[:5]}")
+        ids = _id_tensor("ids", ids).to(self.device)
         with self._lock:
             ledger = self.ledger
             if ledger is None and (request_id is not None or reason is not None):
@@ -269,57 +278,51 @@ class KeyMemory:
                     "request_id and reason are kept by a ledger and this memory has none: "
                     "attach one with KeyMemory(..., ledger=kmem.Ledger(path)) or mem.ledger = ..."
                 )
-            if not id_set <= self._slot_of.keys():  # a set operation in C: the common case is cheap
-                unknown = [i for i in id_list if i not in self._slot_of]
-                raise KeyError(
-                    f"{len(unknown)} id(s) not in the memory, e.g. {unknown[:5]}; nothing was deleted"
-                )
-            if not id_list:
+            if not len(ids):
                 return 0
+            slots = self._index.take(ids, self._slot_ids, "in the memory", distinct=True, verb="deleted")
             if ledger is None:
-                self._scrub(id_list)
+                self._scrub(slots)
             else:
-                self._scrub_recorded(ledger, id_list, request_id or uuid.uuid4().hex, reason)
+                self._scrub_recorded(ledger, ids, slots, request_id or uuid.uuid4().hex, reason)
             if self.compact_threshold is not None and self.num_dead > self.compact_threshold * self._used:
                 self.compact()
-        return len(id_list)
+        return len(ids)
 
-    def _scrub(self, id_list: list[int]) -> None:
-        """Tombstone the live rows ``id_list`` and zero their key and value bytes."""
-        slots = torch.tensor(list(map(self._slot_of.pop, id_list)), dtype=torch.int64, device=self.device)
+    def _scrub(self, slots: torch.Tensor) -> None:
+        """Tombstone the rows at ``slots`` (int64, live, distinct) -- which takes their ids
+        out of the index -- and zero their key and value bytes."""
         self._keys.index_fill_(0, slots, 0)
         self._values.index_fill_(0, slots, 0)
         self._slot_ids.index_fill_(0, slots, -1)
+        self._rows -= len(slots)
         self.version += 1
         self.edits += 1
 
     def _scrub_recorded(
-        self, ledger: Ledger, id_list: list[int], request_id: str, reason: str | None
+        self, ledger: Ledger, ids: torch.Tensor, slots: torch.Tensor, request_id: str, reason: str | None
     ) -> None:
         """:meth:`_scrub` inside the ledger transaction of its receipt; any failure
-        (of the scrub, the receipt or the commit) restores the rows."""
-        slot_list = list(map(self._slot_of.__getitem__, id_list))
-        slots = torch.tensor(slot_list, dtype=torch.int64, device=self.device)
+        (of the scrub, the receipt or the commit) restores the rows and their ids."""
         # The rows' only copy outside the buffers, to undo with; zeroed below either way.
         saved = (self._keys.index_select(0, slots), self._values.index_select(0, slots))
-        version, rows = self.version, len(self._slot_of)
+        version, rows = self.version, self._rows
         try:
             with ledger.record(
                 request_id=request_id,
                 reason=reason,
-                ids=id_list,
+                ids=ids.tolist(),
                 version_before=version,
                 version_after=version + 1,
                 rows_before=rows,
-                rows_after=rows - len(id_list),
+                rows_after=rows - len(ids),
             ):
-                self._scrub(id_list)
+                self._scrub(slots)
         except BaseException:
-            self._slot_of.update(zip(id_list, slot_list, strict=True))
             self._keys.index_copy_(0, slots, saved[0])
             self._values.index_copy_(0, slots, saved[1])
-            self._slot_ids.index_copy_(0, slots, torch.tensor(id_list, dtype=torch.int64, device=self.device))
-            self.version = version
+            self._slot_ids.index_copy_(0, slots, ids)  # which puts the ids back in the index
+            self.version, self._rows = version, rows
             raise
         finally:
             for t in saved:
@@ -341,8 +344,8 @@ class KeyMemory:
                 # A byte copy: every backend gives the same bits.
                 ops.compact_rows(src[: self._used], keep, dst)
             self._keys, self._values, self._slot_ids = new
-            self._used = len(self._slot_of)
-            self._slot_of = dict(zip(self._slot_ids[: self._used].tolist(), range(self._used), strict=True))
+            self._used = self._rows
+            self._index.rebuild(self._slot_ids)
             self.version += 1
             self.edits += 1
             return reclaimed
@@ -377,14 +380,11 @@ class KeyMemory:
     def get(self, ids: IdsLike) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies ``(keys [n, key_dim], values)`` of the live rows ``ids``, in that order.
 
-        ``KeyError`` for an id not in the memory. O(n) in the ids asked for.
+        ``KeyError`` for an id not in the memory.
         """
-        id_list = _id_list("ids", ids)
+        ids = _id_tensor("ids", ids).to(self.device)
         with self._lock:
-            unknown = [i for i in id_list if i not in self._slot_of]
-            if unknown:
-                raise KeyError(f"{len(unknown)} id(s) not in the memory, e.g. {unknown[:5]}")
-            slots = torch.tensor([self._slot_of[i] for i in id_list], dtype=torch.int64, device=self.device)
+            slots = self._index.take(ids, self._slot_ids, "in the memory", distinct=False, verb="read")
             return self._keys.index_select(0, slots), self._values.index_select(0, slots)
 
     def attend(
@@ -508,7 +508,7 @@ class KeyMemory:
             values = _cast("values", values, self._values.dtype)
         id_list = slot_ids[live].tolist()
         if len(set(id_list)) != len(id_list):
-            raise ValueError(f"slot_ids repeats {_repeats(id_list)[:5]}")
+            raise ValueError(f"slot_ids repeats {repeats(id_list)[:5]}")
         with self._lock:
             new = self._allocate(max(n, 1))
             for dst, src in zip(new, (keys, values, slot_ids.to(self.device)), strict=True):
@@ -517,8 +517,8 @@ class KeyMemory:
             new[0].index_fill_(0, dead, 0)  # a dead slot never holds bytes, whatever was loaded
             new[1].index_fill_(0, dead, 0)
             self._keys, self._values, self._slot_ids = new
-            self._slot_of = dict(zip(id_list, torch.nonzero(live).reshape(-1).tolist(), strict=True))
-            self._used = n
+            self._index.rebuild(self._slot_ids)
+            self._used, self._rows = n, len(id_list)
             self.version = version
             self.edits += 1
 
@@ -590,7 +590,7 @@ class KeyMemory:
         if any(i < 0 for i in id_list):
             raise ValueError("ids must be >= 0 (-1 marks an empty slot)")
         if len(set(id_list)) != len(id_list):
-            raise ValueError(f"ids repeats {_repeats(id_list)[:5]}")
+            raise ValueError(f"ids repeats {repeats(id_list)[:5]}")
         return id_list
 
     def _check_keys(self, name: str, keys: object, n: int) -> None:
@@ -649,23 +649,26 @@ def _id_list(name: str, ids: IdsLike) -> list[int]:
         raise TypeError(f"{name} must be an int64 tensor, an int or an iterable of ints") from None
 
 
+def _id_tensor(name: str, ids: IdsLike) -> torch.Tensor:
+    """Ids as int64 ``[n]`` (a tensor's own device, else CPU), from what :func:`_id_list`
+    takes; a tensor is only reshaped, not copied to a list. ``KeyError`` for an int
+    beyond int64: it can be no row's id."""
+    if isinstance(ids, torch.Tensor):
+        _checks.int64(name, ids)
+        _checks.concrete(name, ids)
+        if ids.dim() > 1:
+            raise ValueError(f"{name} must be a scalar or 1-D, got shape {list(ids.shape)}")
+        return ids.reshape(-1)
+    id_list = _id_list(name, ids)
+    if beyond := [i for i in id_list if not -(2**63) <= i < 2**63]:
+        raise KeyError(f"{name} {beyond[:5]} beyond int64 are no row's ids; nothing was changed")
+    return torch.tensor(id_list, dtype=torch.int64)
+
+
 def _index(i: object) -> int:
     if isinstance(i, bool):
         raise TypeError("bool is not an id")
     return operator.index(i)
-
-
-def holds(ids: dict[int, int], id_: object) -> bool:
-    """``id_ in ids`` for an id map: only integers are ids (``int()`` would make 2.9,
-    ``'2'`` and ``tensor(2.5)`` mean 2)."""
-    try:
-        return _index(id_) in ids
-    except TypeError:
-        return False
-
-
-def _repeats(values: list[int]) -> list[int]:
-    return sorted(v for v, count in Counter(values).items() if count > 1)
 
 
 class _EditGuard(torch.autograd.Function):

@@ -74,6 +74,26 @@ def test_optimiser_state_follows_rows_across_growth_deletion_and_compaction():
     assert torch.equal(a.get([7, 0]), b.get([7, 0]))
 
 
+def test_released_state_leaves_deletion_to_the_rows_and_restarts_at_zero():
+    torch.manual_seed(0)
+    a = ExemplarTokens(3)
+    a.add(torch.arange(4), torch.randn(4, 3))
+    _train_steps(a, {i: torch.randn(3) for i in range(4)})
+    with_state = a.fingerprint()
+    a.release_state()
+    assert a.exp_avg is None and a.fingerprint() != with_state  # the state is gone, not hidden
+    a.delete([1])
+    assert a.ids.tolist() == [0, -1, 2, 3] and torch.equal(a.weight.detach()[1], torch.zeros(3))
+    a.add(torch.tensor([9]), torch.ones(1, 3))  # grows without state
+    assert a.exp_avg is None and len(a) == 4
+    _train_steps(a, {0: torch.ones(3)})  # restarts at zero, like a loaded checkpoint
+    assert a.steps.tolist() == [1, 0, 0, 0, 0] and a.exp_avg.shape == (5, 3)
+
+
+def test_trained_model_keeps_no_optimiser_state(model):
+    assert model.tokens.exp_avg is None and model.tokens.steps is None
+
+
 def test_token_table_refuses_bad_ids():
     t = ExemplarTokens(2)
     t.add(torch.tensor([1, 2]), torch.zeros(2, 2))

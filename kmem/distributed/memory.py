@@ -24,9 +24,10 @@ import torch.distributed as dist
 
 from .. import _checks, ops, snapshot
 from ..ledger import Ledger
-from ..memory import _DTYPES, IdsLike, KeyMemory, _cast, _id_list, _repeats
+from ..memory import _DTYPES, IdsLike, KeyMemory, _cast, _id_list
 from ..memory import _SNAPSHOT_KEYS as _MEMORY_KEYS
 from ..ops import reference
+from ..slot_index import repeats
 from . import merge
 from .comm import Comm
 from .routing import owner_of
@@ -230,8 +231,8 @@ class ShardedKeyMemory:
             got = ints[:, 0].tolist()
             err = None
             if len(set(got)) != len(got):
-                err = ValueError(f"ids repeat across ranks: {_repeats(got)[:5]}; nothing was added")
-            elif live := [i for i in got if i in shard]:
+                err = ValueError(f"ids repeat across ranks: {repeats(got)[:5]}; nothing was added")
+            elif live := ints[:, 0][shard.has(ints[:, 0])].tolist():
                 err = ValueError(
                     f"{len(live)} id(s) already in the memory, e.g. {live[:5]}; nothing was added"
                 )
@@ -264,7 +265,7 @@ class ShardedKeyMemory:
                         "rank's ShardedKeyMemory one with ShardedKeyMemory(..., ledger=kmem.Ledger(path))"
                     )
                 if len(set(id_list)) != len(id_list):
-                    raise ValueError(f"ids repeats {_repeats(id_list)[:5]}")
+                    raise ValueError(f"ids repeats {repeats(id_list)[:5]}")
                 wanted = torch.tensor(id_list, dtype=torch.int64, device=self.device)
                 owner = owner_of(wanted, comm.world_size)
                 counts = torch.bincount(owner, minlength=comm.world_size).tolist()
@@ -275,11 +276,12 @@ class ShardedKeyMemory:
             total = sum(sum(a[0]) for a in asked)
             if not total:
                 return 0
-            got = comm.all_to_all(wanted[owner.argsort(stable=True)], "delete", counts, recv).tolist()
+            got_t = comm.all_to_all(wanted[owner.argsort(stable=True)], "delete", counts, recv)
+            got = got_t.tolist()
             err = None
-            unknown = [i for i in got if i not in shard]
+            unknown = got_t[~shard.has(got_t)].tolist()
             if len(set(got)) != len(got):
-                err = ValueError(f"ids repeat across ranks: {_repeats(got)[:5]}; nothing was deleted")
+                err = ValueError(f"ids repeat across ranks: {repeats(got)[:5]}; nothing was deleted")
             elif unknown:
                 err = KeyError(
                     f"{len(unknown)} id(s) not in the memory, e.g. {unknown[:5]}; nothing was deleted"

@@ -23,7 +23,8 @@ import hashlib
 import torch
 from torch import nn
 
-from ..memory import IdsLike, _id_list, holds
+from ..memory import IdsLike, _id_tensor
+from ..slot_index import SlotIndex, repeats
 
 
 class ExemplarTokens(nn.Module):
@@ -48,45 +49,49 @@ class ExemplarTokens(nn.Module):
         self.compact_threshold = compact_threshold
         self.weight = nn.Parameter(torch.empty(0, dim))
         self.register_buffer("ids", torch.empty(0, dtype=torch.int64))
-        # Optimiser state: not part of a checkpoint (training restarts it).
+        # Optimiser state: not part of a checkpoint, and released (None) when training
+        # ends -- :meth:`step` restarts it at zero, as after loading a checkpoint.
         self.register_buffer("exp_avg", torch.empty(0, dim), persistent=False)
         self.register_buffer("exp_avg_sq", torch.empty(0, dim), persistent=False)
         self.register_buffer("steps", torch.empty(0, dtype=torch.int64), persistent=False)
-        self._row_of: dict[int, int] = {}
+        self._index = SlotIndex(self.ids)
+        self._dead = 0  # rows deleted since the last compaction
 
     def __len__(self) -> int:
-        return len(self._row_of)
+        return self.weight.shape[0] - self._dead
 
     def __contains__(self, id_: object) -> bool:
-        return holds(self._row_of, id_)
+        return self._index.holds(id_, self.ids)
 
     # -------------------------------------------------------------- rows
     def add(self, ids: torch.Tensor, tokens: torch.Tensor) -> None:
         """Append rows ``ids`` (int64 ``[n]``, new) holding ``tokens [n, dim]``, state zero."""
-        id_list = _id_list("ids", ids)
-        if tokens.shape != (len(id_list), self.dim):
-            raise ValueError(f"tokens must be [{len(id_list)}, {self.dim}], got {list(tokens.shape)}")
-        taken = [i for i in id_list if i in self._row_of]
-        if taken or len(set(id_list)) != len(id_list) or any(i < 0 for i in id_list):
-            raise ValueError(f"ids must be new, distinct and >= 0 (already held: {taken[:5]})")
+        ids = _id_tensor("ids", ids).to(self.ids.device)
+        m = len(ids)
+        if tokens.shape != (m, self.dim):
+            raise ValueError(f"tokens must be [{m}, {self.dim}], got {list(tokens.shape)}")
+        taken = ids[self._index.find(ids, self.ids) >= 0].tolist()
+        if taken or bool((ids < 0).any()) or len(ids.unique()) != m:
+            raise ValueError(
+                f"ids must be new, distinct and >= 0 (already held: {taken[:5]}, "
+                f"repeated: {repeats(ids.tolist())[:5]})"
+            )
         n = self.weight.shape[0]
         self._set_rows(
             torch.cat([self.weight.detach(), tokens.detach().to(self.weight.dtype)]),
-            torch.cat([self.ids, torch.as_tensor(id_list, dtype=torch.int64)]),
-            torch.cat([self.exp_avg, torch.zeros(len(id_list), self.dim)]),
-            torch.cat([self.exp_avg_sq, torch.zeros(len(id_list), self.dim)]),
-            torch.cat([self.steps, torch.zeros(len(id_list), dtype=torch.int64)]),
+            torch.cat([self.ids, ids]),
+            *(torch.cat([t, t.new_zeros(m, *t.shape[1:])]) for t in self._state()),
         )
-        self._row_of.update(zip(id_list, range(n, n + len(id_list)), strict=True))
+        self._index.insert(ids, torch.arange(n, n + m, device=ids.device), self.ids)
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Row of each id (any shape, int64; ``-1`` stays ``-1``); ``KeyError`` if unknown."""
-        flat = ids.reshape(-1).tolist()
-        try:
-            rows = [-1 if i < 0 else self._row_of[i] for i in flat]
-        except KeyError as err:
-            raise KeyError(f"id {err.args[0]} has no exemplar token") from None
-        return torch.tensor(rows, dtype=torch.int64).reshape(ids.shape)
+        ids = ids.to(self.ids.device)
+        rows = self._index.find(ids, self.ids)
+        unknown = ids[(rows < 0) & (ids >= 0)]
+        if len(unknown):
+            raise KeyError(f"id {int(unknown[0])} has no exemplar token")
+        return rows
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """Tokens of ``ids`` (any shape) -> ``[*ids.shape, dim]``; zeros where ``ids == -1``.
@@ -97,7 +102,7 @@ class ExemplarTokens(nn.Module):
 
     def get(self, ids: IdsLike) -> torch.Tensor:
         """Copies of the tokens of ``ids`` ``[n, dim]`` (no gradient)."""
-        rows = self.rows(torch.as_tensor(_id_list("ids", ids), dtype=torch.int64))
+        rows = self.rows(_id_tensor("ids", ids))
         if bool((rows < 0).any()):
             raise KeyError("ids must be >= 0")
         return self.weight.detach()[rows].clone()
@@ -106,21 +111,18 @@ class ExemplarTokens(nn.Module):
         """Delete rows by id: weight and optimiser state zeroed, id freed; returns how many.
         Unknown ids raise ``KeyError``, repeated ones ``ValueError``, and then nothing is
         deleted."""
-        id_list = _id_list("ids", ids)
-        id_set = set(id_list)
-        if len(id_set) != len(id_list):
-            raise ValueError("ids repeat an id; nothing was deleted")
-        if not id_set <= self._row_of.keys():
-            unknown = [i for i in id_list if i not in self._row_of]
-            raise KeyError(f"{len(unknown)} id(s) have no exemplar token, e.g. {unknown[:5]}")
-        rows = torch.tensor(list(map(self._row_of.pop, id_list)), dtype=torch.int64)
+        ids = _id_tensor("ids", ids).to(self.ids.device)
+        if not len(ids):
+            return 0
+        rows = self._index.take(ids, self.ids, "with an exemplar token", distinct=True, verb="deleted")
         with torch.no_grad():
-            for t in (self.weight, self.exp_avg, self.exp_avg_sq, self.steps):
+            for t in (self.weight, *self._state()):
                 t.index_fill_(0, rows, 0)
-            self.ids.index_fill_(0, rows, -1)
-        if self.weight.shape[0] and (self.ids < 0).sum() > self.compact_threshold * self.weight.shape[0]:
+            self.ids.index_fill_(0, rows, -1)  # which takes the ids out of the index
+        self._dead += len(ids)
+        if self._dead > self.compact_threshold * self.weight.shape[0]:
             self.compact()
-        return len(id_list)
+        return len(ids)
 
     def compact(self) -> int:
         """Drop deleted rows, moving the live ones (weight and state together) to the
@@ -128,25 +130,31 @@ class ExemplarTokens(nn.Module):
         keep = self.ids >= 0
         dropped = int((~keep).sum())
         if dropped:
-            self._set_rows(
-                self.weight.detach()[keep],
-                self.ids[keep],
-                self.exp_avg[keep],
-                self.exp_avg_sq[keep],
-                self.steps[keep],
-            )
-            self._row_of = {i: r for r, i in enumerate(self.ids.tolist())}
+            self._set_rows(self.weight.detach()[keep], self.ids[keep], *(t[keep] for t in self._state()))
+            self._index.rebuild(self.ids)
         return dropped
 
-    def _set_rows(self, weight, ids, exp_avg, exp_avg_sq, steps) -> None:
+    def release_state(self) -> None:
+        """Free the optimiser state (at the end of training): it is not part of a
+        checkpoint, and deletion then scrubs only the rows. A later :meth:`step`
+        restarts it at zero."""
+        self.exp_avg = self.exp_avg_sq = self.steps = None
+
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        """The optimiser state ``(exp_avg, exp_avg_sq, steps)``, or ``()`` once released."""
+        return () if self.exp_avg is None else (self.exp_avg, self.exp_avg_sq, self.steps)
+
+    def _set_rows(self, weight, ids, exp_avg=None, exp_avg_sq=None, steps=None) -> None:
         # A new Parameter: rows changed number, so the optimiser state above (not a
         # torch.optim optimiser's, which would point at the old tensor) is what follows them.
         self.weight = nn.Parameter(weight.contiguous())
         self.ids, self.exp_avg, self.exp_avg_sq, self.steps = ids, exp_avg, exp_avg_sq, steps
+        self._dead = int((ids < 0).sum())
 
     def fingerprint(self, only: torch.Tensor | None = None) -> str:
         """SHA-256 of the live rows in order -- ids, tokens and their optimiser state
-        (moments, step counts) -- or of just the live rows whose id is in ``only`` (int64).
+        (moments, step counts; none once released) -- or of just the live rows whose id
+        is in ``only`` (int64).
 
         After deleting ids and compacting, the table fingerprints as it did before,
         restricted to the ids kept: the rows kept are untouched, the others gone.
@@ -155,7 +163,7 @@ class ExemplarTokens(nn.Module):
         if only is not None:
             keep &= torch.isin(self.ids, only)
         digest = hashlib.sha256()
-        for t in (self.ids, self.weight.detach(), self.exp_avg, self.exp_avg_sq, self.steps):
+        for t in (self.ids, self.weight.detach(), *self._state()):
             part = t[keep].contiguous()
             digest.update(str((part.dtype, tuple(part.shape))).encode())
             digest.update(part.view(torch.uint8).numpy().tobytes())
@@ -170,6 +178,12 @@ class ExemplarTokens(nn.Module):
         self.weight.grad = None
         if grad is None:
             return
+        if self.exp_avg is None:  # released: restart at zero
+            n = self.weight.shape[0]
+            self._set_rows(
+                self.weight.detach(), self.ids, torch.zeros(n, self.dim), torch.zeros(n, self.dim),
+                torch.zeros(n, dtype=torch.int64),
+            )  # fmt: skip
         grad = grad.coalesce() if grad.is_sparse else grad.to_sparse().coalesce()
         rows, g = grad.indices()[0], grad.values()
         b1, b2 = self.betas
@@ -184,12 +198,7 @@ class ExemplarTokens(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A checkpoint holds however many rows it holds: take its size, zero state.
         n = state_dict[prefix + "weight"].shape[0] if prefix + "weight" in state_dict else 0
-        self._set_rows(
-            torch.zeros(n, self.dim),
-            torch.full((n,), -1, dtype=torch.int64),
-            torch.zeros(n, self.dim),
-            torch.zeros(n, self.dim),
-            torch.zeros(n, dtype=torch.int64),
-        )
+        self._set_rows(torch.zeros(n, self.dim), torch.full((n,), -1, dtype=torch.int64))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._row_of = {i: r for r, i in enumerate(self.ids.tolist()) if i >= 0}
+        self._index.rebuild(self.ids)
+        self._dead = int((self.ids < 0).sum())

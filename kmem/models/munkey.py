@@ -203,6 +203,7 @@ class Munkey(Classifier):
 
     def end_training(self, train: Samples) -> None:
         self._neighbours = None
+        self.tokens.release_state()  # training is over: deletion then scrubs the tokens alone
         self.use_memories(self.memory_for(train))
 
     def _precompute(self, train: Samples) -> tuple[torch.Tensor, torch.Tensor]:

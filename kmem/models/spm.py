@@ -199,8 +199,8 @@ class SPM(Classifier):
         rows left out); ``excluding``: ids whose rows do not count (leave-batch-out)."""
         sums, counts = self._sums, self._counts
         if excluding is not None:
-            held = [i for i in excluding.tolist() if i in self.memory]
-            if held:
+            held = excluding[self.memory.has(excluding).to(excluding.device)]
+            if len(held):
                 keys, labels = self.memory.get(held)
                 sums = sums.index_add(0, labels, -_fixed(keys))
                 counts = counts.index_add(0, labels, -torch.ones_like(labels))
