@@ -43,6 +43,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kmem compiled kernels";
   m.def("compact_rows", &kmem::compact_rows, "Stable compaction of the kept rows of src into out",
         py::arg("src"), py::arg("keep"), py::arg("out"));
+  m.def("zero_rows", &kmem::zero_rows, "Overwrite the bytes of rows `rows` of dst with zeros", py::arg("dst"),
+        py::arg("rows"));
   m.def("search", &kmem::search, "Fused top-k search: slots [B, k] of the best live rows per query",
         py::arg("queries"), py::arg("keys"), py::arg("slot_ids"), py::arg("k"), py::arg("l2"),
         py::arg("exclude_ids") = py::none());

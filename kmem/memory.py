@@ -292,8 +292,8 @@ class KeyMemory:
     def _scrub(self, slots: torch.Tensor) -> None:
         """Tombstone the rows at ``slots`` (int64, live, distinct) -- which takes their ids
         out of the index -- and zero their key and value bytes."""
-        self._keys.index_fill_(0, slots, 0)
-        self._values.index_fill_(0, slots, 0)
+        ops.zero_rows(self._keys, slots)
+        ops.zero_rows(self._values, slots)
         self._slot_ids.index_fill_(0, slots, -1)
         self._rows -= len(slots)
         self.version += 1
@@ -514,8 +514,8 @@ class KeyMemory:
             for dst, src in zip(new, (keys, values, slot_ids.to(self.device)), strict=True):
                 dst[:n] = src
             dead = torch.nonzero(~live).reshape(-1).to(self.device)
-            new[0].index_fill_(0, dead, 0)  # a dead slot never holds bytes, whatever was loaded
-            new[1].index_fill_(0, dead, 0)
+            for t in new[:2]:  # a dead slot never holds bytes, whatever was loaded
+                ops.zero_rows(t, dead)
             self._keys, self._values, self._slot_ids = new
             self._index.rebuild(self._slot_ids)
             self._used, self._rows = n, len(id_list)

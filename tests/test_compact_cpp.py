@@ -1,4 +1,5 @@
-"""The compiled compaction kernel (kmem._C) against its reference twin."""
+"""The compiled row kernels of kmem._C -- compaction and the scrub of deleted rows --
+against their reference twins."""
 
 from __future__ import annotations
 
@@ -88,3 +89,54 @@ def test_reference_backend_on_request_does_not_touch_the_extension(ext):
     )
     assert reference_n == 5 and ext.call_count("compact_rows") == before
     assert reference.compact_rows is ops.OPS["compact_rows"].backends[-1].fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.bool])
+@pytest.mark.parametrize(("rows", "row_shape"), [(1, ()), (13, (3,)), (20011, (2, 5))])
+@pytest.mark.parametrize("picked", [0.0, 0.4, 1.0])
+def test_zero_rows_matches_reference(ext, dtype, rows, row_shape, picked):
+    dst_cpp = (torch.randn(rows, *row_shape) * 100 + 1).to(dtype)
+    dst_ref = dst_cpp.clone()
+    which = torch.randperm(rows)[: int(picked * rows)]
+    before = ext.call_count("zero_rows")
+    ops.zero_rows(dst_cpp, which, backend="cpp")
+    assert ext.call_count("zero_rows") == before + 1
+    ops.zero_rows(dst_ref, which, backend="reference")
+    assert torch.equal(dst_cpp, dst_ref)
+    untouched = torch.ones(rows, dtype=torch.bool).index_fill_(0, which, False)
+    assert not bool(dst_cpp[which].bool().any()) and torch.equal(dst_cpp[untouched], dst_ref[untouched])
+
+
+def test_zero_rows_is_an_in_place_edit_autograd_sees(ext):
+    keys = torch.randn(6, 4)
+    q = torch.randn(2, 4, requires_grad=True)
+    out = (q @ keys.T).square().sum()  # saves keys for backward
+    ops.zero_rows(keys, torch.tensor([1]), backend="cpp")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
+
+
+@pytest.mark.parametrize(
+    ("dst", "rows", "error"),
+    [
+        (torch.zeros(5, 2), torch.tensor([1.0]), TypeError),
+        (torch.zeros(5, 2), torch.tensor([[1]]), ValueError),
+        (torch.zeros(5, 2), torch.tensor([5]), IndexError),
+        (torch.zeros(5, 2), torch.tensor([-1]), IndexError),
+        (torch.zeros(2, 5).T, torch.tensor([0]), ValueError),  # not contiguous
+        (torch.zeros(()), torch.tensor([0]), ValueError),
+    ],
+)
+def test_zero_rows_bad_arguments(dst, rows, error):
+    before = dst.clone()
+    with pytest.raises(error):
+        ops.zero_rows(dst, rows)
+    assert torch.equal(dst, before)
+
+
+def test_a_deletion_scrubs_through_the_compiled_kernel(ext):
+    mem = kmem.KeyMemory(4, 3)
+    mem.add(torch.arange(10), torch.randn(10, 4), torch.randn(10, 3))
+    before = ext.call_count("zero_rows")
+    mem.delete([2, 7])
+    assert ext.call_count("zero_rows") == before + 2  # keys, values

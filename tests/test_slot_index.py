@@ -36,8 +36,8 @@ class Rows:
         self.index.rebuild(self.slot_ids)
         self.twin = {i: s for s, i in enumerate(live.tolist())}
 
-    def check(self, universe: int) -> None:
-        queries = torch.arange(-2, universe)
+    def check(self, universe: int, spread=lambda i: i) -> None:
+        queries = spread(torch.arange(-2, universe))
         want = [self.twin.get(i, -1) for i in queries.tolist()]
         assert self.index.find(queries, self.slot_ids).tolist() == want
         # any shape, as ExemplarTokens.rows asks
@@ -49,20 +49,45 @@ class Rows:
         )
 
 
-def test_index_follows_adds_deletes_returns_and_compaction_like_a_dict():
+SPREADS = {
+    "dense": lambda i: i,  # sample ids 0..N: the direct table
+    "sparse": lambda i: i * 7_919_000_003 + 10**12,  # hashes, say: the sorted arrays
+}
+
+
+@pytest.mark.parametrize("spread", SPREADS.values(), ids=SPREADS.keys())
+def test_index_follows_adds_deletes_returns_and_compaction_like_a_dict(spread):
     gen = torch.Generator().manual_seed(0)
     rows = Rows(4096)
     universe = 300
     for round_ in range(12):
-        absent = [i for i in torch.randperm(universe, generator=gen).tolist() if i not in rows.twin]
+        absent = [i for i in spread(torch.randperm(universe, generator=gen)).tolist() if i not in rows.twin]
         rows.add(absent[: int(torch.randint(1, 40, (), generator=gen))])  # deleted ids come back too
         live = list(rows.twin)
         picks = torch.randperm(len(live), generator=gen)[: len(live) // 3].tolist()
         rows.delete([live[p] for p in picks])
-        rows.check(universe)
+        rows.check(universe, spread)
         if round_ % 4 == 3:
             rows.compact()
-            rows.check(universe)
+            rows.check(universe, spread)
+    assert rows.index.dense is (spread is SPREADS["dense"])
+
+
+def test_index_moves_between_table_and_sorted_arrays_as_the_ids_spread():
+    rows = Rows(64)
+    rows.add(list(range(10)))
+    assert rows.index.dense
+    rows.add([10**15, 12])  # one far id: a table that long would not pay
+    assert not rows.index.dense
+    rows.check(20)
+    assert rows.index.find(torch.tensor([10**15]), rows.slot_ids).tolist() == [10]
+    rows.delete([10**15])
+    rows.compact()
+    assert rows.index.dense
+    rows.check(20)
+    rows.add([1000])  # within 2 x capacity + 1,024 of the table: it grows
+    assert rows.index.dense
+    rows.check(1001)
 
 
 def test_take_refuses_unknown_and_repeated_ids_and_changes_nothing():

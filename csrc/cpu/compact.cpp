@@ -1,7 +1,8 @@
-// Stable compaction: copy the kept rows of `src` to the front of `out`, in order.
+// Byte-level row edits of a memory's buffers: stable compaction (copy the kept rows of
+// `src` to the front of `out`, in order) and the scrub of deleted rows.
 //
 // Rows are moved as raw bytes, so one kernel serves keys, values and ids of any
-// dtype. Two passes over the (cheap) keep mask -- count per block, exclusive scan --
+// dtype. Compaction: Two passes over the (cheap) keep mask -- count per block, exclusive scan --
 // then every thread copies its block's runs of kept rows with one memcpy per run.
 #include "compact.h"
 
@@ -62,6 +63,34 @@ int64_t compact_rows(const at::Tensor& src, const at::Tensor& keep, at::Tensor& 
     }
   }
   return kept;
+}
+
+void zero_rows(at::Tensor& dst, const at::Tensor& rows) {
+  TORCH_CHECK(dst.device().is_cpu() && rows.device().is_cpu(), "zero_rows: all tensors must be on the CPU");
+  TORCH_CHECK(dst.dim() >= 1 && dst.is_contiguous(), "zero_rows: dst must be contiguous, at least 1-d");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(),
+              "zero_rows: rows must be a contiguous int64 vector");
+  count_call("zero_rows");
+
+  const int64_t n = rows.size(0), size = dst.size(0);
+  const int64_t row_bytes = size ? dst.numel() / size * dst.element_size() : 0;
+  const int64_t* r = rows.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(r[i] >= 0 && r[i] < size, "zero_rows: row ", r[i], " out of range");
+  char* d = static_cast<char*>(dst.data_ptr());
+  // The rows are scattered over a buffer far larger than the cache: each is a miss, so
+  // the lines of the row a few ahead are requested while this one is written.
+  constexpr int64_t ahead = 8;
+  const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(n / 4096 + 1)));
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + ahead < n) {
+      const char* next = d + r[i + ahead] * row_bytes;
+      for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(next + b, 1);
+    }
+    std::memset(d + r[i] * row_bytes, 0, row_bytes);
+  }
+  // An in-place edit, like index_fill_: a graph that saved dst must see it changed.
+  dst.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace kmem

@@ -23,6 +23,7 @@ import hashlib
 import torch
 from torch import nn
 
+from .. import ops
 from ..memory import IdsLike, _id_tensor
 from ..slot_index import SlotIndex, repeats
 
@@ -117,7 +118,7 @@ class ExemplarTokens(nn.Module):
         rows = self._index.take(ids, self.ids, "with an exemplar token", distinct=True, verb="deleted")
         with torch.no_grad():
             for t in (self.weight, *self._state()):
-                t.index_fill_(0, rows, 0)
+                ops.zero_rows(t, rows)
             self.ids.index_fill_(0, rows, -1)  # which takes the ids out of the index
         self._dead += len(ids)
         if self._dead > self.compact_threshold * self.weight.shape[0]:

@@ -1,4 +1,5 @@
-"""Functional ops of kmem: top-k search, top-k/dense attention and stable compaction.
+"""Functional ops of kmem: top-k search, top-k/dense attention, stable compaction and
+the scrub of deleted rows.
 
 Each op takes a ``backend`` argument: ``"auto"`` picks the first backend that can run
 the call; a name (``"reference"``, ``"cpp"``, ...) runs exactly that backend or raises
@@ -21,6 +22,7 @@ __all__ = [
     "compact_rows",
     "search",
     "topk_attention",
+    "zero_rows",
 ]
 
 
@@ -30,7 +32,7 @@ _CUDA = frozenset({"cuda"})
 _KEY_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
 
 OPS: dict[str, Op] = {
-    name: Op(name) for name in ("compact_rows", "search", "topk_attention", "dense_attention")
+    name: Op(name) for name in ("compact_rows", "zero_rows", "search", "topk_attention", "dense_attention")
 }
 
 
@@ -52,6 +54,7 @@ def _register_fused(
 
 fused.register("cpp", cpu.KERNELS)
 OPS["compact_rows"].register(Backend("cpp", cpu.compact_rows, _CPU, missing=cpu.missing))
+OPS["zero_rows"].register(Backend("cpp", cpu.zero_rows, _CPU, missing=cpu.missing))
 _register_fused("cpp", _CPU, cpu.missing)
 # On a GPU the hand-written CUDA kernels come before Triton's: they are tuned per
 # architecture, Triton's are portable (and the only compiled path under its interpreter).
@@ -65,6 +68,7 @@ OPS["compact_rows"].register(
 )
 
 OPS["compact_rows"].register(Backend("reference", reference.compact_rows, _ANY_DEVICE))
+OPS["zero_rows"].register(Backend("reference", reference.zero_rows, _ANY_DEVICE))
 OPS["search"].register(Backend("reference", reference.search_slots, _ANY_DEVICE))
 OPS["topk_attention"].register(Backend("reference", reference.topk_attention, _ANY_DEVICE))
 OPS["dense_attention"].register(Backend("reference", reference.dense_attention, _ANY_DEVICE))
@@ -184,3 +188,19 @@ def compact_rows(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor, *, ba
         raise ValueError(f"out must have src's dtype and row shape, got {out.dtype} {list(out.shape)}")
     impl = OPS["compact_rows"].select(backend, src.device, src.dtype)
     return impl.fn(src.contiguous(), keep.contiguous(), out)
+
+
+def zero_rows(dst: torch.Tensor, rows: torch.Tensor, *, backend: str = "auto") -> None:
+    """Overwrite the bytes of rows ``rows`` (int64 ``[n]``, in ``[0, N)``) of the contiguous
+    ``dst [N, ...]`` with zeros, in place: the scrub of deleted rows."""
+    _checks.tensor("dst", dst)
+    _checks.int64("rows", rows)
+    _checks.shape("rows", rows, (None,))
+    if dst.dim() < 1 or not dst.is_contiguous():
+        raise ValueError(f"dst must be a contiguous tensor of rows, got shape {list(dst.shape)}")
+    if rows.device != dst.device:
+        raise ValueError(f"rows is on {rows.device} but dst is on {dst.device}")
+    if len(rows) and not bool(((rows >= 0) & (rows < dst.shape[0])).all()):
+        raise IndexError(f"rows must lie in [0, {dst.shape[0]})")
+    impl = OPS["zero_rows"].select(backend, dst.device, dst.dtype)
+    impl.fn(dst, rows.contiguous())

@@ -76,4 +76,8 @@ def compact_rows(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> in
     return _ext.compiled().compact_rows(src, keep, out)
 
 
+def zero_rows(dst: torch.Tensor, rows: torch.Tensor) -> None:
+    _ext.compiled().zero_rows(dst, rows)
+
+
 KERNELS = KernelSet(search, attend_forward, attend_backward, dense_forward, dense_backward)

@@ -219,3 +219,8 @@ def compact_rows(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> in
     kept = src[keep]
     out[: kept.shape[0]] = kept
     return kept.shape[0]
+
+
+def zero_rows(dst: torch.Tensor, rows: torch.Tensor) -> None:
+    """Zero the rows ``rows`` (int64 ``[n]``) of ``dst [N, ...]`` in place."""
+    dst.index_fill_(0, rows, 0)
