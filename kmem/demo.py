@@ -157,9 +157,10 @@ def _units(
     tune: str | None,
     grids: Mapping[str, Sequence[Setting]] | None,
 ) -> list[Unit]:
-    """The run's pieces (:mod:`kmem.unlearn.parts`): with ``tune``, one selection per
-    memory family and one for the baseline's post-hoc methods; then one evaluation per
-    seed and family, which reads its family's selection."""
+    """The run's pieces (:mod:`kmem.unlearn.parts`): with ``tune``, one per grid point of
+    each memory family's selection and one selection made from them, and one selection
+    of the baseline's post-hoc methods; then one evaluation per seed and family, which
+    reads its family's selection."""
     common = {
         "kmem": __version__,
         "data": data,
@@ -170,11 +171,40 @@ def _units(
     units = []
     if tune is not None:
         for family in families:
+            select = {**common, "tune": tune, "family": family, "grids": grids}
+            if family == "baseline":  # its methods share one original and one oracle: one piece
+                units.append(
+                    Unit(
+                        "select-baseline",
+                        key=lambda _, k=select: k,
+                        compute=lambda _: tuning.tune(
+                            train, test, tune, setup, ["baseline"], grids
+                        ).to_json(),
+                    )
+                )
+                continue
+            # A memory family's points are independent runs: one piece each, so a long
+            # selection resumes point by point and two processes share its grid.
+            points = tuning.recipe_points(family, grids)
+            names = [f"point-{family}-{i}" for i in range(len(points))]
+            for name, point in zip(names, points, strict=True):
+                units.append(
+                    Unit(
+                        name,
+                        key=lambda _, k=select, p=point: {**k, "setting": p},
+                        compute=lambda _, f=family, p=point: tuning.score_recipe(
+                            train, test, tune, setup, f, p
+                        ),
+                    )
+                )
             units.append(
                 Unit(
                     f"select-{family}",
-                    key=lambda _, f=family: {**common, "tune": tune, "family": f, "grids": grids},
-                    compute=lambda _, f=family: tuning.tune(train, test, tune, setup, [f], grids).to_json(),
+                    key=lambda _, k=select: k,
+                    compute=lambda got, f=family, p=points, n=names: tuning.chosen_recipe(
+                        f, p, [got[name] for name in n]
+                    ).to_json(),
+                    needs=names,
                 )
             )
     for s in asked:

@@ -10,7 +10,7 @@ import pytest
 import kmem
 from kmem import demo
 from kmem.models import samples
-from kmem.unlearn import posthoc, protocol
+from kmem.unlearn import posthoc, protocol, tuning
 from kmem.unlearn.evaluate import ORACLE_SEED_OFFSET, Setup
 from kmem.unlearn.tuning import tune
 
@@ -86,3 +86,25 @@ def test_demo_runs_the_selected_settings_and_reports_them(digits, tmp_path, monk
     assert evaluation == [("FT", chosen, 0)]  # the evaluation seed ran the selected setting only
     text = (tmp_path / "report.md").read_text()
     assert f"selection request drawn with seed {protocol.SELECTION_SEED}" in text and "selected: FT" in text
+
+
+def test_a_memory_family_scored_point_by_point_selects_what_tune_selects(digits):
+    train, test = digits
+    setup = Setup(num_classes=10, epochs=1, methods=(), progress=False)
+    points = tuning.recipe_points("spm", GRIDS)
+    scores = [tuning.score_recipe(train, test, "10%", setup, "spm", p) for p in points]
+    assert (
+        tuning.chosen_recipe("spm", points, scores).to_json()
+        == tune(train, test, "10%", setup, ("spm",), GRIDS).to_json()
+    )
+
+
+def test_demo_keeps_each_recipe_point_as_its_own_piece(digits, tmp_path):
+    demo.run(
+        quick=True, out=tmp_path, families=("spm",), requests=["10%"], limit=300, epochs=1,
+        tune="10%", grids={"spm": GRIDS["spm"]}, progress=False, floor=False,
+    )  # fmt: skip
+    parts = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "parts").glob("*.json"))
+    assert parts == ["eval-seed0-spm", "point-spm-0", "point-spm-1", "select-spm"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["selected"]["spm"]["epochs"] in (1, 2)

@@ -9,6 +9,7 @@ here are never chosen by the figures later reported.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -74,12 +75,11 @@ def tune(
     the declared grids by name (for tests at a tiny size); the budget still applies.
     """
     grids = dict(grids or {})
-    # One MIA draw and no LiRA shadows: selection ranks settings by Avg. Gap, cheaply.
-    chosen = replace(setup, seed=SELECTION_SEED, floor=False, mia_draws=1, shadows=0)
+    chosen = _selection_setup(setup)
     asked = parse_request(request, train.ids, train.labels, SELECTION_SEED)
     sets = _Sets.split(train, test, asked, chosen)
     memory = [f for f in families if f != "baseline"]
-    points = {f: list(grids.get(f, protocol.FAMILY_GRIDS[f])) for f in memory}
+    points = {f: recipe_points(f, grids) for f in memory}
     if "baseline" in families:
         epochs = chosen.epochs or int(model_class("baseline").defaults["epochs"])
         for method in setup.methods:
@@ -107,6 +107,40 @@ def tune(
                 recipes[method] = selections[-1].setting
         step("done")
     return Tuned(recipes, configs, selections)
+
+
+def recipe_points(family: str, grids: Mapping[str, Sequence[Setting]] | None = None) -> list[Setting]:
+    """The recipe grid of memory family ``family`` (``grids`` replaces it by name)."""
+    return [dict(p) for p in (grids or {}).get(family, protocol.FAMILY_GRIDS[family])]
+
+
+def score_recipe(
+    train: Samples, test: Samples, request: str, setup: Setup, family: str, setting: Setting
+) -> float | None:
+    """One point of a memory family's selection on its own: the Avg. Gap of ``family``
+    with recipe ``setting`` on the selection request -- a piece a long run keeps apart
+    (:mod:`kmem.unlearn.parts`), so it resumes point by point and shares the grid out."""
+    chosen = _selection_setup(setup)
+    asked = parse_request(request, train.ids, train.labels, SELECTION_SEED)
+    sets = _Sets.split(train, test, asked, chosen)
+    with tempfile.TemporaryDirectory(prefix="kmem-tune-") as tmp:
+        score = _family_scorer(family, train, sets, asked, chosen, lambda _: None, Path(tmp))
+        return score(dict(setting), SELECTION_SEED)
+
+
+def chosen_recipe(family: str, points: Sequence[Setting], scores: Sequence[float | None]) -> Tuned:
+    """The selection of memory family ``family`` from its ``points`` already scored (by
+    :func:`score_recipe`), as :func:`tune` would make it."""
+    by_point = {json.dumps(p, sort_keys=True): s for p, s in zip(points, scores, strict=True)}
+    selection = protocol.select(
+        family, points, lambda setting, _: by_point[json.dumps(setting, sort_keys=True)]
+    )
+    return Tuned({}, {family: selection.setting}, [selection])
+
+
+def _selection_setup(setup: Setup) -> Setup:
+    # One MIA draw and no LiRA shadows: selection ranks settings by Avg. Gap, cheaply.
+    return replace(setup, seed=SELECTION_SEED, floor=False, mia_draws=1, shadows=0)
 
 
 def _posthoc_scorer(
