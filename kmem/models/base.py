@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..memory import IdsLike, KeyMemory
+from ..memory import IdsLike, KeyMemory, _id_tensor
 from .samples import Samples
 
 # Settings of the training loop every model accepts; families override the defaults.
@@ -35,6 +35,9 @@ class Classifier(nn.Module):
     # The dataset it was trained on, where known (``kmem train`` sets it, checkpoints keep
     # it): what ``kmem forget --data`` checks its test set against.
     dataset: str | None = None
+    # Exact mode: the sorted ids of the core the dense weights were fitted on (int64),
+    # which cannot be forgotten; None when the weights saw every training sample.
+    core_ids: torch.Tensor | None = None
 
     def __init__(self, num_classes: int, input_shape: tuple[int, ...] | list[int], **config: Any) -> None:
         super().__init__()
@@ -85,11 +88,33 @@ class Classifier(nn.Module):
     def forget(self, ids: IdsLike, *, request_id: str | None = None, reason: str | None = None) -> int:
         """Forget samples by id: delete their memory rows (no weight update, no data
         needed); returns how many. The memory's ledger, if any, records ``request_id``
-        and ``reason``. A model without a memory raises ``TypeError``."""
+        and ``reason``. A model without a memory raises ``TypeError``; in exact mode an
+        id of the :attr:`core` the dense weights were fitted on raises ``ValueError``,
+        and then nothing is deleted."""
+        if self.core_ids is not None:
+            asked = _id_tensor("ids", ids)
+            core = asked[torch.isin(asked, self.core_ids)].tolist()
+            if core:
+                raise ValueError(
+                    f"{len(core)} id(s) of the core, e.g. {core[:5]}: the dense weights were fitted on "
+                    "the core, so its samples cannot be forgotten by deleting rows; nothing was deleted"
+                )
+        return self._delete_rows(ids, request_id=request_id, reason=reason)
+
+    def _delete_rows(self, ids: IdsLike, *, request_id: str | None, reason: str | None) -> int:
+        """What :meth:`forget` does once the ids are known to be forgettable."""
         raise TypeError(
             f"{self.name} keeps no per-sample memory, so it cannot forget by deleting rows: "
             "what it learned from a sample is spread over its weights (retrain, or use a "
             "post-hoc unlearning method)"
+        )
+
+    def admit(self, samples: Samples) -> None:
+        """Give the trained model rows for ``samples`` its dense weights never saw (exact
+        mode, see :func:`~kmem.models.train`): each row a function of its own sample and
+        the frozen weights alone. A model without a memory raises ``TypeError``."""
+        raise TypeError(
+            f"{self.name} keeps no per-sample memory: samples can only reach it through its weights"
         )
 
     def memories(self) -> list[KeyMemory]:

@@ -4,7 +4,7 @@ One safetensors file (format ``kmem.Classifier``) written atomically with checks
 :mod:`kmem.snapshot`: the ``state_dict`` tensors under their own names, each memory's
 live rows as ``memory.<i>.ids|keys|values``, and as settings the family, its config,
 the dataset it was trained on (``model.dataset``, where known) and each memory's
-settings and version counter. Loading rebuilds the model from the
+settings and version counter; in exact mode the core's ids as ``core.ids``. Loading rebuilds the model from the
 settings, checks every tensor against its checksum and never unpickles anything.
 """
 
@@ -21,6 +21,7 @@ from .registry import model_class
 
 FORMAT = "kmem.Classifier"
 _MEMORY_FIELDS = ("ids", "keys", "values")
+_CORE = "core.ids"
 
 
 def save_checkpoint(model: Classifier, path: str | Path) -> None:
@@ -32,6 +33,8 @@ def save_checkpoint(model: Classifier, path: str | Path) -> None:
             rows = mem.state()
             memories.append({**mem._config(), "version": mem.version})
         tensors.update({f"memory.{i}.{f}": t for f, t in zip(_MEMORY_FIELDS, rows, strict=True)})
+    if model.core_ids is not None:
+        tensors[_CORE] = model.core_ids
     config = {
         "model": model.name,
         "num_classes": model.num_classes,
@@ -39,6 +42,7 @@ def save_checkpoint(model: Classifier, path: str | Path) -> None:
         "config": model.config,
         "dataset": model.dataset,
         "memories": memories,
+        "core": model.core_ids is not None,
     }
     snapshot.write(path, tensors, config, fmt=FORMAT)
 
@@ -54,9 +58,11 @@ def load_checkpoint(path: str | Path) -> Classifier:
     config = snapshot.read_config(path, fmt=FORMAT)
     try:
         model = model_class(config["model"])(config["num_classes"], config["input_shape"], **config["config"])
-        names = [*model.state_dict()] + [
-            f"memory.{i}.{f}" for i in range(len(config["memories"])) for f in _MEMORY_FIELDS
-        ]
+        names = (
+            [*model.state_dict()]
+            + [f"memory.{i}.{f}" for i in range(len(config["memories"])) for f in _MEMORY_FIELDS]
+            + ([_CORE] if config.get("core") else [])
+        )
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path} is not a valid kmem checkpoint: {err}") from err
     tensors, checked = snapshot.read(path, tuple(names), fmt=FORMAT)
@@ -64,6 +70,7 @@ def load_checkpoint(path: str | Path) -> Classifier:
         raise ValueError(f"{path} is corrupted: its settings changed while it was read")
     try:
         memories = [_memory(settings, tensors, i) for i, settings in enumerate(config["memories"])]
+        model.core_ids = tensors.pop(_CORE, None)  # absent from checkpoints written before exact mode
         model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith("memory.")}, strict=True)
         model.use_memories(memories)
         model.dataset = config.get("dataset")  # absent from checkpoints written before it was kept

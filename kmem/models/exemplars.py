@@ -98,8 +98,11 @@ class ExemplarTokens(nn.Module):
         """Tokens of ``ids`` (any shape) -> ``[*ids.shape, dim]``; zeros where ``ids == -1``.
         The gather is sparse: only these rows get gradient."""
         rows = self.rows(ids)
-        out = nn.functional.embedding(rows.clamp(min=0), self.weight, sparse=True)
-        return out * (rows >= 0).unsqueeze(-1)
+        found = rows >= 0
+        # Only the rows found are looked up: a -1 must not reach a row as a zero gradient,
+        # which step() would count as a step of that row.
+        tokens = nn.functional.embedding(rows[found], self.weight, sparse=True)
+        return self.weight.new_zeros(*rows.shape, self.dim).index_put((found,), tokens)
 
     def get(self, ids: IdsLike) -> torch.Tensor:
         """Copies of the tokens of ``ids`` ``[n, dim]`` (no gradient)."""

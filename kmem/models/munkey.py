@@ -48,6 +48,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..memory import IdsLike, KeyMemory
+from . import rowwise
 from .base import TRAINING, Classifier, check_ids
 from .exemplars import ExemplarTokens
 from .samples import Samples
@@ -63,8 +64,9 @@ class Munkey(Classifier):
     ``pathway_dropout``, ``aggregation`` (``"ensemble"``/``"single"``), ``token_lr``
     (the token table's lazy Adam), ``token_init`` (std of the tokens' normal
     initialisation), ``retrieve_self`` (training retrieval: False, leave-batch-out;
-    True, each sample's own top-k, its own row included), and the training settings.
-    Inputs: frozen features ``[B, F]``.
+    True, each sample's own top-k, its own row included), ``admit_steps`` (exact mode:
+    Adam steps fitting the token of a sample the dense weights never saw, see
+    :meth:`admit`), and the training settings. Inputs: frozen features ``[B, F]``.
     """
 
     name = "munkey"
@@ -83,6 +85,7 @@ class Munkey(Classifier):
         "token_lr": 0.1,
         "token_init": 0.02,
         "retrieve_self": True,
+        "admit_steps": 8,
     }
 
     def __init__(self, num_classes: int, input_shape: tuple[int, ...], **config: Any) -> None:
@@ -206,6 +209,57 @@ class Munkey(Classifier):
         self.tokens.release_state()  # training is over: deletion then scrubs the tokens alone
         self.use_memories(self.memory_for(train))
 
+    def admit(self, samples: Samples) -> None:
+        """Rows for ``samples`` the frozen model never trained on (exact mode), each token
+        fitted from its own sample alone.
+
+        A sample retrieves its own row and its top ``k - 1`` rows among those the model
+        held before this call (the core's), so what it reads depends on the core and on
+        itself, never on the other samples admitted. Its token starts as its nearest
+        such row's token and takes ``admit_steps`` lazy-Adam steps (``token_lr``) on its
+        own loss, in eval mode, every dense weight frozen. The per-sample losses are
+        summed, so the batch a sample is fitted in changes nothing of its token.
+        """
+        if not len(samples):
+            return
+        if self.memory.num_dead:
+            raise ValueError("admit rows before forgetting any: the memory has deleted rows")
+        k, steps = int(self.config["k"]), int(self.config["admit_steps"])
+        near = torch.cat([
+            self.memory.search(self.keys(samples.inputs[i : i + _SEARCH_BATCH]), max(k - 1, 1))[1]
+            for i in range(0, len(samples), _SEARCH_BATCH)
+        ])  # fmt: skip
+        found = torch.cat([samples.ids[:, None], near[:, : k - 1]], dim=1)
+        start, nearest = torch.zeros(len(samples), self.config["token_dim"]), near[:, 0]
+        start[nearest >= 0] = self.tokens.get(nearest[nearest >= 0])
+        self.tokens.add(samples.ids, start)
+        was, frozen = self.training, [p for p in self.parameters() if p is not self.tokens.weight]
+        needs = [p.requires_grad for p in frozen]
+        self.eval()
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
+            for rows, extra in tqdm(
+                list(rowwise.chunks(len(samples))), desc="munkey admit", disable=None, leave=False
+            ):
+                # Fixed-size chunks, padded with rows that find nothing: a token's steps
+                # go through the same kernels whatever the other samples are.
+                inputs, ids = (
+                    rowwise.pad(samples.inputs[rows], extra),
+                    rowwise.pad(samples.ids[rows], extra, -1),
+                )
+                lists, labels = rowwise.pad(found[rows], extra, -1), samples.labels[rows]
+                for _ in range(steps):
+                    logits = self._predict(inputs, lists, own=ids)[: len(labels)]
+                    nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+                    self.tokens.step()
+        finally:
+            for p, need in zip(frozen, needs, strict=True):
+                p.requires_grad_(need)
+            self.train(was)
+        self.tokens.release_state()
+        self.memory.add(samples.ids, self.keys(samples.inputs), self.tokens.get(samples.ids))
+
     def _precompute(self, train: Samples) -> tuple[torch.Tensor, torch.Tensor]:
         """Sorted train ids and, in that order, each sample's top ``k + margin`` rows
         (other rows, unless ``retrieve_self``).
@@ -250,7 +304,7 @@ class Munkey(Classifier):
         return lists[pos]
 
     # -------------------------------------------------------- forgetting
-    def forget(self, ids: IdsLike, *, request_id: str | None = None, reason: str | None = None) -> int:
+    def _delete_rows(self, ids: IdsLike, *, request_id: str | None, reason: str | None) -> int:
         """Delete the rows (key and token) from the memory and their tokens, with their
         optimiser state, from the table."""
         n = self.memory.delete(ids, request_id=request_id, reason=reason)

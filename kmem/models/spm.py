@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import ops
 from ..memory import IdsLike, KeyMemory
+from . import rowwise
 from .base import TRAINING, Classifier, batch_out, check_ids
 from .encoders import make_encoder
 from .samples import Samples
@@ -85,18 +86,16 @@ class SPM(Classifier):
         return self.w_q(self.encoder(inputs))
 
     @torch.no_grad()
-    def support_keys(self, inputs: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-        """The support keys ``Ws e(s)`` of ``inputs``: ``[n, key_dim]``, in eval mode, in
-        batches of ``batch_size``."""
+    def support_keys(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The support keys ``Ws e(s)`` of ``inputs``: ``[n, key_dim]``, in eval mode; each
+        row a function of its own input alone (:mod:`~kmem.models.rowwise`), so a
+        memory rebuilt from any subset holds the very same rows."""
         was = self.training
         self.eval()
         try:
-            keys = [
-                self.w_s(self.encoder(inputs[i : i + batch_size])) for i in range(0, len(inputs), batch_size)
-            ]
+            return rowwise.apply(lambda x: self.w_s(self.encoder(x)), inputs)
         finally:
             self.train(was)
-        return torch.cat(keys) if keys else torch.empty(0, self.config["key_dim"])
 
     def forward(self, inputs: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         q = self.queries(inputs)
@@ -155,8 +154,15 @@ class SPM(Classifier):
         self._train = None
         self.use_memories(self.memory_for(train))
 
+    def admit(self, samples: Samples) -> None:
+        """Support rows for ``samples`` the frozen model never trained on (exact mode):
+        key ``Ws e(s)``, value the label -- each a function of its own sample alone."""
+        mem = self.memory
+        mem.add(samples.ids, self.support_keys(samples.inputs), samples.labels)
+        self.use_memories([mem])  # SPM-C's class sums, now over the new rows too
+
     # -------------------------------------------------------- forgetting
-    def forget(self, ids: IdsLike, *, request_id: str | None = None, reason: str | None = None) -> int:
+    def _delete_rows(self, ids: IdsLike, *, request_id: str | None, reason: str | None) -> int:
         if self.config["mode"] == "spm-c":
             keys, labels = self.memory.get(ids)  # KeyError before anything changes
         n = self.memory.delete(ids, request_id=request_id, reason=reason)

@@ -36,6 +36,7 @@ def train(
     train: Samples,
     *,
     num_classes: int,
+    core: Samples | None = None,
     seed: int = 0,
     epochs: int | None = None,
     progress: bool | None = None,
@@ -49,24 +50,66 @@ def train(
     same ``seed`` gives the same model, bit for bit; the caller's global RNG is left as
     it was. ``epochs`` overrides the family's default; ``**config`` sets any other
     setting of the family. Returns the model in eval mode and a :class:`TrainReport`.
+
+    Exact mode, with ``core`` (a memory family only): every dense weight is fitted on
+    ``core`` alone -- samples never to be forgotten -- and the samples of ``train`` not
+    in it then enter only as memory rows (:meth:`~kmem.models.Classifier.admit`), each
+    a function of its own sample and the frozen weights. Forgetting such a sample then
+    gives, bit for bit, the model ``train(name, train.without(ids), core=core,
+    seed=seed)`` gives; the core's ids cannot be forgotten.
     """
     cls = model_class(name)
     if epochs is not None:
         config["epochs"] = epochs
-    if not isinstance(train, Samples):
-        raise TypeError(f"train must be kmem.models.Samples, got {type(train).__name__}")
-    if not len(train):
-        raise ValueError("train holds no samples")
-    if int(train.labels.min()) < 0 or int(train.labels.max()) >= num_classes:
-        raise ValueError(f"train.labels must be in [0, {num_classes})")
+    _check_samples("train", train, num_classes)
+    fit_on = train
+    if core is not None:
+        if cls.admit is Classifier.admit:
+            raise TypeError(f"core: exact mode needs a memory family, and {name} keeps no per-sample memory")
+        train = _forgettable(train, _check_samples("core", core, num_classes))
+        fit_on = core
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # initialisation and dropout
         generator = torch.Generator().manual_seed(seed)  # batches, supports, permutations
-        model = cls(num_classes, tuple(train.inputs.shape[1:]), **config)
-        losses = _fit(model, train, generator, progress)
-    batches = _batches_per_epoch(len(train), model.config)
+        model = cls(num_classes, tuple(fit_on.inputs.shape[1:]), **config)
+        losses = _fit(model, fit_on, generator, progress)
+        if core is not None:
+            model.admit(train)
+            model.core_ids = core.ids.sort().values
+    batches = _batches_per_epoch(len(fit_on), model.config)
     return model, TrainReport(time.perf_counter() - start, losses, dict(model.config), batches)
+
+
+def _check_samples(name: str, samples: Samples, num_classes: int) -> Samples:
+    if not isinstance(samples, Samples):
+        raise TypeError(f"{name} must be kmem.models.Samples, got {type(samples).__name__}")
+    if not len(samples):
+        raise ValueError(f"{name} holds no samples")
+    if int(samples.labels.min()) < 0 or int(samples.labels.max()) >= num_classes:
+        raise ValueError(f"{name}.labels must be in [0, {num_classes})")
+    return samples
+
+
+def _forgettable(train: Samples, core: Samples) -> Samples:
+    """The samples of ``train`` outside ``core``; a sample in both must be the same
+    sample (label and input), else ``ValueError`` naming the ids."""
+    if train.inputs.shape[1:] != core.inputs.shape[1:]:
+        raise ValueError(
+            f"core inputs are {list(core.inputs.shape[1:])} per sample, train's {list(train.inputs.shape[1:])}"
+        )
+    both = torch.isin(train.ids, core.ids)
+    if bool(both.any()):
+        shared = train[both]
+        at = torch.argsort(core.ids)
+        twin = core[at[torch.searchsorted(core.ids[at], shared.ids)]]
+        differ = (shared.labels != twin.labels) | (shared.inputs != twin.inputs).flatten(1).any(1)
+        if bool(differ.any()):
+            raise ValueError(
+                f"core and train hold different samples under the same id(s), e.g. "
+                f"{shared.ids[differ][:5].tolist()}: a core sample must be the training sample of its id"
+            )
+    return train[~both]
 
 
 def _batches_per_epoch(samples: int, config: dict[str, Any]) -> int:
