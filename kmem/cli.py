@@ -121,7 +121,7 @@ def _train_notes(args: argparse.Namespace, chosen: dict, report) -> list[str]:
 
 def _train(args: argparse.Namespace) -> int:
     from .data import load_dataset
-    from .models import accuracy, samples, save_checkpoint, train
+    from .models import accuracy, choose_core, samples, save_checkpoint, train
 
     config = dict(args.set)
     if args.epochs is not None:
@@ -133,11 +133,24 @@ def _train(args: argparse.Namespace) -> int:
             print("kmem: error: --mode is an SPM setting (spm-r or spm-c)", file=sys.stderr)
             return 2
         config["mode"] = args.mode
+    if args.core_fraction is not None and not 0 < args.core_fraction < 1:  # before any data is read
+        print(f"kmem: error: --core-fraction must be in (0, 1), got {args.core_fraction}", file=sys.stderr)
+        return 2
+    try:
+        core_ids = _read_ids_file(args.core_ids, "--core-ids") if args.core_ids else None
+    except ValueError as err:
+        print(f"kmem: error: {err}", file=sys.stderr)
+        return 2
     data = load_dataset(args.data, root=args.data_dir)
     inputs = "images" if config.get("encoder") == "cnn" else "features"
     train_set = samples(data.train, inputs, args.resolution)
     try:
-        model, report = train(args.model, train_set, num_classes=data.num_classes, seed=args.seed, **config)
+        core = None
+        if args.core_fraction is not None or core_ids is not None:
+            core = choose_core(train_set, fraction=args.core_fraction, ids=core_ids)
+        model, report = train(
+            args.model, train_set, num_classes=data.num_classes, core=core, seed=args.seed, **config
+        )
     except (TypeError, ValueError) as err:  # a bad setting is a user error, not a crash
         print(f"kmem: error: {err}", file=sys.stderr)
         return 2
@@ -147,6 +160,12 @@ def _train(args: argparse.Namespace) -> int:
         f"trained {args.model} on {data.train.name} ({len(train_set)} samples, seed {args.seed}) "
         f"in {report.seconds:.1f} s; loss per epoch: {losses}"
     )
+    if core is not None:
+        print(
+            f"exact mode: dense weights fitted on a core of {len(core):,} samples (never forgettable); "
+            f"the other {len(train_set) - len(core):,} are memory rows alone, and forgetting them equals "
+            "retraining without them"
+        )
     for note in _train_notes(args, chosen, report):
         print(note)
     test = samples(data.test, inputs, args.resolution)
@@ -191,13 +210,13 @@ def _parse_ids(tokens: list[str], source: str) -> list[int]:
     return ids
 
 
-def _read_ids_file(path: str) -> list[int]:
+def _read_ids_file(path: str, flag: str = "--ids-file") -> list[int]:
     try:
         with open(path) as f:
             text = f.read()
     except OSError as err:
-        raise ValueError(f"--ids-file {path}: cannot read it: {err.strerror or err}") from None
-    return _parse_ids(text.split(), f"--ids-file {path}")
+        raise ValueError(f"{flag} {path}: cannot read it: {err.strerror or err}") from None
+    return _parse_ids(text.split(), f"{flag} {path}")
 
 
 def _forget_ids(args: argparse.Namespace, model) -> list[int]:
@@ -210,6 +229,8 @@ def _forget_ids(args: argparse.Namespace, model) -> list[int]:
         import torch
 
         held = model.memories()[0].ids()
+        if model.core_ids is not None:  # exact mode: only the rows outside the core can go
+            held = held[~torch.isin(held, model.core_ids)]
         count = round(args.fraction * len(held))
         pick = torch.randperm(len(held), generator=torch.Generator().manual_seed(args.seed))[:count]
         ids, source = held[pick].tolist(), f"--fraction {args.fraction} of {len(held)} rows is 0 rows"
@@ -373,6 +394,14 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     tr.add_argument("--out", "-o", help="checkpoint file to write")
     tr.add_argument("--data-dir", help="folder of the dataset's files (default: where its package puts them)")
+    core = tr.add_mutually_exclusive_group()
+    core.add_argument(
+        "--core-fraction", type=float, metavar="F",
+        help="exact mode: fit the dense weights on a fixed fraction F of the training samples (never forgettable)",
+    )  # fmt: skip
+    core.add_argument(
+        "--core-ids", metavar="FILE", help="exact mode: the core's sample ids, separated by white space"
+    )
     tr.set_defaults(func=_train)
 
     fg = sub.add_parser("forget", help="forget samples by id: delete their rows from a checkpoint's memory")
@@ -380,7 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     which = fg.add_mutually_exclusive_group(required=True)
     which.add_argument("--ids", help="comma-separated sample ids")
     which.add_argument("--ids-file", help="file of sample ids separated by white space")
-    which.add_argument("--fraction", type=float, help="a random fraction of the rows held")
+    which.add_argument(
+        "--fraction",
+        type=float,
+        help="a random fraction of the rows held (in exact mode: of those outside the core)",
+    )
     fg.add_argument("--seed", type=int, default=0, help="for --fraction")
     where = fg.add_mutually_exclusive_group()  # one of them is required: see _check_forget_args
     where.add_argument("--out", "-o", help="checkpoint to write")

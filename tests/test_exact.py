@@ -11,7 +11,7 @@ import torch
 from _digits import digits
 from safetensors.torch import load_file
 
-from kmem.models import Samples, load_checkpoint, predict_proba, save_checkpoint, train
+from kmem.models import Samples, choose_core, load_checkpoint, predict_proba, save_checkpoint, train
 
 FAMILIES = [
     ("spm", {"mode": "spm-r", "k": 32, "supports": 256, "batch_size": 64}),
@@ -138,3 +138,30 @@ def test_a_model_without_memory_has_no_exact_mode():
     train_set, _ = digits()
     with pytest.raises(TypeError, match="core: exact mode needs a memory family"):
         train("baseline", train_set, num_classes=10, core=train_set[:CORE], epochs=1, progress=False)
+
+
+def test_choose_core_is_one_fixed_draw_or_the_ids_given():
+    train_set, _ = digits()
+    core = choose_core(train_set, fraction=0.1)
+    assert len(core) == round(0.1 * len(train_set)) and torch.equal(core.ids, core.ids.sort().values)
+    assert torch.equal(choose_core(train_set, fraction=0.1).ids, core.ids)  # the same core every time
+    assert choose_core(train_set, ids=[5, 3]).ids.tolist() == [3, 5]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"fraction": 0.0}, r"core fraction must be in \(0, 1\)"),
+        ({"fraction": 1.0}, r"core fraction must be in \(0, 1\)"),
+        ({"fraction": float("nan")}, r"core fraction must be in \(0, 1\)"),
+        ({"fraction": 1e-9}, "holds no sample"),
+        ({"ids": []}, "holds no samples"),
+        ({"ids": [3, 10**9]}, r"1 not in the training set, e.g. \[1000000000\]"),
+        ({}, "exactly one"),
+        ({"fraction": 0.1, "ids": [3]}, "exactly one"),
+    ],
+)
+def test_choose_core_refuses_bad_arguments(kwargs, match):
+    train_set, _ = digits()
+    with pytest.raises(ValueError, match=match):
+        choose_core(train_set, **kwargs)

@@ -184,3 +184,39 @@ def test_train_uses_the_demo_settings_for_the_dataset_and_says_so(tmp_path, caps
 def test_train_gives_no_hint_with_enough_steps(tmp_path, capsys):
     model, out = _train_default_epochs(tmp_path, capsys, "--model", "baseline", "--set", "batch_size=8")
     assert model.config["epochs"] == 5 and "hint:" not in out and "what kmem demo trains" not in out
+
+
+def test_train_in_exact_mode_then_forget_outside_the_core_only(tmp_path, capsys):
+    code, path, out = _train(
+        tmp_path, capsys, "--model", "spm", "--set", "supports=256", "--core-fraction", "0.2"
+    )
+    assert code == 0, out.err
+    assert "exact mode: dense weights fitted on a core of 287 samples" in out.out
+    model = load_checkpoint(path)
+    core = model.core_ids.tolist()
+    assert len(core) == 287 and len(model.memories()[0]) == 1437
+    assert main(["forget", str(path), "--ids", str(core[0]), "--in-place"]) == 2
+    assert "of the core" in capsys.readouterr().err
+    assert main(["forget", str(path), "--fraction", "0.5", "--in-place"]) == 0
+    after = load_checkpoint(path)
+    assert len(after.memories()[0]) == 1437 - 575 and all(i in after.memories()[0] for i in core)
+    ids_file = tmp_path / "core.txt"
+    ids_file.write_text(" ".join(map(str, core[:50])))
+    code, path, out = _train(tmp_path, capsys, "--model", "munkey", "--core-ids", str(ids_file))
+    assert code == 0, out.err
+    assert load_checkpoint(path).core_ids.tolist() == core[:50]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--core-fraction", "1.0"], "--core-fraction must be in (0, 1), got 1.0"),
+        (["--core-fraction", "nan"], "--core-fraction must be in (0, 1)"),
+        (["--core-ids", "/nonexistent/ids"], "--core-ids /nonexistent/ids: cannot read it"),
+        (["--model", "baseline", "--core-fraction", "0.5"], "exact mode needs a memory family"),
+    ],
+)
+def test_train_refuses_a_bad_core_and_writes_nothing(tmp_path, capsys, args, words):
+    model = [] if "--model" in args else ["--model", "spm"]
+    code, path, out = _train(tmp_path, capsys, *model, *args)
+    assert code == 2 and words in out.err and not path.exists()

@@ -6,11 +6,13 @@ baseline; one training loop, predictions, checkpoints and forgetting by id.
 * :class:`Munkey`, :class:`SPM`, :class:`Baseline` -- the families (:data:`MODELS` names them).
 * :func:`train`, :func:`predict_proba`, :func:`accuracy` -- seeded training, evaluation.
 * :func:`save_checkpoint`, :func:`load_checkpoint` -- weights + memories + settings.
+* :func:`choose_core` -- exact mode's core: ``train(..., core=choose_core(...))``.
 """
 
 from .base import Classifier
 from .baseline import Baseline
 from .checkpoint import load_checkpoint, save_checkpoint
+from .core import choose_core
 from .exemplars import ExemplarTokens
 from .munkey import Munkey
 from .registry import MODELS, model_class
@@ -28,6 +30,7 @@ __all__ = [
     "Samples",
     "TrainReport",
     "accuracy",
+    "choose_core",
     "load_checkpoint",
     "model_class",
     "predict_proba",
