@@ -31,6 +31,7 @@ def _evaluate(args: argparse.Namespace, families: list[str]) -> int:
             epochs=args.epochs,
             floor=args.floor,
             tune=args.tune,
+            core_fraction=args.core_fraction,
             progress=False if args.no_progress else None,
         )
     except ValueError as err:  # a bad request or seed count: checked before anything runs or is written
@@ -352,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
             "--floor", action=argparse.BooleanOptionalAction, default=cmd is demo,
             help="also retrain each oracle with another seed: the gap between two equally valid oracles "
             "(default: on for demo, whose verdicts need it; off for eval)",
+        )  # fmt: skip
+        cmd.add_argument(
+            "--core-fraction", type=float, metavar="F", default=0.1 if cmd is demo else None,
+            help="also evaluate each memory family in exact mode: dense weights fitted on a fixed fraction F of "
+            "the training samples, never forgotten, the others memory rows alone, checked bit for bit against "
+            "real retraining (default: 0.1 for demo, off for eval)",
         )  # fmt: skip
         cmd.add_argument(
             "--tune", metavar="REQUEST", nargs="?", const="10%",

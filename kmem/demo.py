@@ -22,7 +22,7 @@ from . import __version__
 from .data import load_dataset
 from .models.samples import Samples, samples
 from .unlearn import posthoc, protocol, tuning
-from .unlearn.evaluate import MEMORY_FAMILIES, ORACLE_SEED_OFFSET, Setup, evaluate
+from .unlearn.evaluate import EXACT, MEMORY_FAMILIES, ORACLE_SEED_OFFSET, Setup, evaluate, is_exact
 from .unlearn.parts import Parts, Unit
 from .unlearn.protocol import SELECTION_SEED, Setting, evaluation_seeds
 from .unlearn.report import summary, write_report
@@ -80,6 +80,7 @@ def run(
     floor: bool = False,
     tune: str | None = None,
     grids: Mapping[str, Sequence[Setting]] | None = None,
+    core_fraction: float | None = None,
     progress: bool | None = None,
     command: str | None = None,
 ) -> DemoResult:
@@ -94,9 +95,16 @@ def run(
     request spec, e.g. ``"10%"``) first runs the declared tuning protocol
     (:mod:`kmem.unlearn.protocol`) on that request drawn with the selection seed, and
     every method then runs with its selected setting; ``grids`` replaces declared grids
-    by name (tests). ``command`` is the command line printed in the report (default:
-    this process's).
+    by name (tests). ``core_fraction`` (in (0, 1)) adds each memory family in exact mode
+    (``spm-exact``, ...): dense weights fitted on that fraction of the training samples,
+    the others memory rows alone (:func:`kmem.models.train`'s ``core``), checked bit for
+    bit against real retraining. ``command`` is the command line printed in the report
+    (default: this process's).
     """
+    if core_fraction is not None:
+        if not 0 < core_fraction < 1:  # NaN fails too
+            raise ValueError(f"--core-fraction must be in (0, 1), got {core_fraction}")
+        families = [*families, *(f + EXACT for f in families if f in MEMORY_FAMILIES)]
     mode = QUICK if quick else FULL
     runs = evaluation_seeds(seeds, first=seed)
     dataset = load_dataset(data)
@@ -116,6 +124,7 @@ def run(
         configs=DATASET_CONFIGS.get(data, {}),
         max_retain=mode.max_retain,
         floor=floor,
+        core_fraction=core_fraction or Setup.core_fraction,
         progress=progress,
     )
     if tune is not None:
@@ -166,11 +175,12 @@ def _units(
         "data": data,
         "train": len(train),
         "test": len(test),
-        "setup": {k: v for k, v in asdict(setup).items() if k not in ("seed", "progress")},
+        # The core concerns the exact families only: their units add it to their keys.
+        "setup": {k: v for k, v in asdict(setup).items() if k not in ("seed", "progress", "core_fraction")},
     }
     units = []
     if tune is not None:
-        for family in families:
+        for family in (f for f in families if not is_exact(f)):  # exact mode runs its base family's defaults
             select = {**common, "tune": tune, "family": family, "grids": grids}
             if family == "baseline":  # its methods share one original and one oracle: one piece
                 units.append(
@@ -209,16 +219,18 @@ def _units(
             )
     for s in asked:
         for family in families:
-            needs = (f"select-{family}",) if tune is not None else ()
+            needs = (f"select-{family}",) if tune is not None and not is_exact(family) else ()
+            exact = {"core_fraction": setup.core_fraction} if is_exact(family) else {}
             units.append(
                 Unit(
                     f"eval-seed{s}-{family}",
-                    key=lambda got, s=s, f=family: {
+                    key=lambda got, s=s, f=family, x=exact: {
                         **common,
                         "seed": s,
                         "family": f,
                         "requests": list(specs),
                         "selected": got,
+                        **x,
                     },
                     compute=lambda got, s=s, f=family: [
                         r.to_json()

@@ -11,7 +11,9 @@ import torch
 from _digits import digits
 from safetensors.torch import load_file
 
+from kmem import demo
 from kmem.models import Samples, choose_core, load_checkpoint, predict_proba, save_checkpoint, train
+from kmem.unlearn.results import KMEM
 
 FAMILIES = [
     ("spm", {"mode": "spm-r", "k": 32, "supports": 256, "batch_size": 64}),
@@ -165,3 +167,27 @@ def test_choose_core_refuses_bad_arguments(kwargs, match):
     train_set, _ = digits()
     with pytest.raises(ValueError, match=match):
         choose_core(train_set, **kwargs)
+
+
+def test_eval_reports_exact_mode_beside_the_default_and_checks_it_against_retraining(tmp_path):
+    result = demo.run(
+        quick=True, out=tmp_path, families=("spm", "munkey"), requests=["10%", "stream:2x2%"], limit=400,
+        epochs=1, core_fraction=0.25, progress=False,
+    )  # fmt: skip
+    for r in result.results:
+        exact = {e.family: e for e in r.exactness}
+        assert set(exact) == {"spm", "munkey", "spm-exact", "munkey-exact"}
+        assert exact["spm"].retrained_equal is None
+        assert exact["spm-exact"].retrained_equal and exact["munkey-exact"].retrained_equal
+        for family in ("spm-exact", "munkey-exact"):
+            assert r.row(family, KMEM).scores.avg_gap == 0.0
+    text = (tmp_path / "report.md").read_text()
+    assert "SPM-style, exact mode" in text and "bit-identical to the model really retrained" in text
+    assert "fitted on the core of 100 samples alone" in text
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.5, float("nan")])
+def test_eval_refuses_a_bad_core_fraction_and_writes_nothing(tmp_path, fraction):
+    with pytest.raises(ValueError, match=r"--core-fraction must be in \(0, 1\)"):
+        demo.run(quick=True, out=tmp_path / "out", families=("spm",), core_fraction=fraction, progress=False)
+    assert not (tmp_path / "out").exists()

@@ -55,9 +55,9 @@ def test_seeds_draw_their_own_requests_and_initialisations(tmp_path, monkeypatch
     trained = []
     real = Setup.train
 
-    def spy(self, family, data, seed=None):
+    def spy(self, family, data, seed=None, **kwargs):
         trained.append((family, self.seed if seed is None else seed))
-        return real(self, family, data, seed)
+        return real(self, family, data, seed, **kwargs)
 
     monkeypatch.setattr(Setup, "train", spy)
     result = demo.run(

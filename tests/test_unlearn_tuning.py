@@ -31,9 +31,9 @@ def _spy_seeds(monkeypatch) -> list[int]:
     seen = []
     train, unlearn = Setup.train, posthoc.unlearn
 
-    def spy_train(self, family, data, seed=None):
+    def spy_train(self, family, data, seed=None, **kwargs):
         seen.append(self.seed if seed is None else seed)
-        return train(self, family, data, seed)
+        return train(self, family, data, seed, **kwargs)
 
     def spy_unlearn(*args, seed=0, **kwargs):
         seen.append(seed)

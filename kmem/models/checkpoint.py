@@ -24,8 +24,9 @@ _MEMORY_FIELDS = ("ids", "keys", "values")
 _CORE = "core.ids"
 
 
-def save_checkpoint(model: Classifier, path: str | Path) -> None:
-    """Write ``model`` (weights, memories, settings) to ``path`` atomically."""
+def checkpoint_tensors(model: Classifier) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """The tensors a checkpoint of ``model`` holds, by name, and each memory's settings
+    (with its version) -- taken under each memory's lock, rows and version together."""
     tensors = dict(model.state_dict())
     memories = []
     for i, mem in enumerate(model.memories()):
@@ -35,6 +36,12 @@ def save_checkpoint(model: Classifier, path: str | Path) -> None:
         tensors.update({f"memory.{i}.{f}": t for f, t in zip(_MEMORY_FIELDS, rows, strict=True)})
     if model.core_ids is not None:
         tensors[_CORE] = model.core_ids
+    return tensors, memories
+
+
+def save_checkpoint(model: Classifier, path: str | Path) -> None:
+    """Write ``model`` (weights, memories, settings) to ``path`` atomically."""
+    tensors, memories = checkpoint_tensors(model)
     config = {
         "model": model.name,
         "num_classes": model.num_classes,

@@ -77,5 +77,6 @@ def _all_exact(per_seed: list[Exactness]) -> Exactness:
         tables_equal=all(e.tables_equal for e in per_seed),
         forgotten_ids_left=sum(e.forgotten_ids_left for e in per_seed),
         predictions_equal=all(e.predictions_equal for e in per_seed),
+        retrained_equal=None if first.retrained_equal is None else all(e.retrained_equal for e in per_seed),
         compact_seconds=sum(e.compact_seconds for e in per_seed) / len(per_seed),
     )

@@ -24,9 +24,10 @@ from tqdm.auto import tqdm
 
 from ..ledger import Ledger
 from ..memory import KeyMemory
-from ..models import load_checkpoint, predict_proba, save_checkpoint
+from ..models import choose_core, load_checkpoint, predict_proba, save_checkpoint
 from ..models import train as train_model
 from ..models.base import Classifier
+from ..models.checkpoint import checkpoint_tensors
 from ..models.samples import Samples
 from . import posthoc
 from .metrics import Predictions, Scores, confidence, score
@@ -35,9 +36,21 @@ from .requests import ForgetRequest
 from .results import KMEM, ORACLE, ORACLE_SEED, ORIGINAL, Exactness, MethodResult, RequestResult
 
 MEMORY_FAMILIES = ("munkey", "spm")
+# A memory family in exact mode (kmem.models.train(..., core=)): "spm-exact", "munkey-exact".
+EXACT = "-exact"
+EXACT_FAMILIES = tuple(f + EXACT for f in MEMORY_FAMILIES)
 # Oracles train with the evaluation seed plus this (floors: twice this): never a seed an
 # original model of another evaluation seed uses (those stay below MAX_EVALUATION_SEEDS).
 ORACLE_SEED_OFFSET = MAX_EVALUATION_SEEDS
+
+
+def base_family(family: str) -> str:
+    """The model family of ``family``: ``"spm"`` for ``"spm-exact"``."""
+    return family.removesuffix(EXACT)
+
+
+def is_exact(family: str) -> bool:
+    return family in EXACT_FAMILIES
 
 
 @dataclass
@@ -65,6 +78,8 @@ class Setup:
         mia_draws: draws of the MIA's members averaged (see
             :func:`~kmem.unlearn.metrics.mia_efficacy`); they differ only where more
             retained samples are scored than there are test samples.
+        core_fraction: the core of the exact-mode families (``*-exact``): this fraction
+            of the training samples, one fixed draw (:func:`~kmem.models.choose_core`).
         shadows: shadow models for offline LiRA (:mod:`kmem.unlearn.attacks`): the baseline's
             recipe trained on random halves of the retained samples, so that neither a
             forget nor a test sample is in any (0: no LiRA; 1 is refused: it needs 2).
@@ -83,6 +98,7 @@ class Setup:
     mia_draws: int = 5
     floor: bool = False
     shadows: int = 4
+    core_fraction: float = 0.1
     progress: bool | None = None
 
     def __post_init__(self) -> None:
@@ -97,18 +113,22 @@ class Setup:
     def floor_seed(self) -> int:
         return self.seed + 2 * ORACLE_SEED_OFFSET
 
-    def train(self, family: str, data: Samples, seed: int | None = None) -> tuple[Classifier, float]:
-        """A model of ``family`` trained on ``data`` (with ``seed``, default the setup's), and
-        the wall time it took."""
-        config = dict(self.configs.get(family, {}))
+    def train(
+        self, family: str, data: Samples, seed: int | None = None, core: Samples | None = None
+    ) -> tuple[Classifier, float]:
+        """A model of ``family`` trained on ``data`` (with ``seed``, default the setup's;
+        an exact family's dense weights on ``core`` alone), and the wall time it took.
+        An exact family takes its base family's settings, not what selection chose for it."""
+        config = dict(self.configs.get(base_family(family), {}))
         if self.epochs is not None:
             config["epochs"] = self.epochs
         config.update(self.tuned.get(family, {}))
         start = time.perf_counter()
         model, _ = train_model(
-            family,
+            base_family(family),
             data,
             num_classes=self.num_classes,
+            core=core,
             seed=self.seed if seed is None else seed,
             progress=self.progress,
             **config,
@@ -184,11 +204,12 @@ class _Sets:
 def weights_that_saw(model: Classifier) -> str:
     """Plain words for the trained weights of ``model`` that ``forget`` leaves as they are.
 
-    Every dense weight was fitted with the whole training set, forgotten samples included.
-    Per-row tables (``row_tables``: one trained row per sample, e.g. MUNKEY's exemplar
+    Every dense weight was fitted with the whole training set, forgotten samples included
+    -- or, in exact mode, with the core alone. Per-row tables (``row_tables``: one trained row per sample, e.g. MUNKEY's exemplar
     tokens) are not counted: ``forget`` deletes the forgotten samples' rows from them.
     """
     tables = {id(t) for t in model.row_tables()}
+    exact = model.core_ids is not None
     parts = [
         f"{name} ({sum(p.numel() for p in child.parameters()):,} parameters)"
         for name, child in model.named_children()
@@ -196,6 +217,13 @@ def weights_that_saw(model: Classifier) -> str:
     ]
     parts += [f"{name} ({p.numel():,})" for name, p in model.named_parameters(recurse=False)]
     text = "all dense weights -- " + ", ".join(parts)
+    if exact:
+        return text + (
+            f" -- were fitted on the core of {len(model.core_ids):,} samples alone, none of which can be "
+            "forgotten; every other sample entered only as its own memory row"
+            + (" and token, fitted from that sample against the frozen weights" if tables else "")
+            + ", so forget leaves the model a retraining without the samples would give"
+        )
     text += " -- were fitted with the forgotten samples in the training set and are unchanged by forget"
     if tables and model.rows_fit_own_sample_only():
         text += (
@@ -216,12 +244,16 @@ def weights_that_saw(model: Classifier) -> str:
 Scorer = Callable[[Predictions, float | None], Scores]
 
 
-def _oracle(family: str, sets: _Sets, setup: Setup, step) -> tuple[Scorer, list[MethodResult], float]:
+def _oracle(
+    family: str, sets: _Sets, setup: Setup, step, core: Samples | None = None
+) -> tuple[Scorer, list[MethodResult], float, Classifier]:
     """Retrain ``family`` without the forget set; returns a scorer of predictions against
-    it, its rows (itself and, with ``setup.floor``, an oracle trained with another seed) and the
-    retraining's wall time."""
+    it, its rows (itself and, with ``setup.floor``, an oracle trained with another seed),
+    the retraining's wall time and the oracle. An exact family's oracle is the very
+    retraining its ``forget`` must equal: same core, same seed as the original."""
     step(f"{family}: retrain without the forget set (oracle)")
-    oracle, seconds = setup.train(family, sets.retain, seed=setup.oracle_seed)
+    seed = setup.seed if core is not None else setup.oracle_seed
+    oracle, seconds = setup.train(family, sets.retain, seed=seed, core=core)
     truth = sets.predict(oracle)
     ref = score(truth, mia_draws=setup.mia_draws, shadows=sets.shadows)
 
@@ -239,9 +271,9 @@ def _oracle(family: str, sets: _Sets, setup: Setup, step) -> tuple[Scorer, list[
     rows = [MethodResult(family, ORACLE, replace(ref, avg_gap=0.0, hard_gap=0.0, soft_gap=0.0))]
     if setup.floor:
         step(f"{family}: retrain with another seed (floor)")
-        other, _ = setup.train(family, sets.retain, seed=setup.floor_seed)
+        other, _ = setup.train(family, sets.retain, seed=setup.floor_seed, core=core)
         rows.append(MethodResult(family, ORACLE_SEED, against(sets.predict(other))))
-    return against, rows, seconds
+    return against, rows, seconds, oracle
 
 
 def _shadows(sets: _Sets, setup: Setup, step) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,8 +309,9 @@ def _memory_family(
     folder: Path,
     step,
     notes: list[str],
+    core: Samples | None = None,
 ) -> tuple[list[MethodResult], float, Exactness, list[float]]:
-    against, oracles, retrain_seconds = _oracle(family, sets, setup, step)
+    against, oracles, retrain_seconds, oracle = _oracle(family, sets, setup, step, core)
 
     step(f"{family}: forget {len(request):,} samples by deleting their rows")
     model = _copy(original, folder)
@@ -291,7 +324,7 @@ def _memory_family(
         deleted += model.forget(ids)
         seconds.append(time.perf_counter() - start)
         if request.steps:  # exact after every request, not only after the last
-            steps_exact &= _memories_equal(model.memories(), model.memory_for(retain))
+            steps_exact &= _memories_equal(model.memories(), model.memory_for(_in_memory_order(retain, core)))
     if request.steps:
         ledger = model.memories()[0].ledger
         check = ledger.verify()
@@ -308,7 +341,7 @@ def _memory_family(
     compact_seconds = time.perf_counter() - start
     for table in model.row_tables():
         table.compact()
-    rebuilt = model.memory_for(sets.retain)
+    rebuilt = model.memory_for(_in_memory_order(sets.retain, core))
     held = model.memories()
     never = model.with_memories(rebuilt)
     same_predictions = all(
@@ -326,6 +359,7 @@ def _memory_family(
         weights_that_saw=weights_that_saw(model),
         tables_equal=[t.fingerprint() for t in model.row_tables()] == tables_before,
         tables=len(tables_before),
+        retrained_equal=None if core is None else _same_model(model, oracle, sets),
     )
 
     step(f"{family}: score")
@@ -335,6 +369,30 @@ def _memory_family(
         MethodResult(family, KMEM, against(sets.predict(model), sum(seconds))),
     ]
     return rows, retrain_seconds, exact, seconds
+
+
+def _in_memory_order(samples: Samples, core: Samples | None) -> Samples:
+    """``samples`` in the order a model trained on them holds their rows: as given, or in
+    exact mode the core's first, then the others (``kmem.models.train`` admits them last)."""
+    if core is None:
+        return samples
+    rest = samples.without(core.ids)
+    return Samples(
+        torch.cat([core.inputs, rest.inputs]),
+        torch.cat([core.labels, rest.labels]),
+        torch.cat([core.ids, rest.ids]),
+    )
+
+
+def _same_model(model: Classifier, other: Classifier, sets: _Sets) -> bool:
+    """Whether ``model`` and ``other`` hold the same checkpoint tensors (weights, rows,
+    core) and predict the forget, retained and test samples the same, bit for bit."""
+    mine, theirs = checkpoint_tensors(model)[0], checkpoint_tensors(other)[0]
+    same = mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    return same and all(
+        torch.equal(predict_proba(model, s.inputs), predict_proba(other, s.inputs))
+        for s in (sets.forget, sets.retain_eval, sets.test)
+    )
 
 
 def _memories_equal(held: Sequence[KeyMemory], rebuilt: Sequence[KeyMemory]) -> bool:
@@ -347,7 +405,7 @@ def _memories_equal(held: Sequence[KeyMemory], rebuilt: Sequence[KeyMemory]) -> 
 def _baseline(
     original: Classifier, sets: _Sets, request: ForgetRequest, setup: Setup, step, notes: list[str]
 ) -> tuple[list[MethodResult], float]:
-    against, oracles, retrain_seconds = _oracle("baseline", sets, setup, step)
+    against, oracles, retrain_seconds, _ = _oracle("baseline", sets, setup, step)
     rows = [MethodResult("baseline", ORIGINAL, against(sets.predict(original))), *oracles]
     for method in setup.methods:
         step(f"baseline: {method}")
@@ -385,9 +443,11 @@ def evaluate(
     Each family's original model is trained once on ``train`` and copied for each
     request, so requests do not see each other.
     """
-    unknown = sorted(set(families) - {*MEMORY_FAMILIES, "baseline"})
+    known = [*MEMORY_FAMILIES, *EXACT_FAMILIES, "baseline"]
+    unknown = sorted(set(families) - set(known))
     if unknown:
-        raise ValueError(f"unknown model famil(ies) {unknown}; choose from {[*MEMORY_FAMILIES, 'baseline']}")
+        raise ValueError(f"unknown model famil(ies) {unknown}; choose from {known}")
+    core = choose_core(train, fraction=setup.core_fraction) if any(map(is_exact, families)) else None
     originals: dict[str, Classifier] = {}
     memory = [f for f in families if f != "baseline"]
     per_request = (
@@ -405,7 +465,7 @@ def evaluate(
         step = _stepper(bar, _lines(setup.progress))
         for family in families:
             step(f"{family}: train on all {len(train):,} samples")
-            originals[family], _ = setup.train(family, train)
+            originals[family], _ = setup.train(family, train, core=core if is_exact(family) else None)
         for request in requests:
             sets = _Sets.split(train, test, request, setup)
             within = _named(step, request.name)
@@ -430,9 +490,14 @@ def evaluate(
                 if family == "baseline":
                     rows, seconds = _baseline(originals[family], sets, request, setup, within, result.notes)
                 else:
+                    asked, scored = request, sets
+                    if is_exact(family):
+                        asked, scored = _outside_core(request, sets, core, train, test, setup)
+                        result.notes.append(_core_note(family, core, request, asked))
                     rows, seconds, exact, forget_seconds = _memory_family(
-                        family, originals[family], sets, request, setup, folder, within, result.notes
-                    )
+                        family, originals[family], scored, asked, setup, folder, within, result.notes,
+                        core if is_exact(family) else None,
+                    )  # fmt: skip
                     result.exactness.append(exact)
                     if request.steps:
                         result.step_seconds[family] = forget_seconds
@@ -441,6 +506,29 @@ def evaluate(
             results.append(result)
         step("done")
     return results
+
+
+def _outside_core(
+    request: ForgetRequest, sets: _Sets, core: Samples, train: Samples, test: Samples, setup: Setup
+) -> tuple[ForgetRequest, _Sets]:
+    """An exact family's request and sets: the core cannot be forgotten, so its ids stay
+    retained; LiRA's shadows (trained on retained samples) are kept for the others."""
+    asked = request.outside(core.ids)
+    scored = _Sets.split(train, test, asked, setup)
+    if sets.shadows is not None:
+        keep = ~torch.isin(sets.forget.ids, core.ids)
+        scored = replace(scored, shadows=(sets.shadows[0][:, keep], sets.shadows[1]))
+    return asked, scored
+
+
+def _core_note(family: str, core: Samples, request: ForgetRequest, asked: ForgetRequest) -> str:
+    kept = len(request) - len(asked)
+    return (
+        f"{family}: exact mode, dense weights fitted on a core of {len(core):,} training samples (a fixed draw, "
+        f"never forgettable); it forgets the {len(asked):,} ids of the request outside the core"
+        + (f" ({kept:,} are in the core and stay)" if kept else "")
+        + "; its oracle is the same recipe really retrained without them, with the same core and seed."
+    )
 
 
 def _no_bar(progress: bool | None) -> bool | None:

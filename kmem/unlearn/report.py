@@ -19,7 +19,13 @@ from .aggregate import aggregate
 from .metrics import GAP_METRICS
 from .results import KMEM, ORACLE, ORACLE_SEED, REFERENCES, MethodResult, RequestResult
 
-FAMILY_NAMES = {"munkey": "MUNKEY-style", "spm": "SPM-style", "baseline": "baseline (parametric)"}
+FAMILY_NAMES = {
+    "munkey": "MUNKEY-style",
+    "spm": "SPM-style",
+    "munkey-exact": "MUNKEY-style, exact mode",
+    "spm-exact": "SPM-style, exact mode",
+    "baseline": "baseline (parametric)",
+}
 METRIC_NAMES = {"ua": "UA", "ra": "RA", "ta": "TA", "mia": "MIA-Eff."}
 
 # A memory family forgot a request when its `kmem forget` Avg. Gap to the oracle is at
@@ -211,10 +217,19 @@ def _exactness_lines(result: RequestResult) -> list[str]:
             f"compaction ({_seconds(e.compact_seconds)}) the memory equals the memory built from the retained "
             f"ids alone (fingerprint `{e.fingerprint[:16]}…`): {verdict}; predictions on the forget and test "
             f"sets identical to those from that memory: {'yes' if e.predictions_equal else 'NO'}; forgotten "
-            f"ids left in memory: {e.forgotten_ids_left}; {_tables(e)}. Weights that did see the forgotten "
-            f"samples: {e.weights_that_saw}."
+            f"ids left in memory: {e.forgotten_ids_left}; {_tables(e)}{_retrained(e)}. Weights that did see "
+            f"the forgotten samples: {e.weights_that_saw}."
         )
     return lines
+
+
+def _retrained(e) -> str:
+    if e.retrained_equal is None:
+        return ""
+    return (
+        "; every checkpoint tensor and every prediction (forget, retained, test) bit-identical to the model "
+        f"really retrained without the samples (same core and seed): {'**yes**' if e.retrained_equal else '**NO**'}"
+    )
 
 
 def _tables(e) -> str:
@@ -342,8 +357,12 @@ def summary(results: Sequence[RequestResult]) -> str:
         )
         out += [f"  {line}" for line in _headline(result)]
         out += [
-            f"  {e.family}: memory after forget == memory of the retained ids alone: {'yes' if e.ok else 'NO'} "
-            "(evidence about the memory, not a verdict on forgetting)"
+            f"  {e.family}: memory after forget == memory of the retained ids alone: {'yes' if e.ok else 'NO'}"
+            + (
+                " (evidence about the memory, not a verdict on forgetting)"
+                if e.retrained_equal is None
+                else f"; model == the model retrained without them, bit for bit: {'yes' if e.retrained_equal else 'NO'}"
+            )
             for e in result.exactness
         ]
     return "\n".join(out)

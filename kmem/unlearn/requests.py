@@ -7,7 +7,7 @@ post-hoc baseline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -43,6 +43,12 @@ class ForgetRequest:
     def mask(self, ids: torch.Tensor) -> torch.Tensor:
         """bool ``[n]``: which of ``ids`` this request forgets."""
         return torch.isin(ids, self.ids)
+
+    def outside(self, ids: torch.Tensor) -> ForgetRequest:
+        """This request without ``ids`` (int64; e.g. an exact-mode core, which cannot be
+        forgotten), each step of a stream too; ``ValueError`` if nothing is left."""
+        steps = tuple(step[~torch.isin(step, ids)] for step in self.steps)
+        return replace(self, ids=self.ids[~torch.isin(self.ids, ids)], steps=steps)
 
 
 def _check_ids(ids: torch.Tensor) -> None:

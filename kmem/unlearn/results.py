@@ -57,6 +57,10 @@ class Exactness:
     # compaction, each fingerprints as it did before, restricted to the retained ids.
     tables_equal: bool = True
     tables: int = 0  # how many such tables the model has
+    # Exact mode: after forget and compaction, every checkpoint tensor and every
+    # prediction equal, bit for bit, those of the model really retrained without the
+    # samples (same core, same seed). None: not exact mode, not checked.
+    retrained_equal: bool | None = None
 
     @property
     def ok(self) -> bool:
@@ -65,6 +69,7 @@ class Exactness:
             and self.tables_equal
             and self.predictions_equal
             and self.forgotten_ids_left == 0
+            and self.retrained_equal is not False
         )
 
 
