@@ -110,3 +110,5 @@ def test_demo_computes_the_floor_by_default(monkeypatch, argv, floor, seeds):
     monkeypatch.setattr(demo, "run", run)
     assert cli.main(argv) == 0
     assert asked["floor"] is floor and asked["seeds"] == seeds
+    assert asked["core_fraction"] == (0.1 if argv[0] == "demo" else None)  # exact mode: on in the demo
+    assert cli.main([*argv, "--core-fraction", "0.3"]) == 0 and asked["core_fraction"] == 0.3
