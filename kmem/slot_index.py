@@ -102,10 +102,14 @@ class SlotIndex:
         slots = self.find(ids, slot_ids)
         missing = slots < 0
         if bool(missing.any()):
+            twice = repeats(ids.tolist()) if distinct else []  # a repeat is named first, found or not
+            if twice:
+                raise ValueError(f"ids repeats {twice[:5]}; nothing was {verb}")
             unknown = ids[missing].tolist()
             raise KeyError(f"{len(unknown)} id(s) not {where}, e.g. {unknown[:5]}; nothing was {verb}")
         if distinct and len(slots) > 1:
-            # A count per slot: O(n + N) passes, cheaper than sorting the n slots.
+            # Found ids repeat exactly where their slots do: a count per slot, O(n + N)
+            # passes, is cheaper than sorting the n slots.
             counts = torch.zeros(len(slot_ids), dtype=torch.int32, device=slots.device)
             if bool(counts.index_add_(0, slots, torch.ones_like(slots, dtype=torch.int32)).gt(1).any()):
                 raise ValueError(f"ids repeats {repeats(ids.tolist())[:5]}; nothing was {verb}")

@@ -98,6 +98,8 @@ def test_take_refuses_unknown_and_repeated_ids_and_changes_nothing():
         rows.index.take(ids([10, 20, 20]), rows.slot_ids, "held", distinct=True)
     with pytest.raises(KeyError, match=r"2 id\(s\) not held, e.g. \[40, -1\]; nothing was deleted"):
         rows.index.take(ids([10, 40, -1]), rows.slot_ids, "held", distinct=True, verb="deleted")
+    with pytest.raises(ValueError, match=r"repeats \[40\]"):  # a repeat is named before an unknown id
+        rows.index.take(ids([40, 40]), rows.slot_ids, "held", distinct=True)
     assert rows.index.take(ids([20, 20]), rows.slot_ids, "held", distinct=False).tolist() == [1, 1]
     rows.check(40)
     rows.delete([30, 10])

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import torch
 from tqdm.auto import tqdm
@@ -244,12 +244,16 @@ def weights_that_saw(model: Classifier) -> str:
 Scorer = Callable[[Predictions, float | None], Scores]
 
 
-def _oracle(
-    family: str, sets: _Sets, setup: Setup, step, core: Samples | None = None
-) -> tuple[Scorer, list[MethodResult], float, Classifier]:
-    """Retrain ``family`` without the forget set; returns a scorer of predictions against
-    it, its rows (itself and, with ``setup.floor``, an oracle trained with another seed),
-    the retraining's wall time and the oracle. An exact family's oracle is the very
+class _Oracle(NamedTuple):
+    against: Scorer  # scores predictions against the oracle's
+    rows: list[MethodResult]  # itself and, with ``setup.floor``, an oracle of another seed
+    seconds: float  # the retraining's wall time
+    model: Classifier
+    predictions: Predictions
+
+
+def _oracle(family: str, sets: _Sets, setup: Setup, step, core: Samples | None = None) -> _Oracle:
+    """Retrain ``family`` without the forget set. An exact family's oracle is the very
     retraining its ``forget`` must equal: same core, same seed as the original."""
     step(f"{family}: retrain without the forget set (oracle)")
     seed = setup.seed if core is not None else setup.oracle_seed
@@ -273,7 +277,7 @@ def _oracle(
         step(f"{family}: retrain with another seed (floor)")
         other, _ = setup.train(family, sets.retain, seed=setup.floor_seed, core=core)
         rows.append(MethodResult(family, ORACLE_SEED, against(sets.predict(other))))
-    return against, rows, seconds, oracle
+    return _Oracle(against, rows, seconds, oracle, truth)
 
 
 def _shadows(sets: _Sets, setup: Setup, step) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,7 +315,8 @@ def _memory_family(
     notes: list[str],
     core: Samples | None = None,
 ) -> tuple[list[MethodResult], float, Exactness, list[float]]:
-    against, oracles, retrain_seconds, oracle = _oracle(family, sets, setup, step, core)
+    oracle = _oracle(family, sets, setup, step, core)
+    against = oracle.against
 
     step(f"{family}: forget {len(request):,} samples by deleting their rows")
     model = _copy(original, folder)
@@ -344,9 +349,10 @@ def _memory_family(
     rebuilt = model.memory_for(_in_memory_order(sets.retain, core))
     held = model.memories()
     never = model.with_memories(rebuilt)
+    after = sets.predict(model)
     same_predictions = all(
-        torch.equal(predict_proba(model, s.inputs), predict_proba(never, s.inputs))
-        for s in (sets.forget, sets.test)
+        torch.equal(getattr(after, s), predict_proba(never, getattr(sets, s).inputs))
+        for s in ("forget", "test")
     )
     exact = Exactness(
         family=family,
@@ -359,16 +365,16 @@ def _memory_family(
         weights_that_saw=weights_that_saw(model),
         tables_equal=[t.fingerprint() for t in model.row_tables()] == tables_before,
         tables=len(tables_before),
-        retrained_equal=None if core is None else _same_model(model, oracle, sets),
+        retrained_equal=None if core is None else _same_model(model, after, oracle),
     )
 
     step(f"{family}: score")
     rows = [
         MethodResult(family, ORIGINAL, against(sets.predict(original))),
-        *oracles,
-        MethodResult(family, KMEM, against(sets.predict(model), sum(seconds))),
+        *oracle.rows,
+        MethodResult(family, KMEM, against(after, sum(seconds))),
     ]
-    return rows, retrain_seconds, exact, seconds
+    return rows, oracle.seconds, exact, seconds
 
 
 def _in_memory_order(samples: Samples, core: Samples | None) -> Samples:
@@ -384,14 +390,15 @@ def _in_memory_order(samples: Samples, core: Samples | None) -> Samples:
     )
 
 
-def _same_model(model: Classifier, other: Classifier, sets: _Sets) -> bool:
-    """Whether ``model`` and ``other`` hold the same checkpoint tensors (weights, rows,
-    core) and predict the forget, retained and test samples the same, bit for bit."""
-    mine, theirs = checkpoint_tensors(model)[0], checkpoint_tensors(other)[0]
+def _same_model(model: Classifier, predictions: Predictions, oracle: _Oracle) -> bool:
+    """Whether ``model`` (predicting ``predictions``) and the oracle hold the same
+    checkpoint tensors (weights, rows, core) and predict the forget, retained and test
+    samples the same, bit for bit."""
+    mine, theirs = checkpoint_tensors(model)[0], checkpoint_tensors(oracle.model)[0]
     same = mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     return same and all(
-        torch.equal(predict_proba(model, s.inputs), predict_proba(other, s.inputs))
-        for s in (sets.forget, sets.retain_eval, sets.test)
+        torch.equal(getattr(predictions, s), getattr(oracle.predictions, s))
+        for s in ("forget", "retain", "test")
     )
 
 
@@ -405,8 +412,9 @@ def _memories_equal(held: Sequence[KeyMemory], rebuilt: Sequence[KeyMemory]) -> 
 def _baseline(
     original: Classifier, sets: _Sets, request: ForgetRequest, setup: Setup, step, notes: list[str]
 ) -> tuple[list[MethodResult], float]:
-    against, oracles, retrain_seconds, _ = _oracle("baseline", sets, setup, step)
-    rows = [MethodResult("baseline", ORIGINAL, against(sets.predict(original))), *oracles]
+    oracle = _oracle("baseline", sets, setup, step)
+    against, retrain_seconds = oracle.against, oracle.seconds
+    rows = [MethodResult("baseline", ORIGINAL, against(sets.predict(original))), *oracle.rows]
     for method in setup.methods:
         step(f"baseline: {method}")
         model, seconds = original, 0.0

@@ -100,7 +100,7 @@ def tune(
         if "baseline" in families:
             step("baseline: train the original")
             original, _ = chosen.train("baseline", train)
-            against, *_ = _oracle("baseline", sets, chosen, step)
+            against = _oracle("baseline", sets, chosen, step).against
             for method in setup.methods:
                 score = _posthoc_scorer(method, original, sets, chosen, against, step)
                 selections.append(protocol.select(method, points[method], score))
