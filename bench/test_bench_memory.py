@@ -6,12 +6,14 @@ Ratios are only meaningful between figures of one run (shared, noisy machine).
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
 import torch
 from conftest import make_memory
 
+import kmem
 from kmem import ops
 
 
@@ -26,6 +28,35 @@ def test_delete_one_id(benchmark, sizes, which):
     rounds = min(500, n)
     benchmark.pedantic(lambda: mem.delete(next(victims)), rounds=rounds, iterations=1, warmup_rounds=0)
     assert len(mem) < n
+
+
+@pytest.mark.parametrize("what", ["delete", "zero the rows' bytes"])
+def test_forget_a_tenth_of_a_loaded_label_memory(benchmark, sizes, what):
+    """A forget request as SPM-style meets it at full size: 10% of a 60,000 x 128 label
+    memory (Fashion-MNIST), freshly loaded from its state (cold, as after a checkpoint
+    load), deleted in one call -- beside the floor of scrubbing those rows' key bytes."""
+    n, dim = min(sizes["rows"], 60_000), 128
+    gen = torch.Generator().manual_seed(0)
+    keys, labels = torch.randn(n, dim, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+    state = None
+
+    def fresh():
+        nonlocal state
+        mem = kmem.KeyMemory(dim, num_classes=10, capacity=n)
+        if state is None:
+            mem.add(torch.arange(n), keys, labels)
+            state = copy.deepcopy(mem.state_dict())
+        mem.load_state_dict(copy.deepcopy(state))
+        ids = torch.randperm(n, generator=gen)[: n // 10]
+        return (mem, ids), {}
+
+    benchmark.group = "forget 10% of a loaded 60,000 x 128 label memory"
+    if what == "delete":
+        benchmark.pedantic(lambda mem, ids: mem.delete(ids), setup=fresh, rounds=20, iterations=1)
+    else:
+        benchmark.pedantic(
+            lambda mem, ids: ops.zero_rows(mem._keys, ids), setup=fresh, rounds=20, iterations=1
+        )
 
 
 def test_compact_quarter_dead(benchmark, sizes):
