@@ -31,8 +31,8 @@ class KeyMemory:
     ``values [capacity, value_dim]`` (vector values) or int64 ``[capacity]`` (class
     labels), and ``slot_ids [capacity]`` int64 holding each slot's id, ``-1`` for a free
     or deleted slot -- the tombstone mask every op skips. Rows fill slots in insertion
-    order; an ``id -> slot`` index (:class:`~kmem.slot_index.SlotIndex`, sorted tensors)
-    finds them, and ``delete`` marks the slots dead and zeroes their key and value bytes
+    order; an ``id -> slot`` index (:class:`~kmem.slot_index.SlotIndex`, tensors looked
+    up in one vectorised pass) finds them, and ``delete`` marks the slots dead and zeroes their key and value bytes
     at once. :meth:`compact` later moves the live rows
     to the front, keeping their order, so the memory is then identical to one that only
     ever received the surviving rows.
@@ -257,8 +257,8 @@ class KeyMemory:
             self.edits += 1
 
     def delete(self, ids: IdsLike, *, request_id: str | None = None, reason: str | None = None) -> int:
-        """Delete rows by id; returns how many. O(n log N) for n ids of N rows, in a few
-        vectorised passes.
+        """Delete rows by id; returns how many. A few vectorised passes over the n ids: O(n)
+        for sample-like ids (dense, non-negative), O(n log N) for any others.
 
         The slots are marked dead and their key and value bytes overwritten with zeros
         before this returns. Unknown or repeated ids raise (``KeyError`` /

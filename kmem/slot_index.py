@@ -1,4 +1,5 @@
-"""SlotIndex: which slot of a tombstoned buffer holds each live id, as sorted tensors."""
+"""SlotIndex: which slot of a tombstoned buffer holds each live id -- a direct table, or
+sorted tensors for ids too spread for one."""
 
 from __future__ import annotations
 

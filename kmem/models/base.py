@@ -92,8 +92,8 @@ class Classifier(nn.Module):
         id of the :attr:`core` the dense weights were fitted on raises ``ValueError``,
         and then nothing is deleted."""
         if self.core_ids is not None:
-            asked = _id_tensor("ids", ids)
-            core = asked[torch.isin(asked, self.core_ids)].tolist()
+            ids = _id_tensor("ids", ids)  # converted once: the deletion below takes it as it is
+            core = ids[torch.isin(ids, self.core_ids)].tolist()
             if core:
                 raise ValueError(
                     f"{len(core)} id(s) of the core, e.g. {core[:5]}: the dense weights were fitted on "

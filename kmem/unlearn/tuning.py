@@ -75,9 +75,7 @@ def tune(
     the declared grids by name (for tests at a tiny size); the budget still applies.
     """
     grids = dict(grids or {})
-    chosen = _selection_setup(setup)
-    asked = parse_request(request, train.ids, train.labels, SELECTION_SEED)
-    sets = _Sets.split(train, test, asked, chosen)
+    chosen, asked, sets = _selection(train, test, request, setup)
     memory = [f for f in families if f != "baseline"]
     points = {f: recipe_points(f, grids) for f in memory}
     if "baseline" in families:
@@ -120,9 +118,7 @@ def score_recipe(
     """One point of a memory family's selection on its own: the Avg. Gap of ``family``
     with recipe ``setting`` on the selection request -- a piece a long run keeps apart
     (:mod:`kmem.unlearn.parts`), so it resumes point by point and shares the grid out."""
-    chosen = _selection_setup(setup)
-    asked = parse_request(request, train.ids, train.labels, SELECTION_SEED)
-    sets = _Sets.split(train, test, asked, chosen)
+    chosen, asked, sets = _selection(train, test, request, setup)
     with tempfile.TemporaryDirectory(prefix="kmem-tune-") as tmp:
         score = _family_scorer(family, train, sets, asked, chosen, lambda _: None, Path(tmp))
         return score(dict(setting), SELECTION_SEED)
@@ -138,9 +134,15 @@ def chosen_recipe(family: str, points: Sequence[Setting], scores: Sequence[float
     return Tuned({}, {family: selection.setting}, [selection])
 
 
-def _selection_setup(setup: Setup) -> Setup:
-    # One MIA draw and no LiRA shadows: selection ranks settings by Avg. Gap, cheaply.
-    return replace(setup, seed=SELECTION_SEED, floor=False, mia_draws=1, shadows=0)
+def _selection(
+    train: Samples, test: Samples, request: str, setup: Setup
+) -> tuple[Setup, ForgetRequest, _Sets]:
+    """The setup, request and sets every selection run uses: the request spec drawn with
+    the selection seed, one MIA draw and no LiRA shadows (settings are ranked by Avg.
+    Gap, cheaply)."""
+    chosen = replace(setup, seed=SELECTION_SEED, floor=False, mia_draws=1, shadows=0)
+    asked = parse_request(request, train.ids, train.labels, SELECTION_SEED)
+    return chosen, asked, _Sets.split(train, test, asked, chosen)
 
 
 def _posthoc_scorer(
