@@ -167,7 +167,7 @@ def _units(
     grids: Mapping[str, Sequence[Setting]] | None,
 ) -> list[Unit]:
     """The run's pieces (:mod:`kmem.unlearn.parts`): with ``tune``, one per grid point of
-    each memory family's selection and one selection made from them, and one selection
+    each memory family's selection (exact families' too) and one selection made from them, and one selection
     of the baseline's post-hoc methods; then one evaluation per seed and family, which
     reads its family's selection."""
     common = {
@@ -180,8 +180,8 @@ def _units(
     }
     units = []
     if tune is not None:
-        for family in (f for f in families if not is_exact(f)):  # exact mode runs its base family's defaults
-            select = {**common, "tune": tune, "family": family, "grids": grids}
+        for family in families:
+            select = {**common, "tune": tune, "family": family, "grids": grids, **_core_key(setup, family)}
             if family == "baseline":  # its methods share one original and one oracle: one piece
                 units.append(
                     Unit(
@@ -219,8 +219,8 @@ def _units(
             )
     for s in asked:
         for family in families:
-            needs = (f"select-{family}",) if tune is not None and not is_exact(family) else ()
-            exact = {"core_fraction": setup.core_fraction} if is_exact(family) else {}
+            needs = (f"select-{family}",) if tune is not None else ()
+            exact = _core_key(setup, family)
             units.append(
                 Unit(
                     f"eval-seed{s}-{family}",
@@ -240,6 +240,11 @@ def _units(
                 )
             )
     return units
+
+
+def _core_key(setup: Setup, family: str) -> dict[str, float]:
+    """What an exact family's pieces add to their keys: the core (the others ignore it)."""
+    return {"core_fraction": setup.core_fraction} if is_exact(family) else {}
 
 
 def _with(setup: Setup, selections: Mapping[str, Any], seed: int) -> Setup:

@@ -108,3 +108,41 @@ def test_demo_keeps_each_recipe_point_as_its_own_piece(digits, tmp_path):
     assert parts == ["eval-seed0-spm", "point-spm-0", "point-spm-1", "select-spm"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["selected"]["spm"]["epochs"] in (1, 2)
+
+
+def test_exact_mode_selects_on_a_validation_draw_outside_the_core_never_the_test_set(digits):
+    train, test = digits
+    fit, held, core = tuning.validation_split(train, 0.2)
+    assert len(held) == round(protocol.VALIDATION_FRACTION * (len(train) - len(core)))
+    assert not set(held.ids.tolist()) & set(core.ids.tolist())
+    assert set(fit.ids.tolist()) == set(train.ids.tolist()) - set(held.ids.tolist())
+    again = tuning.validation_split(train, 0.2)[1]
+    assert held.ids.tolist() == again.ids.tolist()  # one fixed draw, seeded by SELECTION_SEED
+
+    setup = Setup(num_classes=10, epochs=1, methods=(), core_fraction=0.2, progress=False)
+    other = type(test)(test.inputs.flip(0), test.labels.roll(1), test.ids)
+    scores = [tuning.score_recipe(train, t, "10%", setup, "spm-exact", {"k": 8}) for t in (test, other)]
+    assert scores[0] == scores[1] and 0 <= scores[0] <= 100  # the test set plays no part
+
+
+def test_demo_selects_exact_recipes_point_by_point_and_runs_the_chosen_one(digits, tmp_path, monkeypatch):
+    trained = []
+    train = Setup.train
+
+    def spy(self, family, data, seed=None, core=None):
+        trained.append((family, self.tuned.get(family), self.seed if seed is None else seed))
+        return train(self, family, data, seed, core)
+
+    monkeypatch.setattr(Setup, "train", spy)
+    demo.run(
+        quick=True, out=tmp_path, families=("spm",), requests=["10%"], limit=300, epochs=1, tune="10%",
+        grids={"spm": GRIDS["spm"], "spm-exact": protocol.grid(k=(1, 8))}, core_fraction=0.2,
+        progress=False, floor=False,
+    )  # fmt: skip
+    parts = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "parts").glob("*.json"))
+    assert [p for p in parts if "exact" in p] == [
+        "eval-seed0-spm-exact", "point-spm-exact-0", "point-spm-exact-1", "select-spm-exact"
+    ]  # fmt: skip
+    chosen = json.loads((tmp_path / "results.json").read_text())["selected"]["spm-exact"]
+    assert chosen["k"] in (1, 8)
+    assert {t[1]["k"] for t in trained if t[0] == "spm-exact" and t[2] == 0} == {chosen["k"]}

@@ -118,7 +118,8 @@ class Setup:
     ) -> tuple[Classifier, float]:
         """A model of ``family`` trained on ``data`` (with ``seed``, default the setup's;
         an exact family's dense weights on ``core`` alone), and the wall time it took.
-        An exact family takes its base family's settings, not what selection chose for it."""
+        An exact family takes its base family's dataset settings and its own selection
+        (``tuned["spm-exact"]``), never what selection chose for its base family."""
         config = dict(self.configs.get(base_family(family), {}))
         if self.epochs is not None:
             config["epochs"] = self.epochs

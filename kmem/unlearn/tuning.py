@@ -1,10 +1,12 @@
 """The tuning protocol of :mod:`kmem.unlearn.protocol`, run: every forgetting method's
-grid scored on the selection request, the setting with the lowest Avg. Gap kept.
+grid scored on the selection request, the setting with the lowest Avg. Gap kept (exact
+mode: the lowest error on a validation draw of forgettable training samples).
 
-The selection request is drawn with :data:`~kmem.unlearn.protocol.SELECTION_SEED`, and
-every model of the selection (originals, oracles, post-hoc runs) trains with that seed
-or its oracle offsets: nothing here reads an evaluation seed, so the settings chosen
-here are never chosen by the figures later reported.
+The selection request and the validation draw are drawn with
+:data:`~kmem.unlearn.protocol.SELECTION_SEED`, and every model of the selection
+(originals, oracles, post-hoc runs) trains with that seed or its oracle offsets: nothing
+here reads an evaluation seed or the test set's labels for exact mode, so the settings
+chosen here are never chosen by the figures later reported.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
-from ..models import model_class
+from ..models import choose_core, model_class, predict_proba
 from ..models.base import Classifier
 from ..models.samples import Samples
 from . import posthoc, protocol
-from .evaluate import Setup, _lines, _memory_family, _no_bar, _oracle, _Sets, _stepper
-from .protocol import SELECTION_SEED, Selection, Setting
+from .evaluate import Setup, _lines, _memory_family, _no_bar, _oracle, _Sets, _stepper, is_exact
+from .metrics import accuracy
+from .protocol import SELECTION_SEED, VALIDATION_FRACTION, Selection, Setting
 from .requests import ForgetRequest, parse_request
 from .results import KMEM
 
@@ -71,7 +75,8 @@ def tune(
     """Select every method's setting on the ``request`` spec drawn with the selection seed.
 
     ``families`` as in :func:`~kmem.unlearn.evaluate.evaluate`: ``"baseline"`` tunes the
-    post-hoc methods of ``setup.methods``, a memory family its recipe. ``grids`` replaces
+    post-hoc methods of ``setup.methods``, a memory family its recipe (an exact family's
+    on the validation draw, :func:`validation_split`). ``grids`` replaces
     the declared grids by name (for tests at a tiny size); the budget still applies.
     """
     grids = dict(grids or {})
@@ -92,7 +97,11 @@ def tune(
     ):
         step = _stepper(bar, _lines(setup.progress))
         for family in memory:
-            score = _family_scorer(family, train, sets, asked, chosen, step, Path(tmp))
+            score = (
+                _exact_scorer(family, train, chosen, step)
+                if is_exact(family)
+                else _family_scorer(family, train, sets, asked, chosen, step, Path(tmp))
+            )
             selections.append(protocol.select(family, points[family], score))
             configs[family] = selections[-1].setting
         if "baseline" in families:
@@ -116,8 +125,12 @@ def score_recipe(
     train: Samples, test: Samples, request: str, setup: Setup, family: str, setting: Setting
 ) -> float | None:
     """One point of a memory family's selection on its own: the Avg. Gap of ``family``
-    with recipe ``setting`` on the selection request -- a piece a long run keeps apart
+    with recipe ``setting`` on the selection request (an exact family: its validation
+    error, the request unused) -- a piece a long run keeps apart
     (:mod:`kmem.unlearn.parts`), so it resumes point by point and shares the grid out."""
+    if is_exact(family):
+        score = _exact_scorer(family, train, _selection_setup(setup), lambda _: None)
+        return score(dict(setting), SELECTION_SEED)
     chosen, asked, sets = _selection(train, test, request, setup)
     with tempfile.TemporaryDirectory(prefix="kmem-tune-") as tmp:
         score = _family_scorer(family, train, sets, asked, chosen, lambda _: None, Path(tmp))
@@ -140,9 +153,29 @@ def _selection(
     """The setup, request and sets every selection run uses: the request spec drawn with
     the selection seed, one MIA draw and no LiRA shadows (settings are ranked by Avg.
     Gap, cheaply)."""
-    chosen = replace(setup, seed=SELECTION_SEED, floor=False, mia_draws=1, shadows=0)
+    chosen = _selection_setup(setup)
     asked = parse_request(request, train.ids, train.labels, SELECTION_SEED)
     return chosen, asked, _Sets.split(train, test, asked, chosen)
+
+
+def _selection_setup(setup: Setup) -> Setup:
+    return replace(setup, seed=SELECTION_SEED, floor=False, mia_draws=1, shadows=0)
+
+
+def validation_split(train: Samples, core_fraction: float) -> tuple[Samples, Samples, Samples]:
+    """Exact mode's selection data: ``(fit, held, core)``, where ``core`` is the core of
+    ``core_fraction`` (:func:`~kmem.models.choose_core`), ``held`` a draw of
+    :data:`~kmem.unlearn.protocol.VALIDATION_FRACTION` of the other samples (seed
+    :data:`~kmem.unlearn.protocol.SELECTION_SEED`, order kept) and ``fit`` the training
+    samples without ``held``."""
+    core = choose_core(train, fraction=core_fraction)
+    rest = train.without(core.ids)
+    n = round(VALIDATION_FRACTION * len(rest))
+    if n < 1:
+        raise ValueError(f"exact-mode selection: no validation sample among {len(rest)} outside the core")
+    pick = torch.randperm(len(rest), generator=torch.Generator().manual_seed(SELECTION_SEED))[:n]
+    held = rest[pick.sort().values]
+    return train.without(held.ids), held, core
 
 
 def _posthoc_scorer(
@@ -157,6 +190,19 @@ def _posthoc_scorer(
         diverged: list[str] = []
         scores = against(sets.predict(out.model, diverged, method), out.seconds)
         return None if diverged else scores.avg_gap
+
+    return score
+
+
+def _exact_scorer(family: str, train: Samples, setup: Setup, step: Callable[[str], None]) -> Score:
+    fit, held, core = validation_split(train, setup.core_fraction)
+
+    def score(setting: Setting, seed: int) -> float | None:
+        step(f"{family}: {setting}")
+        point = replace(setup, seed=seed, tuned={**setup.tuned, family: setting})
+        model, _ = point.train(family, fit, core=core)
+        probs = predict_proba(model, held.inputs)
+        return 100.0 - accuracy(probs, held.labels) if torch.isfinite(probs).all() else None
 
     return score
 
