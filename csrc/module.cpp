@@ -1,10 +1,6 @@
 // Python bindings of kmem._C.
 #include <torch/extension.h>
 
-#include <map>
-#include <mutex>
-
-#include "counters.h"
 #include "cpu/attend.h"
 #include "cpu/compact.h"
 #include "cpu/search.h"
@@ -15,29 +11,6 @@ namespace kmem {
 void register_cuda(pybind11::module& m);
 }  // namespace kmem
 #endif
-
-namespace kmem {
-
-namespace {
-std::mutex counter_mutex;
-std::map<std::string, int64_t>& counters() {
-  static std::map<std::string, int64_t> c;
-  return c;
-}
-}  // namespace
-
-void count_call(const std::string& op) {
-  std::lock_guard<std::mutex> lock(counter_mutex);
-  ++counters()[op];
-}
-
-int64_t call_count(const std::string& op) {
-  std::lock_guard<std::mutex> lock(counter_mutex);
-  auto it = counters().find(op);
-  return it == counters().end() ? 0 : it->second;
-}
-
-}  // namespace kmem
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kmem compiled kernels";
@@ -52,8 +25,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_backward", &kmem::attend_backward, "Gradients of attend_forward: (dq, dkeys, dvalues)");
   m.def("dense_forward", &kmem::dense_forward, "Attention over every live row: (out, lse)");
   m.def("dense_backward", &kmem::dense_backward, "Gradients of dense_forward: (dq, dkeys, dvalues)");
-  m.def("call_count", &kmem::call_count, "How often the compiled op `op` has run in this process",
-        py::arg("op"));
 #ifdef KMEM_WITH_CUDA
   m.attr("with_cuda") = true;
   kmem::register_cuda(m);

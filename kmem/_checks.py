@@ -52,9 +52,10 @@ def concrete(name: str, x: torch.Tensor) -> None:
 
 
 def finite(name: str, x: torch.Tensor) -> None:
-    """NaN/Inf check. Skipped where there are no values to look at: meta tensors, and
-    tracing by torch.compile (a data-dependent branch would break the graph)."""
-    if not x.numel() or x.device.type == "meta" or torch.compiler.is_compiling():
+    """NaN/Inf check of a CPU tensor. Skipped off the CPU (on a GPU reading the answer
+    would synchronise the host with the device on every call; meta tensors hold no
+    values) and while torch.compile traces (a data-dependent branch breaks the graph)."""
+    if not x.numel() or x.device.type != "cpu" or torch.compiler.is_compiling():
         return
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf")

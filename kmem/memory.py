@@ -368,10 +368,11 @@ class KeyMemory:
         if torch.compiler.is_compiling():
             return compiled_reads.memory_search(queries, exclude_ids, self._handle, k)
         self._check_queries(queries)
+        k, exclude_ids = _checks.k(k), self._check_exclusions(exclude_ids, queries)
         with self._lock:
             keys, _, slot_ids = self.buffers()
-            scores, slots = ops.search(
-                queries, keys, slot_ids, k, metric=self.metric, exclude_ids=exclude_ids, backend=self.backend
+            scores, slots = ops.run_search(
+                ops.SearchInputs(queries, keys, slot_ids, exclude_ids, k, self.metric), self.backend
             )
             # The whole slot_ids buffer (never empty) so an empty memory indexes safely.
             ids = torch.where(slots >= 0, self._slot_ids[slots.clamp(min=0)], -1)
@@ -420,21 +421,15 @@ class KeyMemory:
         count of the memory it read (taken under the same lock); ``backend`` overrides
         the memory's."""
         self._check_queries(queries)
+        k = None if k is None else _checks.k(k)
+        exclude_ids = self._check_exclusions(exclude_ids, queries)
         with self._lock:
             keys, values, slot_ids = self.buffers()
-            out = ops.topk_attention(
-                queries,
-                keys,
-                values,
-                slot_ids,
-                k,
-                scale=scale,
-                metric=self.metric,
-                exclude_ids=exclude_ids,
-                num_classes=self.num_classes,
-                backend=backend or self.backend,
+            inputs = ops.attention_inputs(
+                queries, keys, values, slot_ids, k, scale, self.metric, exclude_ids, self.num_classes
             )
-            return out, self.edits
+            out = ops.run(inputs, backend or self.backend)
+            return (out[0] if k is None else out), self.edits
 
     def check_unedited(self, edits: int, now: int | None = None) -> None:
         """Raise :class:`MemoryEditedError` unless the memory's :attr:`edits` (or ``now``)
@@ -600,9 +595,14 @@ class KeyMemory:
         _checks.finite(name, keys)
 
     def _check_queries(self, queries: object) -> None:
+        """The one check of a read's queries (the ops are handed valid records)."""
         _checks.floating("queries", queries)
         _checks.shape("queries", queries, (None, self.key_dim))
         _checks.device("queries", queries, self.device)
+        _checks.finite("queries", queries)
+
+    def _check_exclusions(self, exclude_ids: object, queries: torch.Tensor) -> torch.Tensor | None:
+        return _checks.exclude_ids(exclude_ids, queries.shape[0], queries.device)
 
     def _check_values(self, values: object, n: int) -> None:
         if self.is_labels:

@@ -15,7 +15,8 @@ from _buffers import buffers, exclusions
 from conftest import brute_attention, brute_scores, brute_topk, integer_data
 
 import kmem
-from kmem.ops import cuda, fused, reference
+from kmem import ops
+from kmem.ops import cuda, reference
 
 DEVICE = "cuda"
 METRICS = ["ip", "l2"]
@@ -27,19 +28,32 @@ def _on(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.to(DEVICE) for t in tensors]
 
 
+def _cuda_search(q, keys, slot_ids, k, metric, exclude_ids):
+    return ops.search(q, keys, slot_ids, k, metric=metric, exclude_ids=exclude_ids, backend="cuda")[1]
+
+
+def _cuda_topk(q, keys, values, slot_ids, k, scale, metric, exclude_ids, num_classes, **kw):
+    """CUDA top-k (``k`` int) or dense (``k=None``) attention, asked for by name."""
+    return ops.topk_attention(
+        q, keys, values, slot_ids, k, scale=scale, metric=metric, exclude_ids=exclude_ids,
+        num_classes=num_classes, backend="cuda", **kw,
+    )  # fmt: skip
+
+
+def _cuda_dense(q, keys, values, slot_ids, scale, metric, exclude_ids, num_classes):
+    return _cuda_topk(q, keys, values, slot_ids, None, scale, metric, exclude_ids, num_classes)
+
+
 def _search(q, keys, slot_ids, k, metric="ip", exclude_ids=None) -> torch.Tensor:
     """CUDA slots for CPU inputs, back on the CPU."""
-    slots = fused.searcher("cuda")(*_on(q, keys, slot_ids), k, metric, *_on(exclude_ids))
+    slots = _cuda_search(*_on(q, keys, slot_ids), k, metric, *_on(exclude_ids))
     assert slots.device.type == "cuda" and slots.dtype == torch.int64
     return slots.cpu()
 
 
 def _attend(q, keys, values, slot_ids, k, scale, metric="ip", exclude_ids=None, num_classes=None):
-    run = fused.dense_attention("cuda") if k is None else fused.topk_attention("cuda")
     q, keys, values, slot_ids, exclude_ids = _on(q, keys, values, slot_ids, exclude_ids)
-    if k is None:
-        return run(q, keys, values, slot_ids, scale, metric, exclude_ids, num_classes)
-    return run(q, keys, values, slot_ids, k, scale, metric, exclude_ids, num_classes)
+    return _cuda_topk(q, keys, values, slot_ids, k, scale, metric, exclude_ids, num_classes)
 
 
 def test_missing_says_why_without_a_gpu():
@@ -49,8 +63,8 @@ def test_missing_says_why_without_a_gpu():
         assert reason is None
         return
     assert isinstance(reason, str) and ("CUDA" in reason or "kmem._C" in reason), reason
-    with pytest.raises(RuntimeError, match="CUDA backend unavailable"):
-        cuda.search(torch.randn(2, 4), torch.randn(5, 4), torch.arange(5), 2, "ip", None)
+    with pytest.raises(kmem.BackendUnavailable, match="cuda: "):
+        ops.search(torch.randn(2, 4), torch.randn(5, 4), torch.arange(5), 2, backend="cuda")
 
 
 # ------------------------------------------------------------------ search
@@ -173,10 +187,12 @@ def test_attention_no_live_rows_gives_zeros(k):
 def test_dense_lse_and_empty_memory():
     keys, slot_ids = buffers(700, 8, dead_every=3)
     q, values = torch.randn(4, 8), torch.randn(700, 2)
-    _, lse = cuda.dense_forward(*_on(q, keys, values, slot_ids), None, 0.3, "ip", 0)
+    _, lse = _cuda_topk(*_on(q, keys, values, slot_ids), None, 0.3, "ip", None, None, return_lse=True)
     logits = 0.3 * brute_scores(q, keys, "ip").masked_fill(slot_ids < 0, float("-inf"))
     torch.testing.assert_close(lse.cpu().double(), logits.logsumexp(1), rtol=1e-5, atol=1e-5)
-    out, lse = cuda.dense_forward(*_on(q, keys[:0], values[:0], slot_ids[:0]), None, 0.3, "ip", 0)
+    out, lse = _cuda_topk(
+        *_on(q, keys[:0], values[:0], slot_ids[:0]), None, 0.3, "ip", None, None, return_lse=True
+    )
     assert torch.equal(out.cpu(), torch.zeros(4, 2)) and bool(torch.isneginf(lse).all())
 
 
@@ -219,8 +235,8 @@ def test_gradients_match_reference(k, metric, labels):
 
     def kernel(q_, k_, v_):
         if k is None:
-            return fused.dense_attention("cuda")(q_, k_, v_, slot_ids, 0.4, metric, ex, classes)
-        return fused.topk_attention("cuda")(q_, k_, v_, slot_ids, k, 0.4, metric, ex, classes)
+            return _cuda_dense(q_, k_, v_, slot_ids, 0.4, metric, ex, classes)
+        return _cuda_topk(q_, k_, v_, slot_ids, k, 0.4, metric, ex, classes)
 
     def twin(q_, k_, v_):
         if k is None:
@@ -238,8 +254,8 @@ def test_gradients_reach_only_retrieved_rows():
     keys, slot_ids, q = _on(keys, slot_ids, torch.randn(3, 8))
     keys.requires_grad_()
     values = torch.randn(100, 4, device=DEVICE, requires_grad=True)
-    fused.topk_attention("cuda")(q, keys, values, slot_ids, 5, 0.3, "ip", None, None).sum().backward()
-    slots = fused.searcher("cuda")(q, keys, slot_ids, 5, "ip", None)
+    _cuda_topk(q, keys, values, slot_ids, 5, 0.3, "ip", None, None).sum().backward()
+    slots = _cuda_search(q, keys, slot_ids, 5, "ip", None)
     retrieved = torch.zeros(100, dtype=torch.bool, device=DEVICE)
     retrieved[slots.flatten()] = True
     assert bool((keys.grad[~retrieved] == 0).all()) and bool((values.grad[~retrieved] == 0).all())
@@ -247,35 +263,33 @@ def test_gradients_reach_only_retrieved_rows():
 
 
 @needs_gpu
-def test_float64_top_k_runs_the_exact_formulas_and_dense_refuses():
+def test_float64_is_refused_by_name_and_runs_elsewhere_under_auto():
+    """The CUDA kernels compute in float32: asked for by name they refuse float64 rather
+    than return float32 precision; "auto" serves it with a backend that keeps it."""
     keys, slot_ids = buffers(20, 5, dead_every=6)
     keys, slot_ids = _on(keys.double(), slot_ids)
     values = torch.randn(20, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
     q = torch.randn(3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
     keys.requires_grad_()
-    run = fused.topk_attention("cuda")
-    assert torch.autograd.gradcheck(lambda *t: run(*t, slot_ids, 4, 0.5, "l2", None, None), (q, keys, values))
-    with pytest.raises(TypeError, match="float32"):
-        fused.dense_attention("cuda")(q, keys, values, slot_ids, 0.5, "ip", None, None)
+    for k in (4, None):
+        with pytest.raises(kmem.BackendUnavailable, match="queries float64 not supported"):
+            _cuda_topk(q, keys, values, slot_ids, k, 0.5, "l2", None, None)
+        plan = ops.explain("topk_attention", q, keys, values, slot_ids, k=k)
+        assert plan.chosen not in (None, "cuda") and "cuda" in plan.refused
+        f = lambda *t, k=k: ops.topk_attention(*t, slot_ids, k, scale=0.5, metric="l2")  # noqa: E731
+        assert torch.autograd.gradcheck(f, (q, keys, values))
 
 
 @needs_gpu
 def test_calls_run_the_cuda_kernels():
-    ext = kmem._ext.compiled()
-    names = [
-        "cuda_search",
-        "cuda_attend_forward",
-        "cuda_attend_backward",
-        "cuda_dense_forward",
-        "cuda_dense_backward",
-    ]
-    before = {name: ext.call_count(name) for name in names}
     keys, slot_ids = buffers(50, 8)
     keys, slot_ids, q = _on(keys, slot_ids, torch.randn(2, 8))
     values = torch.randn(50, 3, device=DEVICE, requires_grad=True)
-    fused.topk_attention("cuda")(q, keys, values, slot_ids, 4, 0.3, "ip", None, None).sum().backward()
-    fused.dense_attention("cuda")(q, keys, values, slot_ids, 0.3, "ip", None, None).sum().backward()
-    assert {name: ext.call_count(name) - before[name] for name in names} == dict.fromkeys(names, 1)
+    with ops.trace() as ran:
+        _cuda_topk(q, keys, values, slot_ids, 4, 0.3, "ip", None, None).sum().backward()
+        _cuda_dense(q, keys, values, slot_ids, 0.3, "ip", None, None).sum().backward()
+    kernels = ["search", "attend_forward", "attend_backward", "dense_forward", "dense_backward"]
+    assert [e for e in ran if e.startswith("cuda.")] == [f"cuda.{name}" for name in kernels]
 
 
 # ------------------------------------------------------------- compaction
@@ -313,17 +327,21 @@ def test_compaction_out_too_small_and_misaligned_rows():
 # ------------------------------------------------------------ dispatch
 @needs_gpu
 def test_auto_picks_the_cuda_kernels_on_the_gpu():
-    ext = kmem._ext.compiled()
-    names = ["cuda_search", "cuda_attend_forward", "cuda_dense_forward", "cuda_compact_rows"]
-    before = {name: ext.call_count(name) for name in names}
     keys, slot_ids = buffers(64, 8, dead_every=5)
     keys, slot_ids, q, values = _on(keys, slot_ids, torch.randn(3, 8), torch.randn(64, 2))
-    kmem.ops.search(q, keys, slot_ids, 4)
-    kmem.ops.topk_attention(q, keys, values, slot_ids, 4)
-    kmem.ops.topk_attention(q, keys, values, slot_ids, None)
-    kmem.ops.compact_rows(keys, slot_ids >= 0, torch.empty_like(keys))
-    calls = {name: ext.call_count(name) - before[name] for name in names}
-    assert calls == {**dict.fromkeys(names, 1), "cuda_search": 2}  # top-k attention searches first
+    with ops.trace() as ran:
+        kmem.ops.search(q, keys, slot_ids, 4)
+        kmem.ops.topk_attention(q, keys, values, slot_ids, 4)
+        kmem.ops.topk_attention(q, keys, values, slot_ids, None)
+        kmem.ops.compact_rows(keys, slot_ids >= 0, torch.empty_like(keys))
+    kernels = [e for e in ran if "." in e]
+    assert kernels == [
+        "cuda.search",
+        "cuda.search",
+        "cuda.attend_forward",
+        "cuda.dense_forward",
+        "cuda.compact_rows",
+    ]
 
 
 @needs_gpu
@@ -332,10 +350,9 @@ def test_auto_dense_float64_goes_past_the_cuda_kernels():
     keys, slot_ids, q, values = _on(
         keys.double(), slot_ids, torch.randn(2, 6).double(), torch.randn(40, 3).double()
     )
-    before = kmem._ext.compiled().call_count("cuda_dense_forward")
-    out = kmem.ops.topk_attention(q, keys, values, slot_ids, None)
-    assert out.dtype == torch.float64
-    assert kmem._ext.compiled().call_count("cuda_dense_forward") == before
+    with ops.trace() as ran:
+        out = kmem.ops.topk_attention(q, keys, values, slot_ids, None)
+    assert out.dtype == torch.float64 and not any(e.startswith("cuda") for e in ran)
     want = reference.dense_attention(
         q.cpu(), keys.cpu(), values.cpu(), slot_ids.cpu(), 6**-0.5, "ip", None, None
     )

@@ -13,6 +13,7 @@ from conftest import brute_attention, brute_scores, brute_topk, integer_data
 import kmem
 from kmem import ops
 from kmem.ops import reference
+from kmem.ops.inputs import Signature
 
 METRICS = ["ip", "l2"]
 BACKENDS = ["reference", "cpp"]
@@ -74,9 +75,14 @@ def test_search_all_dead_and_empty(backend):
     assert slots.shape == (3, 2) and bool((slots == -1).all())
 
 
-def _backends_for(k):
-    """Backends serving top-k (k int) or dense (k None) attention."""
-    return [b for b in BACKENDS if b in ops.OPS["dense_attention" if k is None else "topk_attention"].names()]
+def _backends_for(k, dtype=torch.float32):
+    """BACKENDS that declare top-k (k int) or dense (k None) attention on CPU inputs of
+    ``dtype``, gradients included."""
+    op = "dense_attention" if k is None else "topk_attention"
+    sig = Signature("cpu", dtype, dtype, dtype, False, k, True)
+    return [
+        b for b in BACKENDS if b in ops.REGISTRY.names(op) and not ops.REGISTRY.backends[b].refusals(op, sig)
+    ]
 
 
 @pytest.mark.parametrize(("backend", "k"), [(b, k) for k in (1, 7, 40, None) for b in _backends_for(k)])
@@ -140,7 +146,10 @@ def test_low_precision_keys(backend, dtype, batch):
     assert (out.double() - exact).abs().max() <= 2 * (torch_low - exact).abs().max() + 1e-5
 
 
-@pytest.mark.parametrize(("backend", "k"), [(b, k) for k in (4, None) for b in _backends_for(k)])
+F64 = torch.float64
+
+
+@pytest.mark.parametrize(("backend", "k"), [(b, k) for k in (4, None) for b in _backends_for(k, F64)])
 @pytest.mark.parametrize("metric", METRICS)
 def test_gradcheck_vector_values(small_chunks, backend, metric, k):
     keys, slot_ids = buffers(20, 5, dead_every=6)
@@ -155,7 +164,7 @@ def test_gradcheck_vector_values(small_chunks, backend, metric, k):
     assert torch.autograd.gradcheck(f, (q, keys, values))
 
 
-@pytest.mark.parametrize(("backend", "k"), [(b, k) for k in (4, None) for b in _backends_for(k)])
+@pytest.mark.parametrize(("backend", "k"), [(b, k) for k in (4, None) for b in _backends_for(k, F64)])
 def test_gradcheck_label_values(small_chunks, backend, k):
     keys, slot_ids = buffers(20, 5, dead_every=6)
     keys = keys.double().requires_grad_()
@@ -211,16 +220,14 @@ def test_bad_arguments_raise(call, error):
 
 
 def test_memory_reads_run_the_compiled_search():
-    ext = kmem._ext.compiled()
-    assert ext is not None, kmem._ext.missing_reason()
     mem = kmem.KeyMemory(8, 3)
     mem.add(torch.arange(20), torch.randn(20, 8), torch.randn(20, 3))
     layer = kmem.KeyMemoryAttention(8, mem, k=4)
-    before = ext.call_count("search")
-    mem.search(torch.randn(2, 8), 3)
-    mem.attend(torch.randn(2, 8), k=3)
-    layer(torch.randn(5, 8))
-    assert ext.call_count("search") == before + 3
+    with ops.trace() as ran:
+        mem.search(torch.randn(2, 8), 3)
+        mem.attend(torch.randn(2, 8), k=3)
+        layer(torch.randn(5, 8))
+    assert ran.count("cpp.search") == 3 and "search:reference" not in ran
 
 
 def test_backend_asked_for_by_name_never_falls_back():
@@ -231,6 +238,67 @@ def test_backend_asked_for_by_name_never_falls_back():
     )
     with pytest.raises(kmem.BackendUnavailable, match="cpp: device meta not supported"):
         ops.search(q, keys, slot_ids, 2, backend="cpp")
+
+
+@pytest.mark.parametrize(
+    ("dtypes", "why"),
+    [
+        ((F64, F64, F64), "queries float64 not supported"),
+        ((torch.float32, torch.float32, F64), "values float64 not supported"),
+    ],
+)
+def test_a_combination_the_cpp_attend_does_not_serve_is_refused_by_name_and_explained(dtypes, why):
+    """float64 queries or values: the C++ top-k attend has no kernel for them, so
+    ``backend="cpp"`` refuses, and ``"auto"`` runs the next backend that declares them -- in the open."""
+    q_dtype, k_dtype, v_dtype = dtypes
+    q, keys = torch.randn(3, 6, dtype=q_dtype), torch.randn(30, 6, dtype=k_dtype)
+    values, slot_ids = torch.randn(30, 2, dtype=v_dtype), torch.arange(30)
+    with pytest.raises(kmem.BackendUnavailable, match=why):
+        ops.topk_attention(q, keys, values, slot_ids, 4, backend="cpp")
+    plan = ops.explain("topk_attention", q, keys, values, slot_ids, k=4)
+    # The next backend declaring it: Triton where its interpreter is on, else the reference.
+    assert plan.chosen in ("triton", "reference") and why in "; ".join(plan.refused["cpp"])
+    assert f"{plan.chosen}: runs it" in str(plan)
+    with ops.trace() as ran:
+        out = ops.topk_attention(q, keys, values, slot_ids, 4)
+    assert ran[0] == f"topk_attention:{plan.chosen}"
+    torch.testing.assert_close(out, ops.topk_attention(q, keys, values, slot_ids, 4, backend="reference"))
+
+
+def test_explain_names_the_compiled_kernel_when_it_serves():
+    q, keys, values, slot_ids = torch.randn(3, 6), torch.randn(30, 6), torch.randn(30, 2), torch.arange(30)
+    assert ops.explain("topk_attention", q, keys, values, slot_ids, k=4).chosen == "cpp"
+    assert ops.explain("topk_attention", q, keys, values, slot_ids, None).chosen == "cpp"
+    assert ops.explain("search", q, keys, slot_ids, 4).chosen == "cpp"
+    with pytest.raises(ValueError, match="unknown op"):
+        ops.explain("nope", q)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("labels", [False, True])
+def test_dense_attention_returns_its_log_sum_exp(backend, labels):
+    keys, slot_ids = buffers(60, 5, dead_every=4)
+    values = torch.randint(0, 3, (60,)) if labels else torch.randn(60, 2)
+    q = torch.randn(4, 5)
+    ex = exclusions(slot_ids, 4, 3)
+    classes = 3 if labels else None
+    out, lse = ops.topk_attention(
+        q, keys, values, slot_ids, None, scale=0.7, exclude_ids=ex, num_classes=classes, backend=backend,
+        return_lse=True,
+    )  # fmt: skip
+    z = 0.7 * (q.double() @ keys.double().T)
+    dead = (slot_ids < 0)[None, :] | (slot_ids[None, None, :] == ex[:, :, None]).any(1)
+    torch.testing.assert_close(
+        lse.double(), z.masked_fill(dead, float("-inf")).logsumexp(1), rtol=1e-5, atol=1e-5
+    )
+    torch.testing.assert_close(
+        out,
+        ops.topk_attention(
+            q, keys, values, slot_ids, None, scale=0.7, exclude_ids=ex, num_classes=classes, backend=backend
+        ),
+    )
+    with pytest.raises(ValueError, match="return_lse is for dense attention"):
+        ops.topk_attention(q, keys, values, slot_ids, 3, num_classes=classes, return_lse=True)
 
 
 @pytest.mark.parametrize(
@@ -270,27 +338,26 @@ def test_float32_gradients_match_autograd_through_reference(backend, k, metric, 
 
 
 def test_compiled_attend_kernels_ran():
-    ext = kmem._ext.compiled()
     keys, slot_ids = buffers(50, 8)
     values = torch.randn(50, 3, requires_grad=True)
     q = torch.randn(4, 8, requires_grad=True)
-    names = ["attend_forward", "attend_backward", "dense_forward", "dense_backward"]
-    before = {n: ext.call_count(n) for n in names}
-    ops.topk_attention(q, keys, values, slot_ids, 5, backend="cpp").sum().backward()
-    ops.topk_attention(q, keys, values, slot_ids, None, backend="cpp").sum().backward()
-    assert all(ext.call_count(n) == before[n] + 1 for n in names)
+    with ops.trace() as ran:
+        ops.topk_attention(q, keys, values, slot_ids, 5, backend="cpp").sum().backward()
+        ops.topk_attention(q, keys, values, slot_ids, None, backend="cpp").sum().backward()
+    kernels = ["search", "attend_forward", "attend_backward", "dense_forward", "dense_backward"]
+    assert [e for e in ran if e.startswith("cpp.")] == [f"cpp.{name}" for name in kernels]
 
 
 @pytest.mark.parametrize("k", [3, None])
 def test_triton_backend_through_dispatch(k):
     """Dispatch routes to the Triton kernels (interpreted here) when asked by name."""
-    from kmem.kernels import topk
+    from kmem.kernels._common import LAUNCHES
 
     keys, slot_ids = buffers(40, 8, dead_every=3)
     values, q = torch.randn(40, 2), torch.randn(3, 8)
-    before = sum(topk.LAUNCHES.values())
+    before = sum(LAUNCHES.values())
     out = ops.topk_attention(q, keys, values, slot_ids, k, backend="triton")
-    assert sum(topk.LAUNCHES.values()) > before
+    assert sum(LAUNCHES.values()) > before
     torch.testing.assert_close(out, ops.topk_attention(q, keys, values, slot_ids, k, backend="reference"))
     _, slots = ops.search(q, keys, slot_ids, 4, backend="triton")
     assert torch.equal(slots, ops.search(q, keys, slot_ids, 4, backend="reference")[1])

@@ -1,4 +1,4 @@
-"""The Triton backend (``kmem.kernels.topk``) against the reference twins, autograd through
+"""The Triton backend (``kmem.kernels``) against the reference twins, autograd through
 them, and the brute-force oracle.
 
 Without a GPU the kernels run on CPU tensors through Triton's interpreter (conftest sets
@@ -16,11 +16,11 @@ from _buffers import buffers, exclusions
 from conftest import brute_attention, brute_scores, brute_topk, integer_data
 
 import kmem
-import kmem.kernels.topk as triton_kernels
+from kmem.kernels import attend as triton_attend
+from kmem.kernels import dense as triton_dense
 from kmem.kernels import search as triton_search
-from kmem.ops import composite, fused, reference
-
-fused.register("triton", triton_kernels.KERNELS)
+from kmem.kernels._common import LAUNCHES
+from kmem.ops import composite, reference
 
 METRICS = ["ip", "l2"]
 KEY_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -33,6 +33,24 @@ def device(request) -> str:
 
 _memory = functools.partial(buffers, dead_every=4, scrub=False)
 _exclusions = functools.partial(exclusions, width=4)
+
+
+def _search(q, keys, slot_ids, k, metric, ex):
+    """The Triton search through dispatch, asked for by name."""
+    return kmem.ops.search(q, keys, slot_ids, k, metric=metric, exclude_ids=ex, backend="triton")[1]
+
+
+def _topk(q, keys, values, slot_ids, k, scale, metric, ex, num_classes):
+    """Triton top-k attention through dispatch, with :func:`reference.topk_attention`'s signature."""
+    return kmem.ops.topk_attention(
+        q, keys, values, slot_ids, k, scale=scale, metric=metric, exclude_ids=ex, num_classes=num_classes,
+        backend="triton",
+    )  # fmt: skip
+
+
+def _dense(q, keys, values, slot_ids, scale, metric, ex, num_classes):
+    """Triton dense attention through dispatch, with :func:`reference.dense_attention`'s signature."""
+    return _topk(q, keys, values, slot_ids, None, scale, metric, ex, num_classes)
 
 
 def _values(n, labels, width=3):
@@ -66,7 +84,7 @@ def test_search_matches_brute_force_with_ties(device, metric, n, k, batch, exclu
     q = integer_data(batch, 5)
     ex = _exclusions(slot_ids, batch) if exclude and n > 1 else None
     on = [t.to(device) if t is not None else None for t in (q, keys, slot_ids, ex)]
-    slots = triton_kernels.KERNELS.search(*on[:3], k, metric, on[3])
+    slots = triton_search.search(*on[:3], k, metric, on[3])
     expected = brute_topk(q, keys, slot_ids, k, metric, ex)
     assert torch.equal(slots.cpu(), expected)
     assert torch.equal(slots.cpu(), reference.search_slots(q, keys, slot_ids, k, metric, ex))
@@ -79,9 +97,7 @@ def test_search_key_and_query_dtypes(device, metric, dtype, query_dtype):
     # Small integers are exact in every dtype, so the upcast keys give the exact answer.
     keys, slot_ids = _memory(77, 6, data=integer_data)
     q = integer_data(4, 6).to(query_dtype)
-    slots = fused.searcher("triton")(
-        q.to(device), keys.to(dtype).to(device), slot_ids.to(device), 9, metric, None
-    )
+    slots = _search(q.to(device), keys.to(dtype).to(device), slot_ids.to(device), 9, metric, None)
     assert torch.equal(slots.cpu(), brute_topk(q, keys, slot_ids, 9, metric))
 
 
@@ -89,9 +105,7 @@ def test_search_key_and_query_dtypes(device, metric, dtype, query_dtype):
 def test_search_random_floats_is_topk(device, metric):
     keys, slot_ids = _memory(201, 32, dead_every=3)
     q = torch.randn(6, 32)
-    slots = triton_kernels.KERNELS.search(
-        q.to(device), keys.to(device), slot_ids.to(device), 20, metric, None
-    )
+    slots = triton_search.search(q.to(device), keys.to(device), slot_ids.to(device), 20, metric, None)
     slots = slots.cpu()
     full = brute_scores(q, keys, metric).masked_fill(slot_ids < 0, float("-inf"))
     assert bool((slot_ids[slots] >= 0).all())
@@ -105,9 +119,7 @@ def test_search_splits_loop_over_several_tiles(device, monkeypatch):
     q = integer_data(5, 5)
     assert triton_search._grid_shape(5, 301, 8)[2] < triton.cdiv(301, 64)
     for k in (1, 8):
-        slots = triton_kernels.KERNELS.search(
-            q.to(device), keys.to(device), slot_ids.to(device), k, "ip", None
-        )
+        slots = triton_search.search(q.to(device), keys.to(device), slot_ids.to(device), k, "ip", None)
         assert torch.equal(slots.cpu(), brute_topk(q, keys, slot_ids, k))
 
 
@@ -117,15 +129,15 @@ def test_search_largest_k(device):
     q = integer_data(2, 4)
     ex = _exclusions(slot_ids, 2)
     on = [t.to(device) for t in (q, keys, slot_ids, ex)]
-    slots = triton_kernels.KERNELS.search(*on[:3], 4096, "l2", on[3])
+    slots = triton_search.search(*on[:3], 4096, "l2", on[3])
     assert torch.equal(slots.cpu(), brute_topk(q, keys, slot_ids, 4096, "l2", ex))
 
 
 def test_search_all_dead_and_empty(device):
     keys, slot_ids = torch.randn(10, 4, device=device), torch.full((10,), -1, device=device)
     q = torch.randn(3, 4, device=device)
-    assert bool((triton_kernels.KERNELS.search(q, keys, slot_ids, 4, "ip", None) == -1).all())
-    slots = triton_kernels.KERNELS.search(q, keys[:0], slot_ids[:0], 2, "l2", None)
+    assert bool((triton_search.search(q, keys, slot_ids, 4, "ip", None) == -1).all())
+    slots = triton_search.search(q, keys[:0], slot_ids[:0], 2, "l2", None)
     assert slots.shape == (3, 2) and bool((slots == -1).all())
 
 
@@ -154,7 +166,7 @@ def test_topk_attention_forward_and_gradients(device, metric, labels, dtype, k, 
             num_classes,
         )
 
-    out, grads = _grads(run(fused.topk_attention("triton")), (q, keys, values), device)
+    out, grads = _grads(run(_topk), (q, keys, values), device)
     want, want_grads = _grads(run(reference.topk_attention), (q, keys, values), device)
     _close(out, want)
     for got, exp in zip(grads, want_grads, strict=True):
@@ -170,16 +182,14 @@ def test_attend_kernels_match_composite(device):
     slots = reference.search_slots(q, keys, slot_ids, 7, "l2")
     slots[1, 3:] = -1  # a query with fewer rows than k
     args = (q, keys, values, slots, 0.3, "l2", 0)
-    got, want = triton_kernels.KERNELS.attend_forward(*args), composite.attend_forward(*args)
+    got, want = triton_attend.attend_forward(*args), composite.attend_forward(*args)
     for a, b in zip(got, want, strict=True):
         _close(a, b)
     g = torch.randn(4, 2, device=device)
     back = (g, q, keys, values, slots, want[1], 0.3, "l2", 0)
-    for a, b in zip(
-        triton_kernels.KERNELS.attend_backward(*back), composite.attend_backward(*back), strict=True
-    ):
+    for a, b in zip(triton_attend.attend_backward(*back), composite.attend_backward(*back), strict=True):
         _close(a, b)
-    dq, dk, dv = triton_kernels.KERNELS.attend_backward(*back, needs_keys=False, needs_values=False)
+    dq, dk, dv = triton_attend.attend_backward(*back, needs_keys=False, needs_values=False)
     assert dk is None and dv is None
     _close(dq, composite.attend_backward(*back)[0])
 
@@ -208,7 +218,7 @@ def test_dense_attention_forward_and_gradients(device, metric, labels, dtype, n,
             num_classes,
         )
 
-    out, grads = _grads(run(fused.dense_attention("triton")), (q, keys, values), device)
+    out, grads = _grads(run(_dense), (q, keys, values), device)
     want, want_grads = _grads(run(reference.dense_attention), (q, keys, values), device)
     _close(out, want)
     for got, exp in zip(grads, want_grads, strict=True):
@@ -222,7 +232,7 @@ def test_dense_lse_is_logsumexp_of_attended_rows(device):
     q, values = torch.randn(3, 6), torch.randn(45, 2)
     ex = _exclusions(slot_ids, 3)
     on = [t.to(device) for t in (q, keys, values, slot_ids, ex)]
-    _, lse = triton_kernels.KERNELS.dense_forward(*on, 0.4, "l2", 0)
+    _, lse = triton_dense.dense_forward(*on, 0.4, "l2", 0)
     s = 0.4 * brute_scores(q, keys, "l2")
     dropped = (slot_ids < 0) | (slot_ids[None, :, None] == ex[:, None, :]).any(-1)
     _close(lse, torch.logsumexp(s.masked_fill(dropped, float("-inf")), 1).float())
@@ -234,17 +244,17 @@ def test_no_live_rows_gives_zeros_and_zero_gradients(device, labels):
     keys, slot_ids = torch.randn(9, 4), torch.full((9,), -1)
     values, q = _values(9, labels), torch.randn(3, 4)
     num_classes = 4 if labels else None
-    topk = fused.topk_attention("triton")
+    topk = _topk
     out, grads = _grads(
         lambda *t: topk(*t, slot_ids.to(device), 3, 1.0, "ip", None, num_classes), (q, keys, values), device
     )
     assert bool((out == 0).all()) and all(bool((g == 0).all()) for g in grads)
-    dense = fused.dense_attention("triton")
+    dense = _dense
     out, grads = _grads(
         lambda *t: dense(*t, slot_ids.to(device), 1.0, "l2", None, num_classes), (q, keys, values), device
     )
     assert bool((out == 0).all()) and all(bool((g == 0).all()) for g in grads)
-    _, lse = triton_kernels.KERNELS.dense_forward(
+    _, lse = triton_dense.dense_forward(
         q.to(device),
         keys.to(device),
         values.to(device),
@@ -268,8 +278,8 @@ def test_float64_matches_reference_and_gradcheck(device, metric):
     )
     ids = slot_ids.to(device)
     for backend_fn, ref_fn, extra in (
-        (fused.topk_attention("triton"), reference.topk_attention, (4,)),
-        (fused.dense_attention("triton"), reference.dense_attention, ()),
+        (_topk, reference.topk_attention, (4,)),
+        (_dense, reference.dense_attention, ()),
     ):
 
         def f(q, keys, values, fn=backend_fn, extra=extra):
@@ -303,14 +313,14 @@ def test_triton_kernels_ran(device, monkeypatch):
         (composite, "attend_backward"),
     ):
         monkeypatch.setattr(module, name, refuse)
-    triton_kernels.LAUNCHES.clear()
+    LAUNCHES.clear()
     keys, slot_ids = _memory(20, 4)
     values = torch.randn(20, 2)
     inputs = [t.to(device).requires_grad_() for t in (torch.randn(3, 4), keys, values)]
-    out = fused.topk_attention("triton")(*inputs, slot_ids.to(device), 3, 1.0, "ip", None, None)
-    out = out + fused.dense_attention("triton")(*inputs, slot_ids.to(device), 1.0, "ip", None, None)
+    out = _topk(*inputs, slot_ids.to(device), 3, 1.0, "ip", None, None)
+    out = out + _dense(*inputs, slot_ids.to(device), 1.0, "ip", None, None)
     out.sum().backward()
-    assert set(triton_kernels.LAUNCHES) == {
+    assert set(LAUNCHES) == {
         "_search_kernel",
         "_weights_kernel",
         "_weighted_values_kernel",
@@ -329,7 +339,7 @@ def test_compaction_matches_reference(device, dtype, rows, row_shape):
     src = (torch.randn(rows, *row_shape) * 10).to(dtype).to(device)
     keep = (torch.rand(rows) < 0.6).to(device)
     out, want = torch.zeros_like(src), torch.zeros_like(src)
-    before = triton_kernels.LAUNCHES["_scatter_kernel"]
+    before = LAUNCHES["_scatter_kernel"]
     n = kmem.ops.compact_rows(src, keep, out, backend="triton")
     assert n == reference.compact_rows(src, keep, want) and torch.equal(out, want)
-    assert triton_kernels.LAUNCHES["_scatter_kernel"] == before + (rows > 0)
+    assert LAUNCHES["_scatter_kernel"] == before + (rows > 0)

@@ -16,7 +16,6 @@
 #include <utility>
 #include <vector>
 
-#include "counters.h"
 #include "vec.h"
 
 namespace kmem {
@@ -119,15 +118,25 @@ void topk_backward(const float* g, const float* q, const KT* keys, const VT* val
   });
 }
 
-// Dispatch over the (keys, values) storage dtype, which the glue keeps equal.
+// Dispatch over one row storage dtype.
 template <typename F>
-void with_row_types(at::ScalarType keys, F&& f) {
-  switch (keys) {
+void with_row_type(at::ScalarType type, const char* what, F&& f) {
+  switch (type) {
     case at::kFloat: return f(float{});
     case at::kBFloat16: return f(at::BFloat16{});
     case at::kHalf: return f(at::Half{});
-    default: TORCH_CHECK(false, "kmem: keys must be float32, bfloat16 or float16, not ", keys);
+    default: TORCH_CHECK(false, "kmem: ", what, " must be float32, bfloat16 or float16, not ", type);
   }
+}
+
+// Dispatch over the (keys, vector values) storage dtypes; label values are int64 and
+// take the keys' type as a placeholder.
+template <typename F>
+void with_row_types(const at::Tensor& keys, const at::Tensor& values, int64_t num_classes, F&& f) {
+  with_row_type(keys.scalar_type(), "keys", [&](auto key_tag) {
+    if (num_classes) return f(key_tag, key_tag);
+    with_row_type(values.scalar_type(), "values", [&](auto value_tag) { f(key_tag, value_tag); });
+  });
 }
 
 // ---------------------------------------------------------------------- dense
@@ -212,14 +221,14 @@ std::tuple<at::Tensor, at::Tensor> attend_forward(const at::Tensor& queries, con
                                                   const at::Tensor& values, const at::Tensor& slots, double scale,
                                                   bool l2, int64_t num_classes) {
   check_cpu({&queries, &keys, &values, &slots}, "attend_forward");
-  count_call("attend_forward");
   const at::Tensor q = queries.to(at::kFloat).contiguous(), kc = keys.contiguous(), vc = values.contiguous();
   const at::Tensor sc = slots.contiguous();
   const int64_t B = q.size(0), d = q.size(1), k = sc.size(1), W = num_classes ? num_classes : vc.size(1);
   at::Tensor out = at::zeros({B, W}, q.options()), w = at::empty({B, k}, q.options());
-  with_row_types(kc.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    topk_forward<T, T>(q.data_ptr<float>(), kc.data_ptr<T>(), num_classes ? nullptr : vc.data_ptr<T>(),
+  with_row_types(kc, vc, num_classes, [&](auto key_tag, auto value_tag) {
+    using T = decltype(key_tag);
+    using V = decltype(value_tag);
+    topk_forward<T, V>(q.data_ptr<float>(), kc.data_ptr<T>(), num_classes ? nullptr : vc.data_ptr<V>(),
                        num_classes ? vc.data_ptr<int64_t>() : nullptr, sc.data_ptr<int64_t>(), B, d, k, W,
                        static_cast<float>(scale), l2, out.data_ptr<float>(), w.data_ptr<float>());
   });
@@ -232,7 +241,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attend_backward(const at::Tensor&
                                                                double scale, bool l2, int64_t num_classes,
                                                                bool needs_keys, bool needs_values) {
   check_cpu({&grad_out, &queries, &keys, &values, &slots, &weights}, "attend_backward");
-  count_call("attend_backward");
   const at::Tensor g = grad_out.to(at::kFloat).contiguous(), q = queries.to(at::kFloat).contiguous();
   const at::Tensor kc = keys.contiguous(), vc = values.contiguous(), sc = slots.contiguous();
   const at::Tensor w = weights.to(at::kFloat).contiguous();
@@ -240,10 +248,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attend_backward(const at::Tensor&
   at::Tensor dq = at::zeros({B, d}, q.options()), ds = at::empty({B, k}, q.options());
   at::Tensor dkeys = needs_keys ? at::zeros({kc.size(0), d}, q.options()) : at::Tensor();
   at::Tensor dvalues = needs_values && !num_classes ? at::zeros({vc.size(0), W}, q.options()) : at::Tensor();
-  with_row_types(kc.scalar_type(), [&](auto tag) {
-    using T = decltype(tag);
-    topk_backward<T, T>(g.data_ptr<float>(), q.data_ptr<float>(), kc.data_ptr<T>(),
-                        num_classes ? nullptr : vc.data_ptr<T>(), num_classes ? vc.data_ptr<int64_t>() : nullptr,
+  with_row_types(kc, vc, num_classes, [&](auto key_tag, auto value_tag) {
+    using T = decltype(key_tag);
+    using V = decltype(value_tag);
+    topk_backward<T, V>(g.data_ptr<float>(), q.data_ptr<float>(), kc.data_ptr<T>(),
+                        num_classes ? nullptr : vc.data_ptr<V>(), num_classes ? vc.data_ptr<int64_t>() : nullptr,
                         sc.data_ptr<int64_t>(), w.data_ptr<float>(), B, d, k, W, static_cast<float>(scale), l2,
                         dq.data_ptr<float>(), ds.data_ptr<float>(), dkeys.defined() ? dkeys.data_ptr<float>() : nullptr,
                         dvalues.defined() ? dvalues.data_ptr<float>() : nullptr);
@@ -256,7 +265,6 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& queries, cons
                                                  const at::Tensor& values, const at::Tensor& slot_ids,
                                                  const c10::optional<at::Tensor>& exclude_ids, double scale, bool l2,
                                                  int64_t num_classes) {
-  count_call("dense_forward");
   const DenseTiles t = make_tiles(queries, keys, values, slot_ids, exclude_ids, scale, l2, num_classes);
   const int64_t B = t.q.size(0), N = t.keys.size(0), W = num_classes ? num_classes : t.values.size(1);
   at::Tensor run_max = at::full({B, 1}, kNegInf, t.q.options()), total = at::zeros({B, 1}, t.q.options());
@@ -282,7 +290,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
     const at::Tensor& grad_out, const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
     const at::Tensor& slot_ids, const c10::optional<at::Tensor>& exclude_ids, const at::Tensor& out,
     const at::Tensor& lse, double scale, bool l2, int64_t num_classes, bool needs_keys, bool needs_values) {
-  count_call("dense_backward");
   const DenseTiles t = make_tiles(queries, keys, values, slot_ids, exclude_ids, scale, l2, num_classes);
   const int64_t B = t.q.size(0), N = t.keys.size(0), d = t.q.size(1);
   const at::ScalarType work = t.q.scalar_type();

@@ -12,7 +12,6 @@
 #include <cstring>
 #include <vector>
 
-#include "counters.h"
 
 namespace kmem {
 
@@ -27,7 +26,6 @@ int64_t compact_rows(const at::Tensor& src, const at::Tensor& keep, at::Tensor& 
               "compact_rows: out rows must have the shape of src rows");
   TORCH_CHECK(src.is_contiguous() && out.is_contiguous() && keep.is_contiguous(),
               "compact_rows: tensors must be contiguous");
-  count_call("compact_rows");
 
   const int64_t rows = src.size(0);
   const int64_t row_bytes = rows ? src.numel() / rows * src.element_size() : 0;
@@ -70,7 +68,6 @@ void zero_rows(at::Tensor& dst, const at::Tensor& rows) {
   TORCH_CHECK(dst.dim() >= 1 && dst.is_contiguous(), "zero_rows: dst must be contiguous, at least 1-d");
   TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(),
               "zero_rows: rows must be a contiguous int64 vector");
-  count_call("zero_rows");
 
   const int64_t n = rows.size(0), size = dst.size(0);
   const int64_t row_bytes = size ? dst.numel() / size * dst.element_size() : 0;

@@ -19,7 +19,6 @@
 #include <functional>
 #include <vector>
 
-#include "counters.h"
 #include "topk.h"
 #include "vec.h"
 
@@ -200,7 +199,6 @@ at::Tensor search(const at::Tensor& queries, const at::Tensor& keys, const at::T
   TORCH_CHECK(slot_ids.scalar_type() == at::kLong && slot_ids.dim() == 1 && slot_ids.size(0) == keys.size(0),
               "search: slot_ids must be int64 [N]");
   TORCH_CHECK(k >= 1, "search: k must be >= 1");
-  count_call("search");
   const at::Tensor q = queries.to(at::kFloat).contiguous();
   const at::Tensor kc = keys.contiguous();
   const at::Tensor ids = slot_ids.contiguous();

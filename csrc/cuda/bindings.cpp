@@ -10,7 +10,6 @@
 #include <tuple>
 
 #include "compact.cuh"
-#include "counters.h"
 #include "topk_attention.cuh"
 
 namespace kmem {
@@ -118,7 +117,6 @@ at::Tensor cuda_search(const at::Tensor& queries, const at::Tensor& keys, const 
   constexpr const char* op = "cuda_search";
   check_memory(queries, keys, slot_ids, op);
   TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
-  count_call(op);
   const c10::cuda::CUDAGuard guard(queries.device());
   const at::Tensor q = float32(queries), kc = readable(keys), ids = slot_ids.contiguous();
   const auto [sorted, ex] = exclusions(exclude_ids, queries, op);
@@ -138,7 +136,6 @@ std::tuple<at::Tensor, at::Tensor> cuda_attend_forward(const at::Tensor& queries
   check_device(slots, queries, op, "slots");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == queries.size(0), op,
               ": slots must be int64 [B, k]");
-  count_call(op);
   const c10::cuda::CUDAGuard guard(queries.device());
   const at::Tensor q = float32(queries), sc = slots.contiguous();
   const RowTensors r = rows_of(keys, values, num_classes, queries, op);
@@ -165,7 +162,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attend_backward(const at::Te
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == queries.size(0), op,
               ": slots must be int64 [B, k]");
   TORCH_CHECK(weights.sizes() == slots.sizes(), op, ": weights must be [B, k] like slots");
-  count_call(op);
   const c10::cuda::CUDAGuard guard(queries.device());
   const at::Tensor q = float32(queries), g = float32(grad_out), w = float32(weights), sc = slots.contiguous();
   const RowTensors r = rows_of(keys, values, num_classes, queries, op);
@@ -190,7 +186,6 @@ std::tuple<at::Tensor, at::Tensor> cuda_dense_forward(const at::Tensor& queries,
                                                       int64_t num_classes) {
   constexpr const char* op = "cuda_dense_forward";
   check_memory(queries, keys, slot_ids, op);
-  count_call(op);
   const c10::cuda::CUDAGuard guard(queries.device());
   const at::Tensor q = float32(queries), ids = slot_ids.contiguous();
   const RowTensors r = rows_of(keys, values, num_classes, queries, op);
@@ -212,7 +207,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_dense_backward(
   check_device(grad_out, queries, op, "grad_out");
   check_device(out, queries, op, "out");
   check_device(lse, queries, op, "lse");
-  count_call(op);
   const c10::cuda::CUDAGuard guard(queries.device());
   const at::Tensor q = float32(queries), g = float32(grad_out), o = float32(out), l = float32(lse);
   const at::Tensor ids = slot_ids.contiguous();
@@ -248,7 +242,6 @@ int64_t cuda_compact_rows(const at::Tensor& src, const at::Tensor& keep, at::Ten
               op, ": out must have src's dtype and row shape");
   TORCH_CHECK(src.is_contiguous() && keep.is_contiguous() && out.is_contiguous(), op,
               ": tensors must be contiguous");
-  count_call(op);
   const c10::cuda::CUDAGuard guard(src.device());
   const int64_t rows = src.size(0);
   if (rows == 0) return 0;

@@ -1,90 +1,61 @@
 """Functional ops of kmem: top-k search, top-k/dense attention, stable compaction and
 the scrub of deleted rows.
 
-Each op takes a ``backend`` argument: ``"auto"`` picks the first backend that can run
-the call; a name (``"reference"``, ``"cpp"``, ...) runs exactly that backend or raises
-:class:`BackendUnavailable` with the reasons. :data:`OPS` lists every op's backends.
+Each op checks its arguments once, into a record (:mod:`kmem.ops.inputs`), and takes
+a ``backend`` argument: ``"auto"`` picks the first backend that serves the call, the
+reference twin last; a name (``"reference"``, ``"cpp"``, ``"cuda"``, ``"triton"``) runs
+exactly that backend's own kernels or raises :class:`BackendUnavailable` with the
+reasons. :func:`explain` shows the choice for a call; :data:`REGISTRY` holds every
+backend and what it declares to serve (:mod:`kmem.ops.backends`); :func:`trace`
+records what served the calls inside a block.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .. import _checks
-from . import cpu, cuda, fused, reference, triton_backend
-from .dispatch import Backend, BackendUnavailable, Op
+from . import backends as _backends  # noqa: F401  (registers every backend)
+from . import reference
+from .inputs import AttendInputs, CompactInputs, DenseInputs, ScrubInputs, SearchInputs, default_scale
+from .registry import REGISTRY, BackendUnavailable, Plan, trace
 
 __all__ = [
-    "OPS",
+    "REGISTRY",
+    "AttendInputs",
     "BackendUnavailable",
+    "CompactInputs",
+    "DenseInputs",
+    "Plan",
+    "ScrubInputs",
+    "SearchInputs",
+    "attention_inputs",
     "compact_rows",
+    "explain",
+    "run",
+    "run_search",
     "search",
     "topk_attention",
+    "trace",
     "zero_rows",
 ]
 
-
-_ANY_DEVICE = frozenset({"cpu", "cuda"})
-_CPU = frozenset({"cpu"})
-_CUDA = frozenset({"cuda"})
-_KEY_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16, torch.float16})
-
-OPS: dict[str, Op] = {
-    name: Op(name) for name in ("compact_rows", "zero_rows", "search", "topk_attention", "dense_attention")
+_OPS = {
+    SearchInputs: "search",
+    AttendInputs: "topk_attention",
+    DenseInputs: "dense_attention",
+    CompactInputs: "compact_rows",
+    ScrubInputs: "zero_rows",
 }
 
 
-def _register_fused(
-    name: str, devices: frozenset[str], missing, wrap=None, dense_dtypes: frozenset[torch.dtype] = _KEY_DTYPES
-) -> None:
-    """Register a KernelSet backend for search, top-k and dense attention, in that order of
-    priority after the backends already registered. ``wrap`` turns one of fused's op
-    factories into the callable (default: ``factory(name)``); ``dense_dtypes`` are the
-    working dtypes its dense attention serves."""
-    for op, factory, dtypes in (
-        ("search", fused.searcher, _KEY_DTYPES),
-        ("topk_attention", fused.topk_attention, _KEY_DTYPES),
-        ("dense_attention", fused.dense_attention, dense_dtypes),
-    ):
-        fn = wrap(factory) if wrap else factory(name)
-        OPS[op].register(Backend(name, fn, devices, dtypes, missing))
+def run(inputs, backend: str = "auto"):
+    """Run the op of record ``inputs`` (already valid: no checks here) on ``backend``.
 
-
-fused.register("cpp", cpu.KERNELS)
-OPS["compact_rows"].register(Backend("cpp", cpu.compact_rows, _CPU, missing=cpu.missing))
-OPS["zero_rows"].register(Backend("cpp", cpu.zero_rows, _CPU, missing=cpu.missing))
-_register_fused("cpp", _CPU, cpu.missing)
-# On a GPU the hand-written CUDA kernels come before Triton's: they are tuned per
-# architecture, Triton's are portable (and the only compiled path under its interpreter).
-fused.register("cuda", cuda.KERNELS)
-# Its dense kernels compute in float32 only: float64 goes to a backend that keeps it.
-_register_fused("cuda", _CUDA, cuda.missing, dense_dtypes=_KEY_DTYPES - {torch.float64})
-OPS["compact_rows"].register(Backend("cuda", cuda.compact_rows, _CUDA, missing=cuda.missing))
-_register_fused("triton", triton_backend.devices(), triton_backend.missing, triton_backend.lazily)
-OPS["compact_rows"].register(
-    Backend("triton", triton_backend.compact_rows, triton_backend.devices(), missing=triton_backend.missing)
-)
-
-OPS["compact_rows"].register(Backend("reference", reference.compact_rows, _ANY_DEVICE))
-OPS["zero_rows"].register(Backend("reference", reference.zero_rows, _ANY_DEVICE))
-OPS["search"].register(Backend("reference", reference.search_slots, _ANY_DEVICE))
-OPS["topk_attention"].register(Backend("reference", reference.topk_attention, _ANY_DEVICE))
-OPS["dense_attention"].register(Backend("reference", reference.dense_attention, _ANY_DEVICE))
-
-
-def _check_memory(queries, keys, slot_ids) -> None:
-    _checks.floating("queries", queries)
-    _checks.floating("keys", keys)
-    _checks.int64("slot_ids", slot_ids)
-    _checks.shape("queries", queries, (None, None))
-    _checks.shape("keys", keys, (None, queries.shape[1]))
-    _checks.shape("slot_ids", slot_ids, (keys.shape[0],))
-    for name, t in (("keys", keys), ("slot_ids", slot_ids)):
-        if t.device != queries.device:
-            raise ValueError(f"{name} is on {t.device} but queries are on {queries.device}")
-    _checks.finite("queries", queries)
+    Returns what that op's backends return: slots ``[B, k]`` for a search, the output
+    for top-k attention, ``(out, lse)`` for dense attention, the rows kept for a
+    compaction, None for a scrub."""
+    op = _OPS[type(inputs)]
+    return REGISTRY.select(op, inputs, backend).run[op](inputs)
 
 
 def search(
@@ -101,7 +72,7 @@ def search(
 
     Args:
         queries: ``[B, d]`` floating.
-        keys: ``[N, d]`` floating (any float dtype; scored in float32 or float64).
+        keys: ``[N, d]`` floating (any float dtype; ranked by the float32 score).
         slot_ids: ``[N]`` int64, ``-1`` for an empty or deleted slot.
         k: rows per query, ``>= 1``.
         metric: ``"ip"`` (``q . k``) or ``"l2"`` (``-||q - k||^2``).
@@ -112,15 +83,28 @@ def search(
         ``k`` rows qualify. Scores are not differentiable here; use
         :func:`topk_attention` for gradients.
     """
-    _check_memory(queries, keys, slot_ids)
-    k = _checks.k(k)
-    _checks.metric(metric)
-    exclude_ids = _checks.exclude_ids(exclude_ids, queries.shape[0], queries.device)
-    impl = OPS["search"].select(backend, queries.device, keys.dtype)
-    slots = impl.fn(queries, keys, slot_ids, k, metric, exclude_ids)
+    return run_search(SearchInputs.checked(queries, keys, slot_ids, k, metric, exclude_ids), backend)
+
+
+def run_search(s: SearchInputs, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`search` of a record already valid: ``(scores [B, k], slots [B, k])``."""
+    slots = run(s, backend)
     with torch.no_grad():
-        scores = reference.gather_scores(queries, keys, slots, metric)
+        scores = reference.gather_scores(s.queries, s.keys, slots, s.metric)
     return scores, slots
+
+
+def attention_inputs(
+    queries, keys, values, slot_ids, k, scale=None, metric="ip", exclude_ids=None, num_classes=None
+) -> AttendInputs | DenseInputs:
+    """The record of a :func:`topk_attention` call whose arguments are already valid
+    (``k=None``: dense), unchecked; ``scale`` defaults to ``1/sqrt(d)``."""
+    rows = {
+        "queries": queries, "keys": keys, "values": values, "slot_ids": slot_ids, "exclude_ids": exclude_ids,
+        "scale": default_scale(queries) if scale is None else float(scale), "metric": metric,
+        "num_classes": num_classes or 0,
+    }  # fmt: skip
+    return DenseInputs(**rows) if k is None else AttendInputs(**rows, k=k)
 
 
 def topk_attention(
@@ -135,7 +119,8 @@ def topk_attention(
     exclude_ids: torch.Tensor | None = None,
     num_classes: int | None = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its top-``k`` live rows (``k=None``: all live rows).
 
     ``out[b] = sum_j softmax_j(scale * score(q_b, k_j)) * v_j`` over the selected rows.
@@ -149,58 +134,66 @@ def topk_attention(
         scale: multiplies scores before the softmax; default ``1/sqrt(d)``.
         metric, exclude_ids: as in :func:`search`.
         num_classes: set for label values; the result is then class probabilities.
+        return_lse: dense attention only: also return the log-sum-exp ``[B]`` of
+            ``scale * score`` over the attended rows (``-inf`` for none), e.g. to merge
+            partial results; it carries no gradient.
 
     Returns:
-        ``[B, V]`` (or ``[B, num_classes]``) in float32 (float64 if an input is float64);
-        zeros for a query with no qualifying row. Differentiable in queries, keys and
-        values; only retrieved rows get gradient.
+        ``[B, V]`` (or ``[B, num_classes]``) in float32 (float64 if the queries or keys
+        are float64); zeros for a query with no qualifying row. Differentiable in
+        queries, keys and values; only retrieved rows get gradient.
     """
-    _check_memory(queries, keys, slot_ids)
-    _checks.metric(metric)
-    if num_classes is None:
-        _checks.floating("values", values)
-        _checks.shape("values", values, (keys.shape[0], None))
-    else:
-        _checks.int64("values", values)
-        _checks.shape("values", values, (keys.shape[0],))
-    if values.device != queries.device:
-        raise ValueError(f"values is on {values.device} but queries are on {queries.device}")
-    exclude_ids = _checks.exclude_ids(exclude_ids, queries.shape[0], queries.device)
-    scale = 1.0 / math.sqrt(queries.shape[1]) if scale is None else float(scale)
     if k is None:
-        impl = OPS["dense_attention"].select(backend, queries.device, reference.working_dtype(queries, keys))
-        return impl.fn(queries, keys, values, slot_ids, scale, metric, exclude_ids, num_classes)
-    k = _checks.k(k)
-    impl = OPS["topk_attention"].select(backend, queries.device, keys.dtype)
-    return impl.fn(queries, keys, values, slot_ids, k, scale, metric, exclude_ids, num_classes)
+        d = DenseInputs.checked(queries, keys, values, slot_ids, scale, metric, exclude_ids, num_classes)
+        out, lse = run(d, backend)
+        return (out, lse.detach()) if return_lse else out
+    if return_lse:
+        raise ValueError("return_lse is for dense attention (k=None)")
+    return run(
+        AttendInputs.checked(queries, keys, values, slot_ids, k, scale, metric, exclude_ids, num_classes),
+        backend,
+    )
 
 
 def compact_rows(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor, *, backend: str = "auto") -> int:
     """Copy the rows of ``src [N, ...]`` where ``keep [N]`` (bool) is true, in order, to
     ``out[:n]``; returns ``n``. ``out`` has ``src``'s dtype and row shape, ``>= n`` rows."""
-    _checks.tensor("src", src)
-    _checks.tensor("out", out)
-    _checks.tensor("keep", keep)
-    if keep.dtype != torch.bool:
-        raise TypeError(f"keep must be bool, got {keep.dtype}")
-    _checks.shape("keep", keep, (src.shape[0],))
-    if out.dtype != src.dtype or out.shape[1:] != src.shape[1:]:
-        raise ValueError(f"out must have src's dtype and row shape, got {out.dtype} {list(out.shape)}")
-    impl = OPS["compact_rows"].select(backend, src.device, src.dtype)
-    return impl.fn(src.contiguous(), keep.contiguous(), out)
+    return run(CompactInputs.checked(src, keep, out), backend)
 
 
 def zero_rows(dst: torch.Tensor, rows: torch.Tensor, *, backend: str = "auto") -> None:
     """Overwrite the bytes of rows ``rows`` (int64 ``[n]``, in ``[0, N)``) of the contiguous
     ``dst [N, ...]`` with zeros, in place: the scrub of deleted rows."""
-    _checks.tensor("dst", dst)
-    _checks.int64("rows", rows)
-    _checks.shape("rows", rows, (None,))
-    if dst.dim() < 1 or not dst.is_contiguous():
-        raise ValueError(f"dst must be a contiguous tensor of rows, got shape {list(dst.shape)}")
-    if rows.device != dst.device:
-        raise ValueError(f"rows is on {rows.device} but dst is on {dst.device}")
-    if len(rows) and not bool(((rows >= 0) & (rows < dst.shape[0])).all()):
-        raise IndexError(f"rows must lie in [0, {dst.shape[0]})")
-    impl = OPS["zero_rows"].select(backend, dst.device, dst.dtype)
-    impl.fn(dst, rows.contiguous())
+    run(ScrubInputs.checked(dst, rows), backend)
+
+
+def explain(op: str, *args, **kwargs) -> Plan:
+    """What ``backend="auto"`` does with the call ``op(*args, **kwargs)`` (``op``: the name
+    of one of this module's ops; ``topk_attention`` with ``k=None`` is dense attention):
+    the backend chosen and why each one ahead of it cannot serve it. Prints well.
+
+    >>> import torch, kmem
+    >>> q, keys = torch.randn(2, 8, dtype=torch.float64), torch.randn(50, 8, dtype=torch.float64)
+    >>> plan = kmem.ops.explain("topk_attention", q, keys, torch.randn(50, 3), torch.arange(50), k=4)
+    >>> plan.chosen
+    'reference'
+    """
+    builders = {
+        "search": SearchInputs.checked,
+        "topk_attention": AttendInputs.checked,
+        "compact_rows": CompactInputs.checked,
+        "zero_rows": ScrubInputs.checked,
+    }
+    if op not in builders:
+        raise ValueError(f"explain: unknown op {op!r}; choose from {sorted(builders)}")
+    kwargs.pop("backend", None)
+    if op == "topk_attention":
+        k = kwargs.pop("k", args[4] if len(args) > 4 else 32)
+        kwargs.pop("return_lse", None)
+        if k is None:
+            inputs = DenseInputs.checked(*args[:4], **kwargs)
+            return REGISTRY.plan("dense_attention", inputs)
+        inputs = AttendInputs.checked(*args[:4], k, *args[5:], **kwargs)
+    else:
+        inputs = builders[op](*args, **kwargs)
+    return REGISTRY.plan(_OPS[type(inputs)], inputs)

@@ -2,9 +2,9 @@
 
 After a backend's scan has chosen ``slots [B, k]``, the rest touches only ``B * k``
 rows: score them, softmax, weight their values. These functions do that with the
-backward pass spelled out (no autograd graph), so a backend that brings only a fused
-scan kernel gets a complete forward + backward through :mod:`kmem.ops.fused`. They
-are also the specification of that step for the compiled ``attend`` kernels.
+backward pass spelled out (no autograd graph): the specification, formula for formula,
+of every compiled backend's ``attend_forward`` / ``attend_backward`` kernels
+(:mod:`kmem.ops.custom`), which the tests hold them to.
 
 Shapes: ``queries [B, d]``, ``keys [N, d]``, ``values [N, V]`` or int64 labels ``[N]``,
 ``slots [B, k]`` int64 (``-1`` = no row), ``weights [B, k]``. The working dtype is

@@ -1,6 +1,7 @@
 """Pure-PyTorch reference twins of kmem's ops.
 
-They are the definition every compiled backend is tested against, and the fallback.
+They are the definition every compiled backend is tested against, and the one
+fallback (:mod:`kmem.ops.registry`: last in priority, serving every call).
 They stream over the memory in chunks of rows, so the ``[B, N]`` score matrix is
 never held whole and they stay usable at millions of rows.
 
@@ -177,8 +178,11 @@ def dense_attention(
     metric: str = "ip",
     exclude_ids: torch.Tensor | None = None,
     num_classes: int | None = None,
-) -> torch.Tensor:
-    """:func:`topk_attention` over every live row, by an online softmax over chunks."""
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_attention` over every live row, by an online softmax over chunks;
+    with ``return_lse`` also the log-sum-exp ``[B]`` of ``scale * score`` over those
+    rows (``-inf`` for a query with none)."""
     dtype = working_dtype(queries, keys)
     q = queries.to(dtype)
     batch, n = q.shape[0], keys.shape[0]
@@ -211,7 +215,11 @@ def dense_attention(
         acc = acc * rescale + contrib
         total = total * rescale + p.sum(1, keepdim=True)
         run_max = new_max
-    return acc / torch.where(total > 0, total, torch.ones_like(total))
+    has = total > 0
+    out = acc / torch.where(has, total, torch.ones_like(total))
+    if not return_lse:
+        return out
+    return out, torch.where(has, run_max + total.log(), float("-inf")).squeeze(1)
 
 
 def compact_rows(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> int:

@@ -1,0 +1,112 @@
+"""Every backend of kmem's ops, and exactly what each one serves, in priority order.
+
+On the CPU the C++ kernels come first; on a GPU the hand-written CUDA kernels come
+before Triton's (tuned per architecture; Triton's are portable and the only compiled
+path under its interpreter); the PyTorch reference twin comes last and serves every
+call, so it is what ``backend="auto"`` falls back to -- and only it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from . import cpp, cuda, custom, reference, triton_backend
+from .registry import FLOATS, NARROW, REGISTRY, Backend, Serves, record_kernel
+
+CPU, CUDA, ANY = frozenset({"cpu"}), frozenset({"cuda"}), frozenset({"cpu", "cuda"})
+ALL_DTYPES = None  # row copies move bytes: any dtype
+
+
+def _compiled_runs(name: str) -> dict[str, Callable]:
+    """How a compiled backend runs each op: through the custom ops, with its own kernels."""
+    return {
+        "search": lambda s: custom.call("search", s, name),
+        "topk_attention": lambda a: custom.call("topk_attention", a, name)[0],
+        "dense_attention": lambda d: custom.call("dense_attention", d, name),
+        "compact_rows": _direct(name, "compact_rows"),
+        "zero_rows": _direct(name, "zero_rows"),
+    }
+
+
+def _direct(name: str, kernel: str) -> Callable:
+    """A kernel that needs no autograd, called as it is."""
+
+    def run(inputs):
+        record_kernel(name, kernel)
+        return getattr(REGISTRY.backends[name].kernels, kernel)(inputs)
+
+    return run
+
+
+def _register(name: str, serves: dict[str, tuple[Serves, ...]], missing, kernels) -> None:
+    runs = {op: run for op, run in _compiled_runs(name).items() if op in serves}
+    REGISTRY.register(Backend(name, serves, runs, missing, kernels))
+
+
+def _rows(devices: frozenset[str]) -> tuple[Serves, ...]:
+    return (Serves(devices, keys=ALL_DTYPES),)
+
+
+_register(
+    "cpp",
+    {
+        # Ranking is by float32 score in every backend: float64 keys are scored as float32.
+        "search": (Serves(CPU),),
+        "topk_attention": (Serves(CPU, queries=NARROW, keys=NARROW, values=NARROW),),
+        "dense_attention": (Serves(CPU),),
+        "compact_rows": _rows(CPU),
+        "zero_rows": _rows(CPU),
+    },
+    cpp.missing,
+    lambda: cpp,
+)
+_register(
+    "cuda",
+    {
+        "search": (Serves(CUDA),),
+        "topk_attention": (Serves(CUDA, queries=NARROW, keys=NARROW, values=NARROW),),
+        "dense_attention": (Serves(CUDA, queries=NARROW, keys=NARROW, values=NARROW),),
+        "compact_rows": _rows(CUDA),
+    },
+    cuda.missing,
+    lambda: cuda,
+)
+_register(
+    "triton",
+    {
+        "search": (Serves(triton_backend.devices()),),
+        "topk_attention": (Serves(triton_backend.devices()),),
+        "dense_attention": (Serves(triton_backend.devices()),),
+        "compact_rows": _rows(triton_backend.devices()),
+    },
+    triton_backend.missing,
+    triton_backend.kernels,
+)
+
+_EVERYTHING = (Serves(ANY, queries=FLOATS, keys=FLOATS, values=FLOATS),)
+REGISTRY.register(
+    Backend(
+        "reference",
+        {
+            "search": _EVERYTHING,
+            "topk_attention": _EVERYTHING,
+            "dense_attention": _EVERYTHING,
+            "compact_rows": _rows(ANY),
+            "zero_rows": _rows(ANY),
+        },
+        {
+            "search": lambda s: reference.search_slots(
+                s.queries, s.keys, s.slot_ids, s.k, s.metric, s.exclude_ids
+            ),
+            "topk_attention": lambda a: reference.topk_attention(
+                a.queries, a.keys, a.values, a.slot_ids, a.k, a.scale, a.metric, a.exclude_ids, a.num_classes or None
+            ),
+            "dense_attention": lambda d: reference.dense_attention(
+                d.queries, d.keys, d.values, d.slot_ids, d.scale, d.metric, d.exclude_ids, d.num_classes or None,
+                return_lse=True,
+            ),
+            "compact_rows": lambda c: reference.compact_rows(c.src, c.keep, c.out),
+            "zero_rows": lambda z: reference.zero_rows(z.dst, z.rows),
+        },
+    )
+)  # fmt: skip

@@ -1,0 +1,236 @@
+"""The ops' inputs as records, checked once, at the public boundary.
+
+A record holds one call's tensors and settings, mirroring the ``*Args`` structs of
+``csrc/cuda/topk_attention.cuh``: dispatch reads its :class:`Signature` to pick a
+backend, the custom ops (:mod:`kmem.ops.custom`) are generated from its fields, and every
+backend's kernels take it whole. :meth:`checked` constructors validate user input and
+name the offending argument; code that already holds valid buffers (the memory)
+builds records directly.
+
+Shapes: ``queries [B, d]`` floating, ``keys [N, d]`` floating, ``slot_ids [N]`` int64
+(``-1`` = an empty or deleted slot), ``values [N, V]`` floating or ``[N]`` int64 labels
+with ``num_classes > 0`` (``0``: vector values), ``exclude_ids [B, E]`` int64 or None.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from .. import _checks
+
+
+class Signature(NamedTuple):
+    """What dispatch matches a backend's declared combinations against."""
+
+    device: str
+    queries: torch.dtype | None  # None: the op has no queries (row copies)
+    keys: torch.dtype
+    values: torch.dtype | None  # None: no values, or int64 labels
+    labels: bool
+    k: int | None
+    grads: bool
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+@dataclass(frozen=True)
+class SearchInputs:
+    """Top-``k`` rows per query: ``search(inputs) -> slots [B, k]`` int64."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    slot_ids: torch.Tensor
+    exclude_ids: torch.Tensor | None
+    k: int
+    metric: str
+
+    @classmethod
+    def checked(cls, queries, keys, slot_ids, k, metric="ip", exclude_ids=None) -> SearchInputs:
+        _check_memory(queries, keys, slot_ids)
+        return cls(
+            queries, keys, slot_ids, _exclusions(exclude_ids, queries), _checks.k(k), _checks.metric(metric)
+        )
+
+    @property
+    def l2(self) -> bool:
+        return self.metric == "l2"
+
+    def signature(self) -> Signature:
+        return Signature(
+            self.queries.device.type, self.queries.dtype, self.keys.dtype, None, False, self.k, False
+        )
+
+
+@dataclass(frozen=True)
+class _RowsInputs:
+    """What top-k and dense attention share: the memory, its values and the softmax scale."""
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    slot_ids: torch.Tensor
+    exclude_ids: torch.Tensor | None
+    scale: float
+    metric: str
+    num_classes: int
+
+    @property
+    def l2(self) -> bool:
+        return self.metric == "l2"
+
+    @property
+    def labels(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def width(self) -> int:
+        """Columns of the result: ``V``, or ``num_classes`` for label values."""
+        return self.num_classes or self.values.shape[1]
+
+    @property
+    def working_dtype(self) -> torch.dtype:
+        """float32, or float64 when the queries or keys are float64."""
+        wide = torch.float64 in (self.queries.dtype, self.keys.dtype)
+        return torch.float64 if wide else torch.float32
+
+    def signature(self) -> Signature:
+        return Signature(
+            self.queries.device.type,
+            self.queries.dtype,
+            self.keys.dtype,
+            None if self.labels else self.values.dtype,
+            self.labels,
+            getattr(self, "k", None),
+            _needs_grad(self.queries, self.keys, self.values),
+        )
+
+    @staticmethod
+    def _checked_rows(queries, keys, values, slot_ids, scale, metric, exclude_ids, num_classes) -> dict:
+        _check_memory(queries, keys, slot_ids)
+        _checks.metric(metric)
+        if num_classes is None:
+            _checks.floating("values", values)
+            _checks.shape("values", values, (keys.shape[0], None))
+        else:
+            _checks.int64("values", values)
+            _checks.shape("values", values, (keys.shape[0],))
+            if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+                raise ValueError(f"num_classes must be an int >= 1 for label values, got {num_classes!r}")
+        if values.device != queries.device:
+            raise ValueError(f"values is on {values.device} but queries are on {queries.device}")
+        return {
+            "queries": queries,
+            "keys": keys,
+            "values": values,
+            "slot_ids": slot_ids,
+            "exclude_ids": _exclusions(exclude_ids, queries),
+            "scale": default_scale(queries) if scale is None else float(scale),
+            "metric": metric,
+            "num_classes": num_classes or 0,
+        }
+
+
+@dataclass(frozen=True)
+class AttendInputs(_RowsInputs):
+    """Softmax attention over each query's top-``k`` live rows."""
+
+    k: int
+
+    @classmethod
+    def checked(
+        cls, queries, keys, values, slot_ids, k, scale=None, metric="ip", exclude_ids=None, num_classes=None
+    ) -> AttendInputs:
+        rows = cls._checked_rows(queries, keys, values, slot_ids, scale, metric, exclude_ids, num_classes)
+        return cls(**rows, k=_checks.k(k))
+
+    def search(self) -> SearchInputs:
+        """The scan half: the same query, memory, exclusions and ``k``."""
+        return SearchInputs(self.queries, self.keys, self.slot_ids, self.exclude_ids, self.k, self.metric)
+
+
+@dataclass(frozen=True)
+class DenseInputs(_RowsInputs):
+    """Softmax attention over every live, non-excluded row."""
+
+    @classmethod
+    def checked(
+        cls, queries, keys, values, slot_ids, scale=None, metric="ip", exclude_ids=None, num_classes=None
+    ) -> DenseInputs:
+        return cls(
+            **cls._checked_rows(queries, keys, values, slot_ids, scale, metric, exclude_ids, num_classes)
+        )
+
+
+@dataclass(frozen=True)
+class CompactInputs:
+    """Stable compaction: the rows of ``src [N, ...]`` where ``keep [N]`` (bool) go to ``out``."""
+
+    src: torch.Tensor
+    keep: torch.Tensor
+    out: torch.Tensor
+
+    @classmethod
+    def checked(cls, src, keep, out) -> CompactInputs:
+        for name, t in (("src", src), ("out", out), ("keep", keep)):
+            _checks.tensor(name, t)
+        if keep.dtype != torch.bool:
+            raise TypeError(f"keep must be bool, got {keep.dtype}")
+        _checks.shape("keep", keep, (src.shape[0],))
+        if out.dtype != src.dtype or out.shape[1:] != src.shape[1:]:
+            raise ValueError(f"out must have src's dtype and row shape, got {out.dtype} {list(out.shape)}")
+        return cls(src.contiguous(), keep.contiguous(), out)
+
+    def signature(self) -> Signature:
+        return Signature(self.src.device.type, None, self.src.dtype, None, False, None, False)
+
+
+@dataclass(frozen=True)
+class ScrubInputs:
+    """The scrub of deleted rows: zero rows ``rows [n]`` (int64) of the contiguous ``dst [N, ...]``."""
+
+    dst: torch.Tensor
+    rows: torch.Tensor
+
+    @classmethod
+    def checked(cls, dst, rows) -> ScrubInputs:
+        _checks.tensor("dst", dst)
+        _checks.int64("rows", rows)
+        _checks.shape("rows", rows, (None,))
+        if dst.dim() < 1 or not dst.is_contiguous():
+            raise ValueError(f"dst must be a contiguous tensor of rows, got shape {list(dst.shape)}")
+        if rows.device != dst.device:
+            raise ValueError(f"rows is on {rows.device} but dst is on {dst.device}")
+        if len(rows) and not bool(((rows >= 0) & (rows < dst.shape[0])).all()):
+            raise IndexError(f"rows must lie in [0, {dst.shape[0]})")
+        return cls(dst, rows.contiguous())
+
+    def signature(self) -> Signature:
+        return Signature(self.dst.device.type, None, self.dst.dtype, None, False, None, False)
+
+
+def default_scale(queries: torch.Tensor) -> float:
+    """The softmax scale when none is given: ``1/sqrt(d)``."""
+    return 1.0 / math.sqrt(queries.shape[1])
+
+
+def _check_memory(queries, keys, slot_ids) -> None:
+    _checks.floating("queries", queries)
+    _checks.floating("keys", keys)
+    _checks.int64("slot_ids", slot_ids)
+    _checks.shape("queries", queries, (None, None))
+    _checks.shape("keys", keys, (None, queries.shape[1]))
+    _checks.shape("slot_ids", slot_ids, (keys.shape[0],))
+    for name, t in (("keys", keys), ("slot_ids", slot_ids)):
+        if t.device != queries.device:
+            raise ValueError(f"{name} is on {t.device} but queries are on {queries.device}")
+    _checks.finite("queries", queries)
+
+
+def _exclusions(exclude_ids, queries: torch.Tensor) -> torch.Tensor | None:
+    return _checks.exclude_ids(exclude_ids, queries.shape[0], queries.device)
