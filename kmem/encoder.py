@@ -60,7 +60,8 @@ class KeyEncoder(nn.Module):
             from efficientnet_lite_pytorch import EfficientNet
         except ModuleNotFoundError as err:
             raise ModuleNotFoundError(
-                f"the key encoder needs the evaluation extras ({err}): pip install 'kmem[eval]'", name=err.name
+                f"the key encoder needs the evaluation extras ({err}): pip install 'kmem[eval]'",
+                name=err.name,
             ) from err
         self.resolution = resolution
         # image_size fixes each conv's TensorFlow-style "same" padding for this input size.
