@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kmem.ops.reference import working_dtype
+from kmem.ops.inputs import AttendInputs
 
 from ._common import launch, pow2, tl_dtype
 
@@ -137,22 +137,14 @@ def _class_probs_kernel(labels_ptr, slots_ptr, w_ptr, out_ptr, K, C, BLOCK_K: tl
         tl.atomic_add(out_ptr + b * C + label, w, mask=valid)
 
 
-def attend_forward(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    slots: torch.Tensor,
-    scale: float,
-    metric: str,
-    num_classes: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, W], weights [B, k])`` as :func:`kmem.ops.composite.attend_forward`.
+def attend_forward(a: AttendInputs, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, W], weights [B, k])`` over ``slots [B, k]``, as :func:`kmem.ops.composite.attend_forward`.
 
     ``values [N, V]`` (``num_classes == 0``, ``W = V``) or int64 labels ``[N]`` (``W = num_classes``).
     """
-    dtype = working_dtype(queries, keys)
-    q = queries.to(dtype).contiguous()
-    keys, values, slots = keys.contiguous(), values.contiguous(), slots.contiguous()
+    dtype, scale, metric, num_classes = a.working_dtype, a.scale, a.metric, a.num_classes
+    q = a.queries.to(dtype).contiguous()
+    keys, values, slots = a.keys.contiguous(), a.values.contiguous(), slots.contiguous()
     batch, k = slots.shape
     width = num_classes or values.shape[1]
     weights = torch.empty((batch, k), dtype=dtype, device=q.device)
@@ -314,26 +306,21 @@ def _dvalues_kernel(
 
 
 def attend_backward(
-    grad_out: torch.Tensor,
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    a: AttendInputs,
     slots: torch.Tensor,
     weights: torch.Tensor,
-    scale: float,
-    metric: str,
-    num_classes: int,
+    grad_out: torch.Tensor,
     needs_keys: bool = True,
     needs_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(dq [B, d], dkeys [N, d], dvalues [N, V])`` as :func:`kmem.ops.composite.attend_backward`:
     only retrieved rows receive gradient; a gradient not needed, and dvalues of labels, are None."""
-    dtype = working_dtype(queries, keys)
+    dtype, scale, metric, num_classes = a.working_dtype, a.scale, a.metric, a.num_classes
     dt = tl_dtype(dtype)
-    q = queries.to(dtype).contiguous()
+    q = a.queries.to(dtype).contiguous()
     g = grad_out.to(dtype).contiguous()
     w = weights.to(dtype).contiguous()
-    keys, values, slots = keys.contiguous(), values.contiguous(), slots.contiguous()
+    keys, values, slots = a.keys.contiguous(), a.values.contiguous(), slots.contiguous()
     batch, k = slots.shape
     d = q.shape[1]
     width = g.shape[1]

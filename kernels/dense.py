@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kmem.ops.reference import working_dtype
+from kmem.ops.inputs import DenseInputs
 
 from ._common import MIN_DOT, launch, live_mask, pow2, tl_dtype
 
@@ -223,86 +223,65 @@ def _dense_dkv_kernel(
         tl.store(dv_ptr + cols.to(tl.int64)[:, None] * W + wc[None, :], p_g, mask=dv_mask)
 
 
-def _setup(queries, keys, values, slot_ids, exclude_ids, metric, num_classes) -> tuple[tuple, dict]:
+def _setup(d: DenseInputs) -> tuple[tuple, dict]:
     """Contiguous operands and the constexpr arguments shared by the dense kernels."""
-    dtype = working_dtype(queries, keys)
-    width = num_classes or values.shape[1]
-    e = 0 if exclude_ids is None else exclude_ids.shape[1]
+    dtype, width = d.working_dtype, d.width
+    e = 0 if d.exclude_ids is None else d.exclude_ids.shape[1]
     operands = (
-        queries.to(dtype).contiguous(),
-        keys.contiguous(),
-        values.contiguous(),
-        slot_ids.contiguous(),
-        slot_ids if e == 0 else exclude_ids.contiguous(),  # never read when E == 0
+        d.queries.to(dtype).contiguous(),
+        d.keys.contiguous(),
+        d.values.contiguous(),
+        d.slot_ids.contiguous(),
+        d.slot_ids if e == 0 else d.exclude_ids.contiguous(),  # never read when E == 0
     )
     meta = {
-        "L2": metric == "l2",
-        "LABELS": bool(num_classes),
+        "L2": d.l2,
+        "LABELS": d.labels,
         "DT": tl_dtype(dtype),
         "BLOCK_B": _BLOCK_B,
         "BLOCK_N": _BLOCK_N,
-        "BLOCK_D": pow2(queries.shape[1], MIN_DOT),
+        "BLOCK_D": pow2(d.queries.shape[1], MIN_DOT),
         "BLOCK_W": pow2(width, MIN_DOT),
     }
-    sizes = (queries.shape[0], keys.shape[0], queries.shape[1], width, e)
+    sizes = (d.queries.shape[0], d.keys.shape[0], d.queries.shape[1], width, e)
     return operands + sizes, meta
 
 
-def dense_forward(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    slot_ids: torch.Tensor,
-    exclude_ids: torch.Tensor | None,
-    scale: float,
-    metric: str,
-    num_classes: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def dense_forward(d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, W], lse [B])``: attention over every live, non-excluded row; ``lse`` is
     the log-sum-exp of ``scale * score`` (-inf and ``out = 0`` for a query with no row)."""
-    (q, k, v, ids, ex, batch, n, d, width, e), meta = _setup(
-        queries, keys, values, slot_ids, exclude_ids, metric, num_classes
-    )
+    (q, k, v, ids, ex, batch, n, dim, width, e), meta = _setup(d)
     out = torch.empty((batch, width), dtype=q.dtype, device=q.device)
     lse = torch.empty(batch, dtype=q.dtype, device=q.device)
     if batch:
         grid = (triton.cdiv(batch, _BLOCK_B),)
-        launch(_dense_fwd_kernel, grid, q, k, v, ids, ex, out, lse, scale, batch, n, d, width, e, **meta)
+        launch(_dense_fwd_kernel, grid, q, k, v, ids, ex, out, lse, d.scale, batch, n, dim, width, e, **meta)
     return out, lse
 
 
 def dense_backward(
-    grad_out: torch.Tensor,
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    slot_ids: torch.Tensor,
-    exclude_ids: torch.Tensor | None,
+    d: DenseInputs,
     out: torch.Tensor,
     lse: torch.Tensor,
-    scale: float,
-    metric: str,
-    num_classes: int,
+    grad_out: torch.Tensor,
     needs_keys: bool = True,
     needs_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``(dq [B, d], dkeys [N, d], dvalues [N, V])`` of :func:`dense_forward`; a gradient not
     needed, and dvalues of labels, are None."""
-    (q, k, v, ids, ex, batch, n, d, width, e), meta = _setup(
-        queries, keys, values, slot_ids, exclude_ids, metric, num_classes
-    )
+    (q, k, v, ids, ex, batch, n, dim, width, e), meta = _setup(d)
     g = grad_out.to(q.dtype).contiguous()
     lse = lse.to(q.dtype).contiguous()
     delta = (g * out.to(q.dtype)).sum(1)  # g . out per query: [B], shared by every tile
     dq = torch.zeros_like(q)
-    dkeys = torch.zeros(keys.shape, dtype=q.dtype, device=keys.device) if needs_keys else None
+    dkeys = torch.zeros(d.keys.shape, dtype=q.dtype, device=q.device) if needs_keys else None
     dvalues = None
-    if needs_values and not num_classes:
-        dvalues = torch.zeros(values.shape, dtype=q.dtype, device=values.device)
+    if needs_values and not d.labels:
+        dvalues = torch.zeros(d.values.shape, dtype=q.dtype, device=q.device)
     if batch == 0 or n == 0:
         return dq, dkeys, dvalues
     common = (ids, ex, g, lse, delta)
-    sizes = (scale, batch, n, d, width, e)
+    sizes = (d.scale, batch, n, dim, width, e)
     launch(_dense_dq_kernel, (triton.cdiv(batch, _BLOCK_B),), q, k, v, *common, dq, *sizes, **meta)
     if dkeys is not None or dvalues is not None:
         dk = dq if dkeys is None else dkeys  # placeholders are never written

@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from triton.runtime.jit import constexpr_function
 
+from kmem.ops.inputs import SearchInputs
+
 from ._common import MIN_DOT, launch, live_mask, pow2
 
 _NONE = torch.iinfo(torch.int64).min
@@ -187,19 +189,19 @@ def _unpack_slots(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(packed == _NONE, -1, _LOW32 - (packed & _LOW32))
 
 
-def search(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    slot_ids: torch.Tensor,
-    k: int,
-    metric: str,
-    exclude_ids: torch.Tensor | None,
-) -> torch.Tensor:
+def search(s: SearchInputs) -> torch.Tensor:
     """Slots ``[B, k]`` int64 of the top-``k`` live, non-excluded rows, best first, -1 past the end.
 
-    ``queries [B, d]`` float32/64 (scored in float32), ``keys [N, d]`` float32/16/bf16,
-    ``slot_ids [N]`` int64, ``exclude_ids [B, E]`` int64 or None.
+    Queries are scored in float32; keys float32/16/bf16 (or float64, read as float32).
     """
+    queries, keys, slot_ids, k, metric, exclude_ids = (
+        s.queries,
+        s.keys,
+        s.slot_ids,
+        s.k,
+        s.metric,
+        s.exclude_ids,
+    )
     batch, n = queries.shape[0], keys.shape[0]
     slots = torch.full((batch, k), -1, dtype=torch.int64, device=queries.device)
     if batch == 0 or n == 0:

@@ -21,6 +21,7 @@ from kmem.kernels import dense as triton_dense
 from kmem.kernels import search as triton_search
 from kmem.kernels._common import LAUNCHES
 from kmem.ops import composite, reference
+from kmem.ops.inputs import AttendInputs, DenseInputs, SearchInputs
 
 METRICS = ["ip", "l2"]
 KEY_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -33,6 +34,11 @@ def device(request) -> str:
 
 _memory = functools.partial(buffers, dead_every=4, scrub=False)
 _exclusions = functools.partial(exclusions, width=4)
+
+
+def _kernel_search(q, keys, slot_ids, k, metric, ex):
+    """The Triton search kernel itself, on a record."""
+    return triton_search.search(SearchInputs(q, keys, slot_ids, ex, k, metric))
 
 
 def _search(q, keys, slot_ids, k, metric, ex):
@@ -84,7 +90,7 @@ def test_search_matches_brute_force_with_ties(device, metric, n, k, batch, exclu
     q = integer_data(batch, 5)
     ex = _exclusions(slot_ids, batch) if exclude and n > 1 else None
     on = [t.to(device) if t is not None else None for t in (q, keys, slot_ids, ex)]
-    slots = triton_search.search(*on[:3], k, metric, on[3])
+    slots = _kernel_search(*on[:3], k, metric, on[3])
     expected = brute_topk(q, keys, slot_ids, k, metric, ex)
     assert torch.equal(slots.cpu(), expected)
     assert torch.equal(slots.cpu(), reference.search_slots(q, keys, slot_ids, k, metric, ex))
@@ -105,7 +111,7 @@ def test_search_key_and_query_dtypes(device, metric, dtype, query_dtype):
 def test_search_random_floats_is_topk(device, metric):
     keys, slot_ids = _memory(201, 32, dead_every=3)
     q = torch.randn(6, 32)
-    slots = triton_search.search(q.to(device), keys.to(device), slot_ids.to(device), 20, metric, None)
+    slots = _kernel_search(q.to(device), keys.to(device), slot_ids.to(device), 20, metric, None)
     slots = slots.cpu()
     full = brute_scores(q, keys, metric).masked_fill(slot_ids < 0, float("-inf"))
     assert bool((slot_ids[slots] >= 0).all())
@@ -119,7 +125,7 @@ def test_search_splits_loop_over_several_tiles(device, monkeypatch):
     q = integer_data(5, 5)
     assert triton_search._grid_shape(5, 301, 8)[2] < triton.cdiv(301, 64)
     for k in (1, 8):
-        slots = triton_search.search(q.to(device), keys.to(device), slot_ids.to(device), k, "ip", None)
+        slots = _kernel_search(q.to(device), keys.to(device), slot_ids.to(device), k, "ip", None)
         assert torch.equal(slots.cpu(), brute_topk(q, keys, slot_ids, k))
 
 
@@ -129,15 +135,15 @@ def test_search_largest_k(device):
     q = integer_data(2, 4)
     ex = _exclusions(slot_ids, 2)
     on = [t.to(device) for t in (q, keys, slot_ids, ex)]
-    slots = triton_search.search(*on[:3], 4096, "l2", on[3])
+    slots = _kernel_search(*on[:3], 4096, "l2", on[3])
     assert torch.equal(slots.cpu(), brute_topk(q, keys, slot_ids, 4096, "l2", ex))
 
 
 def test_search_all_dead_and_empty(device):
     keys, slot_ids = torch.randn(10, 4, device=device), torch.full((10,), -1, device=device)
     q = torch.randn(3, 4, device=device)
-    assert bool((triton_search.search(q, keys, slot_ids, 4, "ip", None) == -1).all())
-    slots = triton_search.search(q, keys[:0], slot_ids[:0], 2, "l2", None)
+    assert bool((_kernel_search(q, keys, slot_ids, 4, "ip", None) == -1).all())
+    slots = _kernel_search(q, keys[:0], slot_ids[:0], 2, "l2", None)
     assert slots.shape == (3, 2) and bool((slots == -1).all())
 
 
@@ -181,14 +187,14 @@ def test_attend_kernels_match_composite(device):
     keys, slot_ids = keys.to(device), slot_ids.to(device)
     slots = reference.search_slots(q, keys, slot_ids, 7, "l2")
     slots[1, 3:] = -1  # a query with fewer rows than k
-    args = (q, keys, values, slots, 0.3, "l2", 0)
-    got, want = triton_attend.attend_forward(*args), composite.attend_forward(*args)
-    for a, b in zip(got, want, strict=True):
-        _close(a, b)
+    a = AttendInputs(q, keys, values, slot_ids, None, 0.3, "l2", 0, k=7)
+    got, want = triton_attend.attend_forward(a, slots), composite.attend_forward(a, slots)
+    for x, y in zip(got, want, strict=True):
+        _close(x, y)
     g = torch.randn(4, 2, device=device)
-    back = (g, q, keys, values, slots, want[1], 0.3, "l2", 0)
-    for a, b in zip(triton_attend.attend_backward(*back), composite.attend_backward(*back), strict=True):
-        _close(a, b)
+    back = (a, slots, want[1], g)
+    for x, y in zip(triton_attend.attend_backward(*back), composite.attend_backward(*back), strict=True):
+        _close(x, y)
     dq, dk, dv = triton_attend.attend_backward(*back, needs_keys=False, needs_values=False)
     assert dk is None and dv is None
     _close(dq, composite.attend_backward(*back)[0])
@@ -232,7 +238,7 @@ def test_dense_lse_is_logsumexp_of_attended_rows(device):
     q, values = torch.randn(3, 6), torch.randn(45, 2)
     ex = _exclusions(slot_ids, 3)
     on = [t.to(device) for t in (q, keys, values, slot_ids, ex)]
-    _, lse = triton_dense.dense_forward(*on, 0.4, "l2", 0)
+    _, lse = triton_dense.dense_forward(DenseInputs(*on, 0.4, "l2", 0))
     s = 0.4 * brute_scores(q, keys, "l2")
     dropped = (slot_ids < 0) | (slot_ids[None, :, None] == ex[:, None, :]).any(-1)
     _close(lse, torch.logsumexp(s.masked_fill(dropped, float("-inf")), 1).float())
@@ -254,16 +260,8 @@ def test_no_live_rows_gives_zeros_and_zero_gradients(device, labels):
         lambda *t: dense(*t, slot_ids.to(device), 1.0, "l2", None, num_classes), (q, keys, values), device
     )
     assert bool((out == 0).all()) and all(bool((g == 0).all()) for g in grads)
-    _, lse = triton_dense.dense_forward(
-        q.to(device),
-        keys.to(device),
-        values.to(device),
-        slot_ids.to(device),
-        None,
-        1.0,
-        "ip",
-        num_classes or 0,
-    )
+    on = [t.to(device) for t in (q, keys, values, slot_ids)]
+    _, lse = triton_dense.dense_forward(DenseInputs(*on, None, 1.0, "ip", num_classes or 0))
     assert bool(torch.isneginf(lse).all())
 
 

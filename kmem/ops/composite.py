@@ -15,20 +15,21 @@ from __future__ import annotations
 
 import torch
 
-from .reference import _masked_softmax, _take, gather_scores, working_dtype
+from .inputs import AttendInputs
+from .reference import _masked_softmax, _take, gather_scores
 
 
-def attend_forward(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    slots: torch.Tensor,
-    scale: float,
-    metric: str,
-    num_classes: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def attend_forward(a: AttendInputs, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, W], weights [B, k])``: softmax(scale * score) over the slots, then the
     weighted sum of values (``num_classes == 0``) or class probabilities (``W = num_classes``)."""
+    queries, keys, values, scale, metric, num_classes = (
+        a.queries,
+        a.keys,
+        a.values,
+        a.scale,
+        a.metric,
+        a.num_classes,
+    )
     weights = _masked_softmax(scale * gather_scores(queries, keys, slots, metric), slots >= 0)
     if num_classes == 0:
         out = torch.einsum("bk,bkv->bv", weights, _take(values, slots).to(weights.dtype))
@@ -38,15 +39,10 @@ def attend_forward(
 
 
 def attend_backward(
-    grad_out: torch.Tensor,
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    a: AttendInputs,
     slots: torch.Tensor,
     weights: torch.Tensor,
-    scale: float,
-    metric: str,
-    num_classes: int,
+    grad_out: torch.Tensor,
     needs_keys: bool = True,
     needs_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -59,7 +55,15 @@ def attend_backward(
     ``dq = -2 scale * sum_j dz_j (q - k_j)`` and ``dk_j += 2 scale * dz_j (q - k_j)``;
     ``dv_j += w_j g``. Only retrieved rows receive gradient.
     """
-    dtype = working_dtype(queries, keys)
+    queries, keys, values, scale, metric, num_classes = (
+        a.queries,
+        a.keys,
+        a.values,
+        a.scale,
+        a.metric,
+        a.num_classes,
+    )
+    dtype = a.working_dtype
     g = grad_out.to(dtype)
     q = queries.to(dtype)
     valid = slots >= 0

@@ -31,29 +31,10 @@ def kernels() -> SimpleNamespace:
     from ..kernels import attend, compact, dense, search
 
     return SimpleNamespace(
-        search=lambda s: search.search(s.queries, s.keys, s.slot_ids, s.k, s.metric, s.exclude_ids),
-        attend_forward=lambda a, slots: attend.attend_forward(
-            a.queries, a.keys, a.values, slots, a.scale, a.metric, a.num_classes
-        ),
-        attend_backward=lambda a, slots, weights, grad_out, *needs: attend.attend_backward(
-            grad_out, a.queries, a.keys, a.values, slots, weights, a.scale, a.metric, a.num_classes, *needs
-        ),
-        dense_forward=lambda d: dense.dense_forward(
-            d.queries, d.keys, d.values, d.slot_ids, d.exclude_ids, d.scale, d.metric, d.num_classes
-        ),
-        dense_backward=lambda d, out, lse, grad_out, *needs: dense.dense_backward(
-            grad_out,
-            d.queries,
-            d.keys,
-            d.values,
-            d.slot_ids,
-            d.exclude_ids,
-            out,
-            lse,
-            d.scale,
-            d.metric,
-            d.num_classes,
-            *needs,
-        ),
+        search=search.search,
+        attend_forward=attend.attend_forward,
+        attend_backward=attend.attend_backward,
+        dense_forward=dense.dense_forward,
+        dense_backward=dense.dense_backward,
         compact_rows=lambda c: compact.compact_rows(c.src, c.keep, c.out),
     )
