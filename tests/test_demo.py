@@ -1,4 +1,4 @@
-"""The README's main job: `kmem demo` / `kmem eval` run the whole evaluation and write the report."""
+"""The main job of the README: `kmem demo` / `kmem eval` run the whole evaluation and write the report."""
 
 from __future__ import annotations
 

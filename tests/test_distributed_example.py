@@ -1,4 +1,4 @@
-"""The README's torchrun command: the example runs on 2 gloo ranks and checks itself."""
+"""The torchrun command of docs/distributed.md: the example runs on 2 gloo ranks and checks itself."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ the retrieved rows are trained by the queries that read them.
 
 The defaults (2 epochs, token lr 0.1, pathway dropout 0.2) are chosen for forgetting:
 every extra epoch lets the dense weights memorise the training samples further, which
-no deletion undoes (see the README's "Proving forgetting").
+no deletion undoes (see docs/evaluation.md, "Proving forgetting").
 
 The memory's values mirror the token table: the memory is what is searched, deleted,
 saved and fingerprinted; tokens are read from the table by the ids the search returns,

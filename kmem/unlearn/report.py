@@ -83,8 +83,8 @@ training set, and whatever they absorbed of them stays. That residual influence 
 the MIA-Efficacy and the gaps to the retrained oracle measure. The post-hoc baselines
 change every weight approximately and guarantee nothing exact; the oracle is the
 reference all methods are compared with. Copies made outside the model (checkpoints,
-logs, predictions computed before the deletion) are out of scope (see the README's
-"What deletion guarantees")."""
+logs, predictions computed before the deletion) are out of scope (see kmem's
+docs/guarantees.md, "What deletion guarantees")."""
 
 
 def _family(family: str) -> str:
