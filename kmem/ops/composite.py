@@ -22,19 +22,11 @@ from .reference import _masked_softmax, _take, gather_scores
 def attend_forward(a: AttendInputs, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, W], weights [B, k])``: softmax(scale * score) over the slots, then the
     weighted sum of values (``num_classes == 0``) or class probabilities (``W = num_classes``)."""
-    queries, keys, values, scale, metric, num_classes = (
-        a.queries,
-        a.keys,
-        a.values,
-        a.scale,
-        a.metric,
-        a.num_classes,
-    )
-    weights = _masked_softmax(scale * gather_scores(queries, keys, slots, metric), slots >= 0)
-    if num_classes == 0:
-        out = torch.einsum("bk,bkv->bv", weights, _take(values, slots).to(weights.dtype))
+    weights = _masked_softmax(a.scale * gather_scores(a.queries, a.keys, slots, a.metric), slots >= 0)
+    if not a.labels:
+        out = torch.einsum("bk,bkv->bv", weights, _take(a.values, slots).to(weights.dtype))
     else:
-        out = weights.new_zeros(weights.shape[0], num_classes).scatter_add_(1, _take(values, slots), weights)
+        out = weights.new_zeros(weights.shape[0], a.width).scatter_add_(1, _take(a.values, slots), weights)
     return out, weights
 
 
@@ -55,17 +47,10 @@ def attend_backward(
     ``dq = -2 scale * sum_j dz_j (q - k_j)`` and ``dk_j += 2 scale * dz_j (q - k_j)``;
     ``dv_j += w_j g``. Only retrieved rows receive gradient.
     """
-    queries, keys, values, scale, metric, num_classes = (
-        a.queries,
-        a.keys,
-        a.values,
-        a.scale,
-        a.metric,
-        a.num_classes,
-    )
+    keys, values, scale, num_classes = a.keys, a.values, a.scale, a.num_classes
     dtype = a.working_dtype
     g = grad_out.to(dtype)
-    q = queries.to(dtype)
+    q = a.queries.to(dtype)
     valid = slots >= 0
     rows = _take(keys, slots).to(dtype)  # [B, k, d]
     if num_classes == 0:
@@ -76,7 +61,7 @@ def attend_backward(
     dz = weights * (dw - (weights * dw).sum(1, keepdim=True)) * valid
     ds = scale * dz
     flat = slots.clamp(min=0).reshape(-1)
-    if metric == "ip":
+    if a.metric == "ip":
         dq = torch.einsum("bk,bkd->bd", ds, rows)
         row_grads = ds[..., None] * q[:, None, :]
     else:
