@@ -129,9 +129,13 @@ class Registry:
     """Backends by name, best first."""
 
     backends: dict[str, Backend] = field(default_factory=dict)
+    # (op, backend asked for, signature) -> the backend that serves it: a call's choice
+    # depends on nothing else, and availability does not change within a process.
+    _chosen: dict[tuple, Backend] = field(default_factory=dict, repr=False)
 
     def register(self, backend: Backend) -> None:
         self.backends[backend.name] = backend
+        self._chosen.clear()
 
     def names(self, op: str | None = None) -> list[str]:
         """The backends (implementing ``op``), best first."""
@@ -139,18 +143,24 @@ class Registry:
 
     def select(self, op: str, inputs: Any, backend: str = "auto") -> Backend:
         """The backend that runs ``op`` on ``inputs`` (a record of :mod:`kmem.ops.inputs`)."""
+        sig = inputs.signature()
+        chosen = self._chosen.get((op, backend, sig))
+        if chosen is None:
+            chosen = self._chosen[op, backend, sig] = self._select(op, sig, backend)
+        _record(f"{op}:{chosen.name}")
+        return chosen
+
+    def _select(self, op: str, sig: Signature, backend: str) -> Backend:
         if backend == "auto":
             candidates = [b for b in self.backends.values() if op in b.serves]
         elif backend in self.backends and op in self.backends[backend].serves:
             candidates = [self.backends[backend]]
         else:
             raise ValueError(f"{op}: unknown backend {backend!r}; choose from {['auto', *self.names(op)]}")
-        sig = inputs.signature()
         why = {}
         for b in candidates:
             reasons = b.refusals(op, sig)
             if not reasons:
-                _record(f"{op}:{b.name}")
                 return b
             why[b.name] = reasons
         detail = "; ".join(f"{name}: {', '.join(r)}" for name, r in why.items())
