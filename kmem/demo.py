@@ -186,7 +186,9 @@ def _units(
                 units.append(
                     Unit(
                         "select-baseline",
-                        key=lambda _, k=select: k,
+                        # The grids themselves, not only their override: a changed declared
+                        # grid must not reuse a selection made from the old one.
+                        key=lambda _, k=select: {**k, "grid": tuning.method_grids(setup.methods, grids)},
                         compute=lambda _: tuning.tune(
                             train, test, tune, setup, ["baseline"], grids
                         ).to_json(),
@@ -201,7 +203,9 @@ def _units(
                 units.append(
                     Unit(
                         name,
-                        key=lambda _, k=select, p=point: {**k, "setting": p},
+                        # A point depends on its setting, not on the grid around it ("grids":
+                        # None keeps the keys of points scored before this rule).
+                        key=lambda _, k=select, p=point: {**k, "grids": None, "setting": p},
                         compute=lambda _, f=family, p=point: tuning.score_recipe(
                             train, test, tune, setup, f, p
                         ),
@@ -210,7 +214,7 @@ def _units(
             units.append(
                 Unit(
                     f"select-{family}",
-                    key=lambda _, k=select: k,
+                    key=lambda _, k=select, p=points: {**k, "grid": p},
                     compute=lambda got, f=family, p=points, n=names: tuning.chosen_recipe(
                         f, p, [got[name] for name in n]
                     ).to_json(),

@@ -3,6 +3,7 @@ diverged points discarded, the chosen settings used by the evaluation."""
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -146,3 +147,18 @@ def test_demo_selects_exact_recipes_point_by_point_and_runs_the_chosen_one(digit
     chosen = json.loads((tmp_path / "results.json").read_text())["selected"]["spm-exact"]
     assert chosen["k"] in (1, 8)
     assert {t[1]["k"] for t in trained if t[0] == "spm-exact" and t[2] == 0} == {chosen["k"]}
+
+
+def test_a_changed_grid_is_a_new_selection_while_unchanged_points_are_kept(tmp_path):
+    """A selection's file is keyed by the grid it chose from: points already scored are
+    reused, the selection is made again."""
+    run = functools.partial(
+        demo.run, quick=True, out=tmp_path, families=("spm",), requests=["10%"], limit=300, epochs=1,
+        tune="10%", progress=False, floor=False,
+    )  # fmt: skip
+    run(grids={"spm": protocol.grid(epochs=(1,))})
+    before = {p.name for p in (tmp_path / "parts").glob("*.json")}
+    run(grids={"spm": protocol.grid(epochs=(1, 2))})
+    after = {p.name for p in (tmp_path / "parts").glob("*.json")}
+    new = sorted(n.rsplit("-", 1)[0] for n in after - before)
+    assert new == ["eval-seed0-spm", "point-spm-1", "select-spm"]  # point 0 was reused

@@ -116,6 +116,11 @@ def tune(
     return Tuned(recipes, configs, selections)
 
 
+def method_grids(methods: Sequence[str], grids: Mapping[str, Sequence[Setting]] | None = None) -> dict:
+    """Each post-hoc method's grid before the budget (``grids`` replaces one by name)."""
+    return {m: [dict(p) for p in (grids or {}).get(m, protocol.GRIDS[m])] for m in methods}
+
+
 def recipe_points(family: str, grids: Mapping[str, Sequence[Setting]] | None = None) -> list[Setting]:
     """The recipe grid of memory family ``family`` (``grids`` replaces it by name)."""
     return [dict(p) for p in (grids or {}).get(family, protocol.FAMILY_GRIDS[family])]
