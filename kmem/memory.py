@@ -5,19 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import operator
 import threading
 import uuid
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from . import _checks, compiled_reads, ops, snapshot
 from .ledger import Ledger
+from .rows import DTYPES, SNAPSHOT_KEYS, IdsLike, cast, id_tensor
 from .slot_index import SlotIndex, repeats
-
-IdsLike = torch.Tensor | Iterable[int] | int
 
 
 class MemoryEditedError(RuntimeError):
@@ -161,7 +158,7 @@ class KeyMemory:
 
     def has(self, ids: IdsLike) -> torch.Tensor:
         """``id in memory`` for many ids at once: bool ``[n]``, on the memory's device."""
-        ids = _id_tensor("ids", ids).to(self.device)
+        ids = id_tensor("ids", ids).to(self.device)
         with self._lock:
             return self._index.find(ids, self._slot_ids) >= 0
 
@@ -235,8 +232,8 @@ class KeyMemory:
         n = len(self._check_new_ids(ids))
         self._check_keys("keys", keys, n)
         self._check_values(values, n)
-        keys = _cast("keys", keys, self.dtype)
-        values = values.detach() if self.is_labels else _cast("values", values, self.dtype)
+        keys = cast("keys", keys, self.dtype)
+        values = values.detach() if self.is_labels else cast("values", values, self.dtype)
         ids = ids.to(self.device)
         with self._lock:
             live = ids[self._index.find(ids, self._slot_ids) >= 0].tolist()
@@ -270,7 +267,7 @@ class KeyMemory:
         Without a ledger, ``request_id`` and ``reason`` raise ``ValueError``: nothing
         would record them.
         """
-        ids = _id_tensor("ids", ids).to(self.device)
+        ids = id_tensor("ids", ids).to(self.device)
         with self._lock:
             ledger = self.ledger
             if ledger is None and (request_id is not None or reason is not None):
@@ -383,7 +380,7 @@ class KeyMemory:
 
         ``KeyError`` for an id not in the memory.
         """
-        ids = _id_tensor("ids", ids).to(self.device)
+        ids = id_tensor("ids", ids).to(self.device)
         with self._lock:
             slots = self._index.take(ids, self._slot_ids, "in the memory", distinct=False, verb="read")
             return self._keys.index_select(0, slots), self._values.index_select(0, slots)
@@ -500,7 +497,7 @@ class KeyMemory:
         self._check_values(state["values"].to(self.device), n)
         keys, values = state["keys"].to(self.device, self.dtype), state["values"].to(self.device)
         if values.dtype != self._values.dtype:
-            values = _cast("values", values, self._values.dtype)
+            values = cast("values", values, self._values.dtype)
         id_list = slot_ids[live].tolist()
         if len(set(id_list)) != len(id_list):
             raise ValueError(f"slot_ids repeats {repeats(id_list)[:5]}")
@@ -526,14 +523,14 @@ class KeyMemory:
         ``ValueError`` for a truncated, corrupted or inconsistent file, naming it.
         """
         tensors, config = snapshot.read(path, expected=("ids", "keys", "values"))
-        if set(config) != _SNAPSHOT_KEYS:
-            raise ValueError(f"{path} has settings {sorted(config)}, expected {sorted(_SNAPSHOT_KEYS)}")
+        if set(config) != SNAPSHOT_KEYS:
+            raise ValueError(f"{path} has settings {sorted(config)}, expected {sorted(SNAPSHOT_KEYS)}")
         version = config.pop("version")
-        dtype = _DTYPES.get(str(config.pop("dtype")))
+        dtype = DTYPES.get(str(config.pop("dtype")))
         ids, keys, values = tensors["ids"], tensors["keys"], tensors["values"]
         try:
             if dtype is None:
-                raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
+                raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
             if isinstance(version, bool) or not isinstance(version, int) or version < 0:
                 raise ValueError(f"version must be an int >= 0, got {version!r}")
             mem = cls(**config, dtype=dtype, device=device or "cpu", capacity=max(1, len(ids)), ledger=ledger)
@@ -616,59 +613,6 @@ class KeyMemory:
             _checks.shape("values", values, (n, self.value_dim))
             _checks.device("values", values, self.device)
             _checks.finite("values", values)
-
-
-_SNAPSHOT_KEYS = {"key_dim", "value_dim", "num_classes", "metric", "dtype", "compact_threshold", "version"}
-_DTYPES = {
-    str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-}
-
-
-def _cast(name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` (finite, checked) as ``dtype``; ``ValueError`` where a value overflows it."""
-    out = x.detach().to(dtype)
-    if out.dtype != x.dtype and out.numel() and not bool(torch.isfinite(out).all()):
-        raise ValueError(f"{name} overflows {dtype}: magnitudes must stay below {torch.finfo(dtype).max:g}")
-    return out
-
-
-def _id_list(name: str, ids: IdsLike) -> list[int]:
-    """Ids as a list of ints: from an int64 tensor (scalar or 1-D), an int, or an
-    iterable of ints (numpy integers included; bools and floats are refused)."""
-    if isinstance(ids, torch.Tensor):
-        _checks.int64(name, ids)
-        _checks.concrete(name, ids)
-        if ids.dim() > 1:
-            raise ValueError(f"{name} must be a scalar or 1-D, got shape {list(ids.shape)}")
-        return ids.reshape(-1).tolist()
-    if isinstance(ids, int) and not isinstance(ids, bool):
-        return [ids]
-    try:
-        return [_index(i) for i in ids]
-    except TypeError:
-        raise TypeError(f"{name} must be an int64 tensor, an int or an iterable of ints") from None
-
-
-def _id_tensor(name: str, ids: IdsLike) -> torch.Tensor:
-    """Ids as int64 ``[n]`` (a tensor's own device, else CPU), from what :func:`_id_list`
-    takes; a tensor is only reshaped, not copied to a list. ``KeyError`` for an int
-    beyond int64: it can be no row's id."""
-    if isinstance(ids, torch.Tensor):
-        _checks.int64(name, ids)
-        _checks.concrete(name, ids)
-        if ids.dim() > 1:
-            raise ValueError(f"{name} must be a scalar or 1-D, got shape {list(ids.shape)}")
-        return ids.reshape(-1)
-    id_list = _id_list(name, ids)
-    if beyond := [i for i in id_list if not -(2**63) <= i < 2**63]:
-        raise KeyError(f"{name} {beyond[:5]} beyond int64 are no row's ids; nothing was changed")
-    return torch.tensor(id_list, dtype=torch.int64)
-
-
-def _index(i: object) -> int:
-    if isinstance(i, bool):
-        raise TypeError("bool is not an id")
-    return operator.index(i)
 
 
 class _EditGuard(torch.autograd.Function):

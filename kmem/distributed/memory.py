@@ -22,18 +22,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .. import _checks, ops, snapshot
+from .. import _checks, ops, rows, snapshot
 from ..ledger import Ledger
-from ..memory import _DTYPES, IdsLike, KeyMemory, _cast, _id_list
-from ..memory import _SNAPSHOT_KEYS as _MEMORY_KEYS
+from ..memory import KeyMemory
 from ..ops import reference
+from ..rows import IdsLike
 from ..slot_index import repeats
 from . import merge
 from .comm import Comm
 from .routing import owner_of
 
 FORMAT = "kmem.ShardedKeyMemory"
-_SNAPSHOT_KEYS = {*_MEMORY_KEYS, "next_seq", "rank", "world_size"}
+_SNAPSHOT_KEYS = {*rows.SNAPSHOT_KEYS, "next_seq", "rank", "world_size"}
 _STATE_KEYS = {"rank", "world_size", "shard", "seq", "next_seq", "rows", "version"}
 _ERRORS = {"KeyError": KeyError, "TypeError": TypeError, "ValueError": ValueError}
 _READS = ("search", "attend")
@@ -211,8 +211,8 @@ class ShardedKeyMemory:
                 shard._check_keys("keys", keys, n)
                 shard._check_values(values, n)
                 ids = ids.to(self.device)
-                keys = _cast("keys", keys, self.dtype)
-                values = values.detach() if self.is_labels else _cast("values", values, self.dtype)
+                keys = rows.cast("keys", keys, self.dtype)
+                values = values.detach() if self.is_labels else rows.cast("values", values, self.dtype)
                 owner = owner_of(ids, comm.world_size)
                 counts = torch.bincount(owner, minlength=comm.world_size).tolist()
             except (TypeError, ValueError) as e:
@@ -258,7 +258,7 @@ class ShardedKeyMemory:
         with self._lock:
             err, counts, id_list = None, [0] * comm.world_size, []
             try:
-                id_list = _id_list("ids", ids)
+                id_list = rows.id_list("ids", ids)
                 if shard.ledger is None and (request_id is not None or reason is not None):
                     raise ValueError(
                         "request_id and reason are kept by a ledger and this memory has none: give every "
@@ -292,14 +292,14 @@ class ShardedKeyMemory:
             self.version += 1
             start = 0
             for source, n in enumerate(recv):
-                rows, start = got[start : start + n], start + n
-                if not rows:
+                sent, start = got[start : start + n], start + n
+                if not sent:
                     continue
                 if shard.ledger is None:
-                    shard.delete(rows)
+                    shard.delete(sent)
                 else:
                     _, rid, why, fallback = asked[source]
-                    shard.delete(rows, request_id=rid or fallback, reason=why)
+                    shard.delete(sent, request_id=rid or fallback, reason=why)
             threshold = self.compact_threshold
             if threshold is not None and shard.num_dead > threshold * len(shard.buffers()[2]):
                 self.compact()
@@ -346,7 +346,7 @@ class ShardedKeyMemory:
             scores, ints = self._return(scores, batch, k, q.requires_grad), self._return(ints, batch, k)
             order = merge.topk_order(scores, ints[..., 1], k)
             chosen = ints[..., 0].gather(1, order) >= 0
-            weights = reference._masked_softmax(scale * scores.gather(1, order), chosen)
+            weights = reference.masked_softmax(scale * scores.gather(1, order), chosen)
             if self.is_labels:
                 labels = ints[..., 2].gather(1, order)
                 return weights.new_zeros(batch, self.num_classes).scatter_add(1, labels, weights)
@@ -456,9 +456,9 @@ class ShardedKeyMemory:
             info = (config.pop("version"), config.pop("next_seq"), len(ids))
             if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in info):
                 raise ValueError(f"version and next_seq must be ints >= 0, got {info[:2]}")
-            dtype = _DTYPES.get(str(config.pop("dtype")))
+            dtype = rows.DTYPES.get(str(config.pop("dtype")))
             if dtype is None:
-                raise ValueError(f"dtype must be one of {sorted(_DTYPES)}")
+                raise ValueError(f"dtype must be one of {sorted(rows.DTYPES)}")
             shard = KeyMemory(
                 **config, dtype=dtype, device=device or "cpu", capacity=max(1, len(ids)), ledger=ledger
             )
@@ -570,12 +570,12 @@ class ShardedKeyMemory:
         if q.requires_grad:  # the same scores again, now differentiable in q
             scores = reference.gather_scores(q, keys, slots, self.metric)
         missing = slots < 0
-        ids = reference._take(slot_ids, slots).masked_fill(missing, -1)
-        seq = reference._take(self._seq[: len(slot_ids)], slots).masked_fill(missing, merge._LAST)
+        ids = reference.take_rows(slot_ids, slots).masked_fill(missing, -1)
+        seq = reference.take_rows(self._seq[: len(slot_ids)], slots).masked_fill(missing, merge.LAST)
         fields = [ids, seq]
         if with_values and self.is_labels:
-            fields.append(reference._take(values, slots))
-        vectors = reference._take(values, slots) if with_values and not self.is_labels else None
+            fields.append(reference.take_rows(values, slots))
+        vectors = reference.take_rows(values, slots) if with_values and not self.is_labels else None
         return scores, torch.stack(fields, -1), vectors
 
     def _return(self, t: torch.Tensor, batch: int, k: int, grad: bool = False) -> torch.Tensor:

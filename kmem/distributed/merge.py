@@ -6,14 +6,14 @@ import torch
 
 from ..ops import reference
 
-_LAST = torch.iinfo(torch.int64).max  # sequence number of "no row": after every real row
+LAST = torch.iinfo(torch.int64).max  # sequence number of "no row": after every real row
 
 
 def topk_order(scores: torch.Tensor, seq: torch.Tensor, k: int) -> torch.Tensor:
     """Columns of the ``k`` best candidates per query: int64 ``[B, k]``.
 
     ``scores [B, C]`` (``-inf`` for no row) and ``seq [B, C]`` int64 global insertion
-    numbers (``_LAST`` for no row) of the candidates every shard sent. Ranks like one
+    numbers (``LAST`` for no row) of the candidates every shard sent. Ranks like one
     :class:`~kmem.KeyMemory`: by the score rounded to float32, ties to the row added
     first (lower ``seq``) -- two stable sorts, the tie-breaker first.
     """
@@ -43,10 +43,10 @@ def local_logsumexp(
     step = reference.chunk_rows(q.shape[0])
     for start in range(0, keys.shape[0], step):
         ids = slot_ids[start : start + step]
-        s = scale * reference._chunk_scores(q, keys[start : start + step], metric)
+        s = scale * reference.chunk_scores(q, keys[start : start + step], metric)
         dead = (ids < 0).expand_as(s)
         if exclude is not None:
-            dead = dead | reference._excluded(ids.expand_as(s).contiguous(), exclude)
+            dead = dead | reference.excluded(ids.expand_as(s).contiguous(), exclude)
         s = s.masked_fill(dead, float("-inf"))
         top = s.detach().amax(1, keepdim=True)
         maxima.append(top)
@@ -66,5 +66,5 @@ def combine_dense(partial: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """Dense attention from the shards' normalised partial results ``partial [B, P, V]``
     and their log-sum-exps ``lse [B, P]``: weights ``exp(lse_r - logsumexp(lse))``, the
     split-k / flash-decoding rescaling. ``[B, V]``; zeros where no shard has a row."""
-    weights = reference._masked_softmax(lse, torch.isfinite(lse))
+    weights = reference.masked_softmax(lse, torch.isfinite(lse))
     return torch.einsum("bp,bpv->bv", weights, partial)

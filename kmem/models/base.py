@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..memory import IdsLike, KeyMemory, _id_tensor
+from ..memory import KeyMemory
+from ..rows import IdsLike, id_tensor
 from .samples import Samples
 
 # Settings of the training loop every model accepts; families override the defaults.
@@ -92,7 +93,7 @@ class Classifier(nn.Module):
         id of the :attr:`core` the dense weights were fitted on raises ``ValueError``,
         and then nothing is deleted."""
         if self.core_ids is not None:
-            ids = _id_tensor("ids", ids)  # converted once: the deletion below takes it as it is
+            ids = id_tensor("ids", ids)  # converted once: the deletion below takes it as it is
             core = ids[torch.isin(ids, self.core_ids)].tolist()
             if core:
                 raise ValueError(

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .. import snapshot
-from ..memory import _DTYPES, KeyMemory
+from ..memory import KeyMemory
+from ..rows import DTYPES
 from .base import Classifier
 from .registry import model_class
 
@@ -89,7 +90,7 @@ def load_checkpoint(path: str | Path) -> Classifier:
 def _memory(settings: dict, tensors: dict[str, torch.Tensor], i: int) -> KeyMemory:
     settings = dict(settings)
     version = settings.pop("version")
-    dtype = _DTYPES[settings.pop("dtype")]
+    dtype = DTYPES[settings.pop("dtype")]
     ids, keys, values = (tensors[f"memory.{i}.{f}"] for f in _MEMORY_FIELDS)
     mem = KeyMemory(**settings, dtype=dtype, capacity=max(1, len(ids)))
     mem.add(ids, keys, values)

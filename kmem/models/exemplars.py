@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..memory import IdsLike, _id_tensor
+from ..rows import IdsLike, id_tensor
 from ..slot_index import SlotIndex, repeats
 
 
@@ -67,7 +67,7 @@ class ExemplarTokens(nn.Module):
     # -------------------------------------------------------------- rows
     def add(self, ids: torch.Tensor, tokens: torch.Tensor) -> None:
         """Append rows ``ids`` (int64 ``[n]``, new) holding ``tokens [n, dim]``, state zero."""
-        ids = _id_tensor("ids", ids).to(self.ids.device)
+        ids = id_tensor("ids", ids).to(self.ids.device)
         m = len(ids)
         if tokens.shape != (m, self.dim):
             raise ValueError(f"tokens must be [{m}, {self.dim}], got {list(tokens.shape)}")
@@ -106,7 +106,7 @@ class ExemplarTokens(nn.Module):
 
     def get(self, ids: IdsLike) -> torch.Tensor:
         """Copies of the tokens of ``ids`` ``[n, dim]`` (no gradient)."""
-        rows = self.rows(_id_tensor("ids", ids))
+        rows = self.rows(id_tensor("ids", ids))
         if bool((rows < 0).any()):
             raise KeyError("ids must be >= 0")
         return self.weight.detach()[rows].clone()
@@ -115,7 +115,7 @@ class ExemplarTokens(nn.Module):
         """Delete rows by id: weight and optimiser state zeroed, id freed; returns how many.
         Unknown ids raise ``KeyError``, repeated ones ``ValueError``, and then nothing is
         deleted."""
-        ids = _id_tensor("ids", ids).to(self.ids.device)
+        ids = id_tensor("ids", ids).to(self.ids.device)
         if not len(ids):
             return 0
         rows = self._index.take(ids, self.ids, "with an exemplar token", distinct=True, verb="deleted")

@@ -16,17 +16,19 @@ from __future__ import annotations
 import torch
 
 from .inputs import AttendInputs
-from .reference import _masked_softmax, _take, gather_scores
+from .reference import gather_scores, masked_softmax, take_rows
 
 
 def attend_forward(a: AttendInputs, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, W], weights [B, k])``: softmax(scale * score) over the slots, then the
     weighted sum of values (``num_classes == 0``) or class probabilities (``W = num_classes``)."""
-    weights = _masked_softmax(a.scale * gather_scores(a.queries, a.keys, slots, a.metric), slots >= 0)
+    weights = masked_softmax(a.scale * gather_scores(a.queries, a.keys, slots, a.metric), slots >= 0)
     if not a.labels:
-        out = torch.einsum("bk,bkv->bv", weights, _take(a.values, slots).to(weights.dtype))
+        out = torch.einsum("bk,bkv->bv", weights, take_rows(a.values, slots).to(weights.dtype))
     else:
-        out = weights.new_zeros(weights.shape[0], a.width).scatter_add_(1, _take(a.values, slots), weights)
+        out = weights.new_zeros(weights.shape[0], a.width).scatter_add_(
+            1, take_rows(a.values, slots), weights
+        )
     return out, weights
 
 
@@ -52,12 +54,12 @@ def attend_backward(
     g = grad_out.to(dtype)
     q = a.queries.to(dtype)
     valid = slots >= 0
-    rows = _take(keys, slots).to(dtype)  # [B, k, d]
+    rows = take_rows(keys, slots).to(dtype)  # [B, k, d]
     if num_classes == 0:
-        vals = _take(values, slots).to(dtype)  # [B, k, V]
+        vals = take_rows(values, slots).to(dtype)  # [B, k, V]
         dw = torch.einsum("bv,bkv->bk", g, vals)
     else:
-        dw = torch.gather(g, 1, _take(values, slots))
+        dw = torch.gather(g, 1, take_rows(values, slots))
     dz = weights * (dw - (weights * dw).sum(1, keepdim=True)) * valid
     ds = scale * dz
     flat = slots.clamp(min=0).reshape(-1)

@@ -45,13 +45,13 @@ def _unpack_slots(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(packed == _NONE, -1, _LOW32 - (packed & _LOW32))
 
 
-def _excluded(ids: torch.Tensor, exclude_sorted: torch.Tensor) -> torch.Tensor:
+def excluded(ids: torch.Tensor, exclude_sorted: torch.Tensor) -> torch.Tensor:
     """``ids [B, C]`` found in the row's sorted ``exclude_sorted [B, E]``: bool ``[B, C]``."""
     pos = torch.searchsorted(exclude_sorted, ids).clamp_(max=exclude_sorted.shape[1] - 1)
     return torch.gather(exclude_sorted, 1, pos) == ids
 
 
-def _chunk_scores(q: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
+def chunk_scores(q: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
     """Ranking scores ``[B, C]``; for l2 the per-query constant ``-||q||^2`` is left out."""
     kc = keys.to(q.dtype)
     s = q @ kc.T
@@ -102,7 +102,7 @@ def search_slots(
         step = chunk_rows(batch)
         for start in range(0, n, step):
             ids = slot_ids[start : start + step]
-            scores = _chunk_scores(q, keys[start : start + step], metric)
+            scores = chunk_scores(q, keys[start : start + step], metric)
             dead = ids < 0
             if bool(dead.any()):
                 scores.masked_fill_(dead, float("-inf"))
@@ -110,12 +110,12 @@ def search_slots(
             top_ids = ids[_unpack_slots(top) - start]
             top.masked_fill_(top_ids < 0, _NONE)
             if exclude is not None:
-                top.masked_fill_(_excluded(top_ids, exclude), _NONE)
+                top.masked_fill_(excluded(top_ids, exclude), _NONE)
             best = torch.cat([best, top], 1).topk(k, dim=1).values
         return _unpack_slots(best)
 
 
-def _take(rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+def take_rows(rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``rows[slots]``, reading row 0 for slot -1 (callers mask those); zeros if there are no rows."""
     if rows.shape[0] == 0:
         return rows.new_zeros(*slots.shape, *rows.shape[1:])
@@ -128,7 +128,7 @@ def gather_scores(
     """Differentiable scores of the chosen rows ``slots [B, k]``: ``[B, k]``, -inf where slot is -1."""
     dtype = working_dtype(queries, keys)
     q = queries.to(dtype)
-    rows = _take(keys, slots).to(dtype)  # [B, k, d]
+    rows = take_rows(keys, slots).to(dtype)  # [B, k, d]
     if metric == "ip":
         s = torch.bmm(rows, q.unsqueeze(-1)).squeeze(-1)  # einsum's parsing costs more than the product
     else:
@@ -136,7 +136,7 @@ def gather_scores(
     return s.masked_fill(slots < 0, float("-inf"))
 
 
-def _masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Softmax over the valid entries of each row; all-zero weights for a row with none."""
     logits = logits.masked_fill(~valid, float("-inf"))
     logits = torch.where(valid.any(-1, keepdim=True), logits, torch.zeros_like(logits))
@@ -162,11 +162,11 @@ def topk_attention(
     """
     slots = search_slots(queries, keys, slot_ids, k, metric, exclude_ids)
     valid = slots >= 0
-    weights = _masked_softmax(scale * gather_scores(queries, keys, slots, metric), valid)
+    weights = masked_softmax(scale * gather_scores(queries, keys, slots, metric), valid)
     if num_classes is None:
-        return torch.einsum("bk,bkv->bv", weights, _take(values, slots).to(weights.dtype))
+        return torch.einsum("bk,bkv->bv", weights, take_rows(values, slots).to(weights.dtype))
     out = weights.new_zeros(weights.shape[0], num_classes)
-    return out.scatter_add(1, _take(values, slots), weights)
+    return out.scatter_add(1, take_rows(values, slots), weights)
 
 
 def dense_attention(
@@ -197,12 +197,12 @@ def dense_attention(
     for start in range(0, n, step):
         stop = min(n, start + step)
         ids = slot_ids[start:stop]
-        s = scale * _chunk_scores(q, keys[start:stop], metric)
+        s = scale * chunk_scores(q, keys[start:stop], metric)
         if metric == "l2":
             s = s - scale * q.pow(2).sum(1, keepdim=True)
         dead = (ids < 0).expand(batch, -1)
         if exclude is not None:
-            dead = dead | _excluded(ids.expand(batch, -1).contiguous(), exclude)
+            dead = dead | excluded(ids.expand(batch, -1).contiguous(), exclude)
         s = s.masked_fill(dead, float("-inf"))
         new_max = torch.maximum(run_max, s.amax(1, keepdim=True))
         shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
