@@ -264,15 +264,17 @@ def dense_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
+    grad_lse: torch.Tensor,
     needs_keys: bool = True,
     needs_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``(dq [B, d], dkeys [N, d], dvalues [N, V])`` of :func:`dense_forward`; a gradient not
-    needed, and dvalues of labels, are None."""
+    """``(dq [B, d], dkeys [N, d], dvalues [N, V])`` of :func:`dense_forward` from the
+    gradients reaching ``out`` and ``lse``; a gradient not needed, and dvalues of labels, are None."""
     (q, k, v, ids, ex, batch, n, dim, width, e), meta = _setup(d)
     g = grad_out.to(q.dtype).contiguous()
     lse = lse.to(q.dtype).contiguous()
-    delta = (g * out.to(q.dtype)).sum(1)  # g . out per query: [B], shared by every tile
+    # g . out per query, less what reaches lse (d lse / d z_j = p_j): [B], shared by every tile.
+    delta = (g * out.to(q.dtype)).sum(1) - grad_lse.to(q.dtype)
     dq = torch.zeros_like(q)
     dkeys = torch.zeros(d.keys.shape, dtype=q.dtype, device=q.device) if needs_keys else None
     dvalues = None

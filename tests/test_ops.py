@@ -392,3 +392,24 @@ def test_k_4096(backend, batch):
     out = ops.topk_attention(q, keys, values, slot_ids, 4096, exclude_ids=ex, backend=backend)
     want = brute_attention(q, keys, values, slot_ids, 4096, 6**-0.5, "ip", ex)
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)  # float32 sums of 4096 terms
+
+
+@pytest.mark.parametrize("backend", _backends_for(None, F64))
+@pytest.mark.parametrize("labels", [False, True])
+def test_dense_log_sum_exp_is_differentiable(small_chunks, backend, labels):
+    """``return_lse``'s log-sum-exp carries its gradient (what a merge of partial results
+    differentiates through), through the backend's own backward."""
+    keys, slot_ids = buffers(20, 5, dead_every=6)
+    keys = keys.double().requires_grad_()
+    q = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    ex = exclusions(slot_ids, 3, 2)
+    label_values = torch.randint(0, 3, (20,))
+
+    def f(q, k_, *v):
+        return ops.topk_attention(
+            q, k_, v[0] if v else label_values, slot_ids, None, scale=0.8, exclude_ids=ex,
+            num_classes=3 if labels else None, backend=backend, return_lse=True,
+        )  # fmt: skip
+
+    inputs = (q, keys) if labels else (q, keys, torch.randn(20, 2, dtype=torch.float64, requires_grad=True))
+    assert torch.autograd.gradcheck(f, inputs)

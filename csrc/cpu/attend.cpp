@@ -289,12 +289,14 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& queries, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
     const at::Tensor& grad_out, const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
     const at::Tensor& slot_ids, const c10::optional<at::Tensor>& exclude_ids, const at::Tensor& out,
-    const at::Tensor& lse, double scale, bool l2, int64_t num_classes, bool needs_keys, bool needs_values) {
+    const at::Tensor& lse, const at::Tensor& grad_lse, double scale, bool l2, int64_t num_classes, bool needs_keys,
+    bool needs_values) {
   const DenseTiles t = make_tiles(queries, keys, values, slot_ids, exclude_ids, scale, l2, num_classes);
   const int64_t B = t.q.size(0), N = t.keys.size(0), d = t.q.size(1);
   const at::ScalarType work = t.q.scalar_type();
   const at::Tensor g = grad_out.to(work).contiguous();
-  const at::Tensor g_out = (g * out.to(work)).sum(1, true);  // sum_j p_j dp_j
+  // sum_j p_j dp_j, less what reaches lse: d lse / d z_j = p_j.
+  const at::Tensor g_out = (g * out.to(work)).sum(1, true) - grad_lse.to(work).unsqueeze(1);
   const at::Tensor shift = at::where(lse.isfinite(), lse, at::zeros_like(lse)).to(work).unsqueeze(1);
   at::Tensor dq = at::zeros({B, d}, t.q.options());
   at::Tensor dkeys = needs_keys ? at::zeros({N, d}, t.q.options()) : at::empty({0}, t.q.options());

@@ -27,10 +27,12 @@ std::tuple<at::Tensor, at::Tensor> dense_forward(const at::Tensor& queries, cons
                                                  const c10::optional<at::Tensor>& exclude_ids, double scale, bool l2,
                                                  int64_t num_classes);
 
-// Gradients of dense_forward, recomputing each tile's weights from lse.
+// Gradients of dense_forward, recomputing each tile's weights from lse; grad_lse [B] is
+// the gradient reaching lse (it shifts each query's g . out).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_backward(
     const at::Tensor& grad_out, const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
     const at::Tensor& slot_ids, const c10::optional<at::Tensor>& exclude_ids, const at::Tensor& out,
-    const at::Tensor& lse, double scale, bool l2, int64_t num_classes, bool needs_keys, bool needs_values);
+    const at::Tensor& lse, const at::Tensor& grad_lse, double scale, bool l2, int64_t num_classes, bool needs_keys,
+    bool needs_values);
 
 }  // namespace kmem

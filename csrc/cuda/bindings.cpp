@@ -201,19 +201,22 @@ std::tuple<at::Tensor, at::Tensor> cuda_dense_forward(const at::Tensor& queries,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_dense_backward(
     const at::Tensor& grad_out, const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
     const at::Tensor& slot_ids, const OptTensor& exclude_ids, const at::Tensor& out, const at::Tensor& lse,
-    double scale, bool l2, int64_t num_classes, bool needs_keys, bool needs_values) {
+    const at::Tensor& grad_lse, double scale, bool l2, int64_t num_classes, bool needs_keys, bool needs_values) {
   constexpr const char* op = "cuda_dense_backward";
   check_memory(queries, keys, slot_ids, op);
   check_device(grad_out, queries, op, "grad_out");
   check_device(out, queries, op, "out");
   check_device(lse, queries, op, "lse");
+  check_device(grad_lse, queries, op, "grad_lse");
   const c10::cuda::CUDAGuard guard(queries.device());
   const at::Tensor q = float32(queries), g = float32(grad_out), o = float32(out), l = float32(lse);
+  const at::Tensor gl = float32(grad_lse);
   const at::Tensor ids = slot_ids.contiguous();
   const RowTensors r = rows_of(keys, values, num_classes, queries, op);
   TORCH_CHECK(g.sizes() == o.sizes() && g.dim() == 2 && g.size(0) == q.size(0) && g.size(1) == r.rows.width, op,
               ": grad_out and out must be [B, W]");
   TORCH_CHECK(l.dim() == 1 && l.size(0) == q.size(0), op, ": lse must be [B]");
+  TORCH_CHECK(gl.sizes() == l.sizes(), op, ": grad_lse must be [B] like lse");
   const auto [sorted, ex] = exclusions(exclude_ids, queries, op);
   const bool want_values = needs_values && num_classes == 0;
   at::Tensor dq = at::empty_like(q);
@@ -222,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_dense_backward(
   at::Tensor ws = workspace(cuda::dense_backward_workspace_bytes(q.size(0), r.rows.n), q);
   const cuda::DenseArgs args{q.data_ptr<float>(), q.size(0), r.rows, ids.data_ptr<int64_t>(), ex,
                              static_cast<float>(scale), l2};
-  check_launch(cuda::dense_backward(args, g.data_ptr<float>(), o.data_ptr<float>(), l.data_ptr<float>(),
+  check_launch(cuda::dense_backward(args, g.data_ptr<float>(), gl.data_ptr<float>(), o.data_ptr<float>(), l.data_ptr<float>(),
                                     dq.data_ptr<float>(), ptr_or_null(needs_keys, dkeys),
                                     ptr_or_null(want_values, dvalues), ws.data_ptr(), stream()),
                op);
@@ -276,8 +279,8 @@ void register_cuda(pybind11::module& m) {
         py::arg("scale"), py::arg("l2"), py::arg("num_classes"));
   m.def("cuda_dense_backward", &cuda_dense_backward, "Gradients of cuda_dense_forward: (dq, dkeys, dvalues)",
         py::arg("grad_out"), py::arg("queries"), py::arg("keys"), py::arg("values"), py::arg("slot_ids"),
-        py::arg("exclude_ids"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("l2"),
-        py::arg("num_classes"), py::arg("needs_keys"), py::arg("needs_values"));
+        py::arg("exclude_ids"), py::arg("out"), py::arg("lse"), py::arg("grad_lse"), py::arg("scale"),
+        py::arg("l2"), py::arg("num_classes"), py::arg("needs_keys"), py::arg("needs_values"));
   m.def("cuda_compact_rows", &cuda_compact_rows,
         "CUDA stable compaction: the kept rows of src, in order, to the front of out; returns their count",
         py::arg("src"), py::arg("keep"), py::arg("out"));

@@ -625,13 +625,13 @@ __global__ void __launch_bounds__(kThreads)
 
 // D[b] = grad_out[b] . out[b]: the sum_j p_j dp_j term of the softmax backward.
 __global__ void __launch_bounds__(kThreads)
-    dense_grad_dot_kernel(const float* g, const float* out, int64_t B, int64_t W, float* D) {
+    dense_grad_dot_kernel(const float* g, const float* grad_lse, const float* out, int64_t B, int64_t W, float* D) {
   __shared__ float red[32];
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     float acc = 0.0f;
     for (int64_t c = threadIdx.x; c < W; c += kThreads) acc += g[b * W + c] * out[b * W + c];
     acc = block_reduce(acc, false, red);
-    if (threadIdx.x == 0) D[b] = acc;
+    if (threadIdx.x == 0) D[b] = acc - grad_lse[b];  // d lse / d z_j = p_j
   }
 }
 
@@ -845,8 +845,9 @@ size_t dense_backward_workspace_bytes(int64_t batch, int64_t n) {
   return static_cast<size_t>(batch * (2 * dense_chunk(batch, n) + 1)) * sizeof(float);
 }
 
-cudaError_t dense_backward(const DenseArgs& a, const float* grad_out, const float* out, const float* lse, float* dq,
-                           float* dkeys, float* dvalues, void* workspace, cudaStream_t stream) {
+cudaError_t dense_backward(const DenseArgs& a, const float* grad_out, const float* grad_lse, const float* out,
+                           const float* lse, float* dq, float* dkeys, float* dvalues, void* workspace,
+                           cudaStream_t stream) {
   const Rows& r = a.rows;
   if (a.batch == 0 || r.n == 0) {  // no weights: every gradient is zero
     cudaError_t err = cudaMemsetAsync(dq, 0, static_cast<size_t>(a.batch * r.d) * sizeof(float), stream);
@@ -863,7 +864,8 @@ cudaError_t dense_backward(const DenseArgs& a, const float* grad_out, const floa
   cudaError_t err = cudaMemsetAsync(dq, 0, static_cast<size_t>(a.batch * r.d) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
   const unsigned queries = grid_size(a.batch, 65535);
-  err = launch(dense_grad_dot_kernel, dim3(queries), dim3(kThreads), 0, stream, grad_out, out, a.batch, r.width, D);
+  err = launch(dense_grad_dot_kernel, dim3(queries), dim3(kThreads), 0, stream, grad_out, grad_lse, out, a.batch,
+               r.width, D);
   if (err != cudaSuccess) return err;
   for (int64_t chunk0 = 0; chunk0 < r.n; chunk0 += C) {
     const int64_t end = chunk0 + C < r.n ? chunk0 + C : r.n;

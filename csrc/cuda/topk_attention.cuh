@@ -101,10 +101,12 @@ cudaError_t dense_forward(const DenseArgs& a, float* out, float* lse, void* work
 
 size_t dense_backward_workspace_bytes(int64_t batch, int64_t n);
 
-// Gradients of dense_forward from grad_out [batch, width], its out and lse, recomputing
-// the weights: dq [batch, d]; dkeys [n, d] and dvalues [n, width] may be null.
-cudaError_t dense_backward(const DenseArgs& a, const float* grad_out, const float* out, const float* lse, float* dq,
-                           float* dkeys, float* dvalues, void* workspace, cudaStream_t stream);
+// Gradients of dense_forward from grad_out [batch, width] and grad_lse [batch] (what
+// reaches lse), its out and lse, recomputing the weights: dq [batch, d]; dkeys [n, d]
+// and dvalues [n, width] may be null.
+cudaError_t dense_backward(const DenseArgs& a, const float* grad_out, const float* grad_lse, const float* out,
+                           const float* lse, float* dq, float* dkeys, float* dvalues, void* workspace,
+                           cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace kmem

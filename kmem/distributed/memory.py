@@ -594,19 +594,10 @@ class ShardedKeyMemory:
     def _dense(self, q: torch.Tensor, exclude: torch.Tensor | None, batch: int, scale: float) -> torch.Tensor:
         """Dense attention: each shard's normalised result and log-sum-exp, merged."""
         keys, values, slot_ids = self.shard.buffers()
-        partial = ops.topk_attention(
-            q,
-            keys,
-            values,
-            slot_ids,
-            None,
-            scale=scale,
-            metric=self.metric,
-            exclude_ids=exclude,
-            num_classes=self.num_classes,
-            backend=self.backend,
-        )
-        lse = merge.local_logsumexp(q, keys, slot_ids, scale, self.metric, exclude)
+        partial, lse = ops.topk_attention(
+            q, keys, values, slot_ids, None, scale=scale, metric=self.metric, exclude_ids=exclude,
+            num_classes=self.num_classes, backend=self.backend, return_lse=True,
+        )  # fmt: skip
         payload = torch.cat([partial, lse[:, None].to(partial.dtype)], 1)
         got = self._return(payload[:, None], batch, 1, q.requires_grad)  # [B, P, out_dim + 1]
         return merge.combine_dense(got[..., :-1], got[..., -1])

@@ -136,7 +136,7 @@ def topk_attention(
         num_classes: set for label values; the result is then class probabilities.
         return_lse: dense attention only: also return the log-sum-exp ``[B]`` of
             ``scale * score`` over the attended rows (``-inf`` for none), e.g. to merge
-            partial results; it carries no gradient.
+            partial results; differentiable like the output.
 
     Returns:
         ``[B, V]`` (or ``[B, num_classes]``) in float32 (float64 if the queries or keys
@@ -146,7 +146,7 @@ def topk_attention(
     if k is None:
         d = DenseInputs.checked(queries, keys, values, slot_ids, scale, metric, exclude_ids, num_classes)
         out, lse = run(d, backend)
-        return (out, lse.detach()) if return_lse else out
+        return (out, lse) if return_lse else out
     if return_lse:
         raise ValueError("return_lse is for dense attention (k=None)")
     return run(

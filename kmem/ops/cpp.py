@@ -43,10 +43,10 @@ def dense_forward(d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
     )  # fmt: skip
 
 
-def dense_backward(d: DenseInputs, out, lse, grad_out, needs_keys: bool, needs_values: bool):
+def dense_backward(d: DenseInputs, out, lse, grad_out, grad_lse, needs_keys: bool, needs_values: bool):
     return _ext.compiled().dense_backward(
         grad_out, d.queries.detach(), d.keys.detach(), d.values.detach(), d.slot_ids, d.exclude_ids,
-        out, lse, d.scale, d.l2, d.num_classes, needs_keys, needs_values,
+        out, lse, grad_lse, d.scale, d.l2, d.num_classes, needs_keys, needs_values,
     )  # fmt: skip
 
 

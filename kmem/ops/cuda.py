@@ -62,10 +62,10 @@ def dense_forward(d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
     )  # fmt: skip
 
 
-def dense_backward(d: DenseInputs, out, lse, grad_out, needs_keys: bool, needs_values: bool):
+def dense_backward(d: DenseInputs, out, lse, grad_out, grad_lse, needs_keys: bool, needs_values: bool):
     return _ext_cuda().cuda_dense_backward(
         grad_out.detach(), d.queries.detach(), d.keys.detach(), d.values.detach(), d.slot_ids, d.exclude_ids,
-        out.detach(), lse.detach(), d.scale, d.l2, d.num_classes, needs_keys, needs_values,
+        out.detach(), lse.detach(), grad_lse.detach(), d.scale, d.l2, d.num_classes, needs_keys, needs_values,
     )  # fmt: skip
 
 

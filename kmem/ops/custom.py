@@ -17,7 +17,8 @@ float32 or float64):
   dkeys [N, d] | None, dvalues [N, V] | None)``; only the retrieved rows get gradient.
 * ``dense_forward(d: DenseInputs) -> (out, lse [B])`` (``lse``: the log-sum-exp of
   ``scale * score`` over the attended rows, ``-inf`` when none) and
-  ``dense_backward(d, out, lse, grad_out, needs_keys, needs_values) -> (dq, dkeys, dvalues)``.
+  ``dense_backward(d, out, lse, grad_out, grad_lse, needs_keys, needs_values) -> (dq,
+  dkeys, dvalues)``, ``grad_lse [B]`` being the gradient reaching ``lse``.
 
 A gradient not needed may come back as None; the schema carries it as an empty tensor,
 and this module turns it back into None for autograd -- the one place that happens.
@@ -167,15 +168,18 @@ SPECS = {
         _Spec("dense_attention", DenseInputs, 2, _run_dense, _fake_dense),
         _Spec(
             "dense_attention_backward", DenseInputs, 3, _backward_runner("dense_backward"), _fake_grads,
-            tensors=("out", "lse", *_GRADS), flags=_NEEDS,
+            tensors=("out", "lse", *_GRADS, "grad_lse"), flags=_NEEDS,
         ),
     )
 }  # fmt: skip
 OPS = {name: _define(spec) for name, spec in SPECS.items()}
 
 
-def _autograd(forward: str, backward: str, saved: tuple[int, ...]) -> None:
-    """Wire ``backward`` as the gradient of ``forward``, saving its outputs ``saved``."""
+def _autograd(
+    forward: str, backward: str, saved: tuple[int, ...], differentiable: tuple[int, ...] = ()
+) -> None:
+    """Wire ``backward`` as the gradient of ``forward``, saving its outputs ``saved``;
+    the gradients of its outputs ``differentiable`` (past the first) are passed on too."""
     spec = SPECS[forward]
     names = [f.name for f in fields(spec.record)]
     tensors = [i for i, f in enumerate(fields(spec.record)) if str(f.type).startswith("torch.Tensor")]
@@ -189,7 +193,7 @@ def _autograd(forward: str, backward: str, saved: tuple[int, ...]) -> None:
         ctx.scalars = [None if i in tensors else a for i, a in enumerate(inputs[: len(names)])]
         ctx.backend = inputs[-1]
 
-    def grad(ctx, grad_out, *_):
+    def grad(ctx, grad_out, *more):
         args, kept = list(ctx.scalars), ctx.saved_tensors
         for j, i in enumerate(ctx.held):
             args[i] = kept[j]
@@ -197,7 +201,8 @@ def _autograd(forward: str, backward: str, saved: tuple[int, ...]) -> None:
         rec = spec.record(*args)
         needs_keys = ctx.needs_input_grad[position["keys"]]
         needs_values = ctx.needs_input_grad[position["values"]] and not rec.labels
-        dq, dk, dv = OPS[backward](*args, *kept, grad_out, needs_keys, needs_values, ctx.backend)
+        passed = [more[i - 1] for i in differentiable]
+        dq, dk, dv = OPS[backward](*args, *kept, grad_out, *passed, needs_keys, needs_values, ctx.backend)
         out: list[torch.Tensor | None] = [None] * (len(names) + 1)
         out[position["queries"]] = dq
         out[position["keys"]] = dk if needs_keys else None
@@ -208,7 +213,7 @@ def _autograd(forward: str, backward: str, saved: tuple[int, ...]) -> None:
 
 
 _autograd("topk_attention", "topk_attention_backward", saved=(1, 2))
-_autograd("dense_attention", "dense_attention_backward", saved=(0, 1))
+_autograd("dense_attention", "dense_attention_backward", saved=(0, 1), differentiable=(1,))
 
 
 def call(name: str, record, backend: str):

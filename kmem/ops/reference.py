@@ -45,13 +45,13 @@ def _unpack_slots(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(packed == _NONE, -1, _LOW32 - (packed & _LOW32))
 
 
-def excluded(ids: torch.Tensor, exclude_sorted: torch.Tensor) -> torch.Tensor:
+def _excluded(ids: torch.Tensor, exclude_sorted: torch.Tensor) -> torch.Tensor:
     """``ids [B, C]`` found in the row's sorted ``exclude_sorted [B, E]``: bool ``[B, C]``."""
     pos = torch.searchsorted(exclude_sorted, ids).clamp_(max=exclude_sorted.shape[1] - 1)
     return torch.gather(exclude_sorted, 1, pos) == ids
 
 
-def chunk_scores(q: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
+def _chunk_scores(q: torch.Tensor, keys: torch.Tensor, metric: str) -> torch.Tensor:
     """Ranking scores ``[B, C]``; for l2 the per-query constant ``-||q||^2`` is left out."""
     kc = keys.to(q.dtype)
     s = q @ kc.T
@@ -102,7 +102,7 @@ def search_slots(
         step = chunk_rows(batch)
         for start in range(0, n, step):
             ids = slot_ids[start : start + step]
-            scores = chunk_scores(q, keys[start : start + step], metric)
+            scores = _chunk_scores(q, keys[start : start + step], metric)
             dead = ids < 0
             if bool(dead.any()):
                 scores.masked_fill_(dead, float("-inf"))
@@ -110,7 +110,7 @@ def search_slots(
             top_ids = ids[_unpack_slots(top) - start]
             top.masked_fill_(top_ids < 0, _NONE)
             if exclude is not None:
-                top.masked_fill_(excluded(top_ids, exclude), _NONE)
+                top.masked_fill_(_excluded(top_ids, exclude), _NONE)
             best = torch.cat([best, top], 1).topk(k, dim=1).values
         return _unpack_slots(best)
 
@@ -197,12 +197,12 @@ def dense_attention(
     for start in range(0, n, step):
         stop = min(n, start + step)
         ids = slot_ids[start:stop]
-        s = scale * chunk_scores(q, keys[start:stop], metric)
+        s = scale * _chunk_scores(q, keys[start:stop], metric)
         if metric == "l2":
             s = s - scale * q.pow(2).sum(1, keepdim=True)
         dead = (ids < 0).expand(batch, -1)
         if exclude is not None:
-            dead = dead | excluded(ids.expand(batch, -1).contiguous(), exclude)
+            dead = dead | _excluded(ids.expand(batch, -1).contiguous(), exclude)
         s = s.masked_fill(dead, float("-inf"))
         new_max = torch.maximum(run_max, s.amax(1, keepdim=True))
         shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
