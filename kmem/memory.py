@@ -423,7 +423,16 @@ class KeyMemory:
         with self._lock:
             keys, values, slot_ids = self.buffers()
             inputs = ops.attention_inputs(
-                queries, keys, values, slot_ids, k, scale, self.metric, exclude_ids, self.num_classes
+                queries,
+                keys,
+                values,
+                slot_ids,
+                k,
+                scale,
+                self.metric,
+                exclude_ids,
+                self.num_classes,
+                checked=False,
             )
             out = ops.run(inputs, backend or self.backend)
             return (out[0] if k is None else out), self.edits

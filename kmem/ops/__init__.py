@@ -16,7 +16,7 @@ import torch
 
 from . import backends as _backends  # noqa: F401  (registers every backend)
 from . import reference
-from .inputs import AttendInputs, CompactInputs, DenseInputs, ScrubInputs, SearchInputs, default_scale
+from .inputs import AttendInputs, CompactInputs, DenseInputs, ScrubInputs, SearchInputs, attention_inputs
 from .registry import REGISTRY, BackendUnavailable, Plan, trace
 
 __all__ = [
@@ -39,14 +39,6 @@ __all__ = [
     "zero_rows",
 ]
 
-_OPS = {
-    SearchInputs: "search",
-    AttendInputs: "topk_attention",
-    DenseInputs: "dense_attention",
-    CompactInputs: "compact_rows",
-    ScrubInputs: "zero_rows",
-}
-
 
 def run(inputs, backend: str = "auto"):
     """Run the op of record ``inputs`` (already valid: no checks here) on ``backend``.
@@ -54,8 +46,7 @@ def run(inputs, backend: str = "auto"):
     Returns what that op's backends return: slots ``[B, k]`` for a search, the output
     for top-k attention, ``(out, lse)`` for dense attention, the rows kept for a
     compaction, None for a scrub."""
-    op = _OPS[type(inputs)]
-    return REGISTRY.select(op, inputs, backend).run[op](inputs)
+    return REGISTRY.select(inputs.op, inputs, backend).run[inputs.op](inputs)
 
 
 def search(
@@ -94,19 +85,6 @@ def run_search(s: SearchInputs, backend: str = "auto") -> tuple[torch.Tensor, to
     return scores, slots
 
 
-def attention_inputs(
-    queries, keys, values, slot_ids, k, scale=None, metric="ip", exclude_ids=None, num_classes=None
-) -> AttendInputs | DenseInputs:
-    """The record of a :func:`topk_attention` call whose arguments are already valid
-    (``k=None``: dense), unchecked; ``scale`` defaults to ``1/sqrt(d)``."""
-    rows = {
-        "queries": queries, "keys": keys, "values": values, "slot_ids": slot_ids, "exclude_ids": exclude_ids,
-        "scale": default_scale(queries) if scale is None else float(scale), "metric": metric,
-        "num_classes": num_classes or 0,
-    }  # fmt: skip
-    return DenseInputs(**rows) if k is None else AttendInputs(**rows, k=k)
-
-
 def topk_attention(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -143,16 +121,14 @@ def topk_attention(
         are float64); zeros for a query with no qualifying row. Differentiable in
         queries, keys and values; only retrieved rows get gradient.
     """
-    if k is None:
-        d = DenseInputs.checked(queries, keys, values, slot_ids, scale, metric, exclude_ids, num_classes)
-        out, lse = run(d, backend)
-        return (out, lse) if return_lse else out
-    if return_lse:
+    if return_lse and k is not None:
         raise ValueError("return_lse is for dense attention (k=None)")
-    return run(
-        AttendInputs.checked(queries, keys, values, slot_ids, k, scale, metric, exclude_ids, num_classes),
-        backend,
+    out = run(
+        attention_inputs(queries, keys, values, slot_ids, k, scale, metric, exclude_ids, num_classes), backend
     )
+    if k is None:  # dense attention returns (out, lse)
+        return out if return_lse else out[0]
+    return out
 
 
 def compact_rows(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor, *, backend: str = "auto") -> int:
@@ -180,20 +156,13 @@ def explain(op: str, *args, **kwargs) -> Plan:
     """
     builders = {
         "search": SearchInputs.checked,
-        "topk_attention": AttendInputs.checked,
+        "topk_attention": attention_inputs,
         "compact_rows": CompactInputs.checked,
         "zero_rows": ScrubInputs.checked,
     }
     if op not in builders:
         raise ValueError(f"explain: unknown op {op!r}; choose from {sorted(builders)}")
     kwargs.pop("backend", None)
-    if op == "topk_attention":
-        k = kwargs.pop("k", args[4] if len(args) > 4 else 32)
-        kwargs.pop("return_lse", None)
-        if k is None:
-            inputs = DenseInputs.checked(*args[:4], **kwargs)
-            return REGISTRY.plan("dense_attention", inputs)
-        inputs = AttendInputs.checked(*args[:4], k, *args[5:], **kwargs)
-    else:
-        inputs = builders[op](*args, **kwargs)
-    return REGISTRY.plan(_OPS[type(inputs)], inputs)
+    kwargs.pop("return_lse", None)
+    inputs = builders[op](*args, **kwargs)
+    return REGISTRY.plan(inputs.op, inputs)

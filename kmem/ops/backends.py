@@ -40,7 +40,7 @@ def _direct(name: str, kernel: str) -> Callable:
 
 def _register(name: str, serves: dict[str, tuple[Serves, ...]], missing, kernels) -> None:
     runs = {op: run for op, run in _compiled_runs(name).items() if op in serves}
-    REGISTRY.register(Backend(name, serves, runs, missing, kernels))
+    REGISTRY.register(Backend(name, serves, runs, missing(), kernels))
 
 
 def _rows(devices: frozenset[str]) -> tuple[Serves, ...]:

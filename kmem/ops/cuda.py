@@ -9,18 +9,14 @@ that, so a float64 call is never served here with float32 precision.
 
 from __future__ import annotations
 
-import functools
-from types import ModuleType
-
 import torch
 
 from .. import _ext
 from .inputs import AttendInputs, CompactInputs, DenseInputs, SearchInputs
 
 
-@functools.cache
 def missing() -> str | None:
-    """Why the CUDA backend cannot run in this process, or None when it can (asked once)."""
+    """Why the CUDA backend cannot run in this process, or None when it can."""
     ext = _ext.compiled()
     if ext is None:
         return _ext.missing_reason()
@@ -34,36 +30,34 @@ def missing() -> str | None:
     return None
 
 
-def _ext_cuda() -> ModuleType:
-    return _ext.compiled()
-
-
 def search(s: SearchInputs) -> torch.Tensor:
-    return _ext_cuda().cuda_search(s.queries.detach(), s.keys.detach(), s.slot_ids, s.k, s.l2, s.exclude_ids)
+    return _ext.compiled().cuda_search(
+        s.queries.detach(), s.keys.detach(), s.slot_ids, s.k, s.l2, s.exclude_ids
+    )
 
 
 def attend_forward(a: AttendInputs, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _ext_cuda().cuda_attend_forward(
+    return _ext.compiled().cuda_attend_forward(
         a.queries.detach(), a.keys.detach(), a.values.detach(), slots, a.scale, a.l2, a.num_classes
     )
 
 
 def attend_backward(a: AttendInputs, slots, weights, grad_out, needs_keys: bool, needs_values: bool):
-    return _ext_cuda().cuda_attend_backward(
+    return _ext.compiled().cuda_attend_backward(
         grad_out.detach(), a.queries.detach(), a.keys.detach(), a.values.detach(), slots, weights.detach(),
         a.scale, a.l2, a.num_classes, needs_keys, needs_values,
     )  # fmt: skip
 
 
 def dense_forward(d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    return _ext_cuda().cuda_dense_forward(
+    return _ext.compiled().cuda_dense_forward(
         d.queries.detach(), d.keys.detach(), d.values.detach(), d.slot_ids, d.exclude_ids,
         d.scale, d.l2, d.num_classes,
     )  # fmt: skip
 
 
 def dense_backward(d: DenseInputs, out, lse, grad_out, grad_lse, needs_keys: bool, needs_values: bool):
-    return _ext_cuda().cuda_dense_backward(
+    return _ext.compiled().cuda_dense_backward(
         grad_out.detach(), d.queries.detach(), d.keys.detach(), d.values.detach(), d.slot_ids, d.exclude_ids,
         out.detach(), lse.detach(), grad_lse.detach(), d.scale, d.l2, d.num_classes, needs_keys, needs_values,
     )  # fmt: skip
@@ -71,4 +65,4 @@ def dense_backward(d: DenseInputs, out, lse, grad_out, grad_lse, needs_keys: boo
 
 def compact_rows(c: CompactInputs) -> int:
     """Stable compaction on the GPU; returns the rows kept."""
-    return _ext_cuda().cuda_compact_rows(c.src, c.keep, c.out)
+    return _ext.compiled().cuda_compact_rows(c.src, c.keep, c.out)

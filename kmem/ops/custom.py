@@ -222,6 +222,6 @@ def call(name: str, record, backend: str):
     The custom op is there for autograd and torch.compile; an eager call that needs
     neither (a search, an inference read) runs the very same body without the op's
     dispatch, which costs several times a small kernel."""
-    if not torch.compiler.is_compiling() and not record.signature().grads:
+    if not torch.compiler.is_compiling() and not record.needs_grad:
         return SPECS[name].run(REGISTRY.backends[backend].kernels, backend, record)
     return OPS[name](*(getattr(record, f.name) for f in fields(record)), backend)

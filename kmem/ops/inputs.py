@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -35,14 +35,11 @@ class Signature(NamedTuple):
     grads: bool
 
 
-def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
 @dataclass(frozen=True)
 class SearchInputs:
     """Top-``k`` rows per query: ``search(inputs) -> slots [B, k]`` int64."""
 
+    op: ClassVar[str] = "search"
     queries: torch.Tensor
     keys: torch.Tensor
     slot_ids: torch.Tensor
@@ -56,6 +53,8 @@ class SearchInputs:
         return cls(
             queries, keys, slot_ids, _exclusions(exclude_ids, queries), _checks.k(k), _checks.metric(metric)
         )
+
+    needs_grad: ClassVar[bool] = False  # its slots carry no gradient
 
     @property
     def l2(self) -> bool:
@@ -99,6 +98,13 @@ class _RowsInputs:
         wide = torch.float64 in (self.queries.dtype, self.keys.dtype)
         return torch.float64 if wide else torch.float32
 
+    @property
+    def needs_grad(self) -> bool:
+        """Autograd will ask this call for gradients."""
+        return torch.is_grad_enabled() and any(
+            t.requires_grad for t in (self.queries, self.keys, self.values)
+        )
+
     def signature(self) -> Signature:
         return Signature(
             self.queries.device.type,
@@ -107,11 +113,46 @@ class _RowsInputs:
             None if self.labels else self.values.dtype,
             self.labels,
             getattr(self, "k", None),
-            _needs_grad(self.queries, self.keys, self.values),
+            self.needs_grad,
         )
 
-    @staticmethod
-    def _checked_rows(queries, keys, values, slot_ids, scale, metric, exclude_ids, num_classes) -> dict:
+
+@dataclass(frozen=True)
+class AttendInputs(_RowsInputs):
+    """Softmax attention over each query's top-``k`` live rows."""
+
+    op: ClassVar[str] = "topk_attention"
+    k: int
+
+    def search(self) -> SearchInputs:
+        """The scan half: the same query, memory, exclusions and ``k``."""
+        return SearchInputs(self.queries, self.keys, self.slot_ids, self.exclude_ids, self.k, self.metric)
+
+
+@dataclass(frozen=True)
+class DenseInputs(_RowsInputs):
+    """Softmax attention over every live, non-excluded row."""
+
+    op: ClassVar[str] = "dense_attention"
+
+
+def attention_inputs(
+    queries,
+    keys,
+    values,
+    slot_ids,
+    k=32,
+    scale=None,
+    metric="ip",
+    exclude_ids=None,
+    num_classes=None,
+    *,
+    checked: bool = True,
+) -> AttendInputs | DenseInputs:
+    """The record of a top-k (``k`` an int) or dense (``k=None``) attention call, the
+    arguments as :func:`kmem.ops.topk_attention` takes them; ``checked=False`` for a
+    caller that has checked them already. ``scale`` defaults to ``1/sqrt(d)``."""
+    if checked:
         _check_memory(queries, keys, slot_ids)
         _checks.metric(metric)
         if num_classes is None:
@@ -124,53 +165,18 @@ class _RowsInputs:
                 raise ValueError(f"num_classes must be an int >= 1 for label values, got {num_classes!r}")
         if values.device != queries.device:
             raise ValueError(f"values is on {values.device} but queries are on {queries.device}")
-        return {
-            "queries": queries,
-            "keys": keys,
-            "values": values,
-            "slot_ids": slot_ids,
-            "exclude_ids": _exclusions(exclude_ids, queries),
-            "scale": default_scale(queries) if scale is None else float(scale),
-            "metric": metric,
-            "num_classes": num_classes or 0,
-        }
-
-
-@dataclass(frozen=True)
-class AttendInputs(_RowsInputs):
-    """Softmax attention over each query's top-``k`` live rows."""
-
-    k: int
-
-    @classmethod
-    def checked(
-        cls, queries, keys, values, slot_ids, k, scale=None, metric="ip", exclude_ids=None, num_classes=None
-    ) -> AttendInputs:
-        rows = cls._checked_rows(queries, keys, values, slot_ids, scale, metric, exclude_ids, num_classes)
-        return cls(**rows, k=_checks.k(k))
-
-    def search(self) -> SearchInputs:
-        """The scan half: the same query, memory, exclusions and ``k``."""
-        return SearchInputs(self.queries, self.keys, self.slot_ids, self.exclude_ids, self.k, self.metric)
-
-
-@dataclass(frozen=True)
-class DenseInputs(_RowsInputs):
-    """Softmax attention over every live, non-excluded row."""
-
-    @classmethod
-    def checked(
-        cls, queries, keys, values, slot_ids, scale=None, metric="ip", exclude_ids=None, num_classes=None
-    ) -> DenseInputs:
-        return cls(
-            **cls._checked_rows(queries, keys, values, slot_ids, scale, metric, exclude_ids, num_classes)
-        )
+        exclude_ids = _exclusions(exclude_ids, queries)
+        k = None if k is None else _checks.k(k)
+    scale = default_scale(queries) if scale is None else float(scale)
+    rows = (queries, keys, values, slot_ids, exclude_ids, scale, metric, num_classes or 0)
+    return DenseInputs(*rows) if k is None else AttendInputs(*rows, k=k)
 
 
 @dataclass(frozen=True)
 class CompactInputs:
     """Stable compaction: the rows of ``src [N, ...]`` where ``keep [N]`` (bool) go to ``out``."""
 
+    op: ClassVar[str] = "compact_rows"
     src: torch.Tensor
     keep: torch.Tensor
     out: torch.Tensor
@@ -194,6 +200,7 @@ class CompactInputs:
 class ScrubInputs:
     """The scrub of deleted rows: zero rows ``rows [n]`` (int64) of the contiguous ``dst [N, ...]``."""
 
+    op: ClassVar[str] = "zero_rows"
     dst: torch.Tensor
     rows: torch.Tensor
 

@@ -2,7 +2,7 @@
 
 A :class:`Backend` declares, per op, the exact input combinations its own kernels run
 (:class:`Serves`: device, query/key/value dtypes, label values, gradients, a ``k``
-range); why it is absent at all (extension not built, no GPU) is found once and cached.
+range); why it is absent at all (extension not built, no GPU) is found once, at import.
 :func:`select` returns the first backend, in priority order, that serves a call
 (``backend="auto"``) or exactly the one asked for, and raises
 :class:`BackendUnavailable` with every reason when it cannot: a backend asked for by
@@ -85,27 +85,19 @@ class Backend:
     """One implementation of some of the ops.
 
     ``serves``: per op, the combinations it runs; ``run``: per op, the function that
-    runs a record (see :mod:`kmem.ops.inputs`); ``missing``: why the backend is absent
-    in this process (None: present), asked once; ``kernels``: the kernels the custom
-    ops call (:mod:`kmem.ops.custom`), loaded on first use.
+    runs a record (see :mod:`kmem.ops.inputs`); ``absent``: why the backend cannot run
+    in this process (None: it can), found once, at registration; ``kernels``: the
+    kernels the custom ops call (:mod:`kmem.ops.custom`), loaded on first use.
     """
 
     name: str
     serves: dict[str, tuple[Serves, ...]]
     run: dict[str, Callable]
-    missing: Callable[[], str | None] = lambda: None
+    absent: str | None = None
     load_kernels: Callable[[], Any] | None = None
-
-    _absent: tuple[str | None] | None = field(default=None, init=False, repr=False)
     _kernels: Any = field(default=None, init=False, repr=False)
 
     # Cached by hand: functools.cached_property takes a lock that torch.compile cannot trace.
-    @property
-    def absent(self) -> str | None:
-        if self._absent is None:
-            self._absent = (self.missing(),)
-        return self._absent[0]
-
     @property
     def kernels(self) -> Any:
         if self._kernels is None:
