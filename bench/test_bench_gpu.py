@@ -15,7 +15,7 @@ from conftest import make_memory
 
 import kmem
 from kmem import ops
-from kmem.ops import cuda, triton_backend
+from kmem.ops.backends import cuda, triton
 
 K = 32
 GPU_BACKENDS = ["cuda", "triton", "reference"]
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def _skip_unavailable(backend: str) -> None:
-    reason = {"cuda": cuda.missing(), "triton": triton_backend.missing()}.get(backend)
+    reason = {"cuda": cuda.missing(), "triton": triton.missing()}.get(backend)
     if reason:
         pytest.skip(f"{backend} backend unavailable: {reason}")
 

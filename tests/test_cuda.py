@@ -16,7 +16,8 @@ from conftest import brute_attention, brute_scores, brute_topk, integer_data
 
 import kmem
 from kmem import ops
-from kmem.ops import cuda, reference
+from kmem.ops import reference
+from kmem.ops.backends import cuda
 
 DEVICE = "cuda"
 METRICS = ["ip", "l2"]

@@ -28,7 +28,7 @@ def missing() -> str | None:
 
 def kernels() -> SimpleNamespace:
     """The Triton kernels in the form :mod:`kmem.ops.custom` calls."""
-    from ..kernels import attend, compact, dense, search
+    from ...kernels import attend, compact, dense, search
 
     return SimpleNamespace(
         search=search.search,

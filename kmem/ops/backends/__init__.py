@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from . import cpp, cuda, custom, reference, triton_backend
-from .registry import FLOATS, NARROW, REGISTRY, Backend, Serves, record_kernel
+from .. import custom, reference
+from ..registry import FLOATS, NARROW, REGISTRY, Backend, Serves, record_kernel
+from . import cpp, cuda, triton
 
 CPU, CUDA, ANY = frozenset({"cpu"}), frozenset({"cuda"}), frozenset({"cpu", "cuda"})
 ALL_DTYPES = None  # row copies move bytes: any dtype
@@ -58,7 +59,7 @@ _register(
         "zero_rows": _rows(CPU),
     },
     cpp.missing,
-    lambda: cpp,
+    lambda: cpp.KERNELS,
 )
 _register(
     "cuda",
@@ -69,18 +70,18 @@ _register(
         "compact_rows": _rows(CUDA),
     },
     cuda.missing,
-    lambda: cuda,
+    lambda: cuda.KERNELS,
 )
 _register(
     "triton",
     {
-        "search": (Serves(triton_backend.devices()),),
-        "topk_attention": (Serves(triton_backend.devices()),),
-        "dense_attention": (Serves(triton_backend.devices()),),
-        "compact_rows": _rows(triton_backend.devices()),
+        "search": (Serves(triton.devices()),),
+        "topk_attention": (Serves(triton.devices()),),
+        "dense_attention": (Serves(triton.devices()),),
+        "compact_rows": _rows(triton.devices()),
     },
-    triton_backend.missing,
-    triton_backend.kernels,
+    triton.missing,
+    triton.kernels,
 )
 
 _EVERYTHING = (Serves(ANY, queries=FLOATS, keys=FLOATS, values=FLOATS),)

@@ -1,0 +1,59 @@
+"""The compiled extension ``kmem._C``'s kernels on records: one adapter for its C++ and
+its CUDA kernels, which take the same arguments under two prefixes (``cuda_search`` is
+the CUDA twin of ``search``).
+
+What each kernel serves is declared in :mod:`kmem.ops.backends`; nothing here hands a
+call to another backend. Tensors are passed detached: the kernels compute their own
+gradients (:mod:`kmem.ops.custom`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ... import _ext
+from ..inputs import AttendInputs, CompactInputs, DenseInputs, ScrubInputs, SearchInputs
+
+
+class Extension:
+    """The kernels of ``kmem._C`` whose names start with ``prefix`` (``""``: C++,
+    ``"cuda_"``: CUDA), called with a record's fields in the extension's argument order."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def _fn(self, name: str):
+        return getattr(_ext.compiled(), self.prefix + name)
+
+    def search(self, s: SearchInputs) -> torch.Tensor:
+        return self._fn("search")(s.queries.detach(), s.keys.detach(), s.slot_ids, s.k, s.l2, s.exclude_ids)
+
+    def attend_forward(self, a: AttendInputs, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fn("attend_forward")(
+            a.queries.detach(), a.keys.detach(), a.values.detach(), slots, a.scale, a.l2, a.num_classes
+        )
+
+    def attend_backward(self, a: AttendInputs, slots, weights, grad_out, needs_keys: bool, needs_values: bool):
+        return self._fn("attend_backward")(
+            grad_out.detach(), a.queries.detach(), a.keys.detach(), a.values.detach(), slots, weights.detach(),
+            a.scale, a.l2, a.num_classes, needs_keys, needs_values,
+        )  # fmt: skip
+
+    def dense_forward(self, d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fn("dense_forward")(
+            d.queries.detach(), d.keys.detach(), d.values.detach(), d.slot_ids, d.exclude_ids,
+            d.scale, d.l2, d.num_classes,
+        )  # fmt: skip
+
+    def dense_backward(self, d: DenseInputs, out, lse, grad_out, grad_lse, needs_keys: bool, needs_values: bool):
+        return self._fn("dense_backward")(
+            grad_out.detach(), d.queries.detach(), d.keys.detach(), d.values.detach(), d.slot_ids, d.exclude_ids,
+            out.detach(), lse.detach(), grad_lse.detach(), d.scale, d.l2, d.num_classes, needs_keys, needs_values,
+        )  # fmt: skip
+
+    def compact_rows(self, c: CompactInputs) -> int:
+        """Stable compaction of ``c.src``'s kept rows into ``c.out``; returns the rows kept."""
+        return self._fn("compact_rows")(c.src, c.keep, c.out)
+
+    def zero_rows(self, z: ScrubInputs) -> None:
+        self._fn("zero_rows")(z.dst, z.rows)
