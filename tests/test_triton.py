@@ -147,33 +147,30 @@ def test_search_all_dead_and_empty(device):
     assert slots.shape == (3, 2) and bool((slots == -1).all())
 
 
-# ---------------------------------------------------------------- top-k attention
+# ------------------------------------------------------- top-k and dense attention
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("labels", [False, True])
 @pytest.mark.parametrize("dtype", KEY_DTYPES)
-@pytest.mark.parametrize(("k", "exclude"), [(1, False), (6, True), (60, True)])
-def test_topk_attention_forward_and_gradients(device, metric, labels, dtype, k, exclude):
-    keys, slot_ids = _memory(37, 7)
+@pytest.mark.parametrize(
+    ("k", "n", "batch", "exclude"),
+    [(1, 37, 5, False), (6, 37, 5, True), (60, 37, 5, True), (None, 37, 5, True), (None, 70, 19, False)],
+)
+def test_attention_forward_and_gradients(device, metric, labels, dtype, k, n, batch, exclude):
+    # k = None is dense attention; k = 60 > live rows pads the top-k with no row.
+    keys, slot_ids = _memory(n, 7)
     keys = keys.to(dtype)
-    values, q = _values(37, labels), torch.randn(5, 7)
-    ex = _exclusions(slot_ids, 5) if exclude else None
+    values, q = _values(n, labels), torch.randn(batch, 7)
+    ex = _exclusions(slot_ids, batch) if exclude else None
     num_classes = 4 if labels else None
 
-    def run(backend_fn):
-        return lambda q, keys, values: backend_fn(
-            q,
-            keys,
-            values,
-            slot_ids.to(device),
-            k,
-            0.7,
-            metric,
-            None if ex is None else ex.to(device),
-            num_classes,
-        )
+    def run(backend):
+        return lambda q, keys, values: kmem.ops.topk_attention(
+            q, keys, values, slot_ids.to(device), k, scale=0.7, metric=metric,
+            exclude_ids=None if ex is None else ex.to(device), num_classes=num_classes, backend=backend,
+        )  # fmt: skip
 
-    out, grads = _grads(run(_topk), (q, keys, values), device)
-    want, want_grads = _grads(run(reference.topk_attention), (q, keys, values), device)
+    out, grads = _grads(run("triton"), (q, keys, values), device)
+    want, want_grads = _grads(run("reference"), (q, keys, values), device)
     _close(out, want)
     for got, exp in zip(grads, want_grads, strict=True):
         _close(got, exp, dtype)
@@ -201,38 +198,6 @@ def test_attend_kernels_match_composite(device):
 
 
 # ---------------------------------------------------------------- dense attention
-@pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("labels", [False, True])
-@pytest.mark.parametrize("dtype", KEY_DTYPES)
-@pytest.mark.parametrize(("n", "batch", "exclude"), [(37, 5, True), (70, 19, False)])
-def test_dense_attention_forward_and_gradients(device, metric, labels, dtype, n, batch, exclude):
-    keys, slot_ids = _memory(n, 7)
-    keys = keys.to(dtype)
-    values, q = _values(n, labels), torch.randn(batch, 7)
-    ex = _exclusions(slot_ids, batch) if exclude else None
-    num_classes = 4 if labels else None
-
-    def run(backend_fn):
-        return lambda q, keys, values: backend_fn(
-            q,
-            keys,
-            values,
-            slot_ids.to(device),
-            0.7,
-            metric,
-            None if ex is None else ex.to(device),
-            num_classes,
-        )
-
-    out, grads = _grads(run(_dense), (q, keys, values), device)
-    want, want_grads = _grads(run(reference.dense_attention), (q, keys, values), device)
-    _close(out, want)
-    for got, exp in zip(grads, want_grads, strict=True):
-        _close(got, exp, dtype)
-    oracle = brute_attention(q, keys.float(), values, slot_ids, None, 0.7, metric, ex, num_classes)
-    _close(out, oracle.float())
-
-
 def test_dense_lse_is_logsumexp_of_attended_rows(device):
     keys, slot_ids = _memory(45, 6)
     q, values = torch.randn(3, 6), torch.randn(45, 2)
