@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from _require_gpu import pytest_runtest_makereport  # noqa: F401  (KMEM_REQUIRE_GPU=1)
 
 import kmem
 from kmem.ops import reference

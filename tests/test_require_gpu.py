@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 pytest_plugins = ["pytester"]
 
-ROOT_CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
 TESTS = """
 import pytest
 
@@ -22,7 +19,7 @@ def test_runs(): pass
 
 
 def _run(pytester, monkeypatch, required: str | None):
-    pytester.makeconftest(ROOT_CONFTEST.read_text())
+    pytester.makeconftest("from _require_gpu import pytest_runtest_makereport  # noqa: F401")
     pytester.makepyfile(TESTS)
     if required is None:
         monkeypatch.delenv("KMEM_REQUIRE_GPU", raising=False)

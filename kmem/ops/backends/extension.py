@@ -33,7 +33,9 @@ class Extension:
             a.queries.detach(), a.keys.detach(), a.values.detach(), slots, a.scale, a.l2, a.num_classes
         )
 
-    def attend_backward(self, a: AttendInputs, slots, weights, grad_out, needs_keys: bool, needs_values: bool):
+    def attend_backward(
+        self, a: AttendInputs, slots, weights, grad_out, needs_keys: bool, needs_values: bool
+    ):
         return self._fn("attend_backward")(
             grad_out.detach(), a.queries.detach(), a.keys.detach(), a.values.detach(), slots, weights.detach(),
             a.scale, a.l2, a.num_classes, needs_keys, needs_values,
@@ -45,7 +47,9 @@ class Extension:
             d.scale, d.l2, d.num_classes,
         )  # fmt: skip
 
-    def dense_backward(self, d: DenseInputs, out, lse, grad_out, grad_lse, needs_keys: bool, needs_values: bool):
+    def dense_backward(
+        self, d: DenseInputs, out, lse, grad_out, grad_lse, needs_keys: bool, needs_values: bool
+    ):
         return self._fn("dense_backward")(
             grad_out.detach(), d.queries.detach(), d.keys.detach(), d.values.detach(), d.slot_ids, d.exclude_ids,
             out.detach(), lse.detach(), grad_lse.detach(), d.scale, d.l2, d.num_classes, needs_keys, needs_values,

@@ -1,4 +1,4 @@
-"""Pytest settings shared by tests/ and bench/.
+"""A pytest hook for tests/conftest.py.
 
 ``KMEM_REQUIRE_GPU=1`` (set by ``scripts/gpu-check``) turns every test skipped for want
 of a GPU, CUDA or Triton into a failure: on a machine lent for the GPU checks, a GPU
