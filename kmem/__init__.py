@@ -6,6 +6,7 @@ Public API:
   ``attend``, ``save``/``load``; safe to share between threads.
 * :class:`Ledger` -- a tamper-evident SQLite record of every deletion (:class:`Receipt`).
 * :class:`KeyMemoryAttention` -- an ``nn.Module`` that attends over a memory.
+* :class:`MemoryLike` -- the protocol a memory satisfies for the layer and ``torch.compile``.
 * :class:`MemoryEditedError` -- raised by a backward whose forward read a memory that
   changed since.
 * :class:`ShardedKeyMemory` (:mod:`kmem.distributed`) -- a memory split over the ranks
@@ -38,6 +39,7 @@ _HOMES = {
     "KeyMemory": "memory",
     "KeyMemoryAttention": "layers",
     "MemoryEditedError": "memory",
+    "MemoryLike": "memory_like",
     "Ledger": "ledger",
     "Receipt": "ledger",
     "ShardedKeyMemory": "distributed",

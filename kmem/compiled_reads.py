@@ -1,8 +1,9 @@
-"""A :class:`~kmem.KeyMemory`'s reads as ``torch.library`` custom ops, for ``torch.compile``.
+"""A memory's reads (:class:`~kmem.MemoryLike`: a :class:`~kmem.KeyMemory` or a
+:class:`~kmem.distributed.ShardedKeyMemory`) as ``torch.library`` custom ops, for ``torch.compile``.
 
 Dynamo cannot trace the memory's lock, its Python id bookkeeping or its checks, and the
 live row count changes with every add and delete. Under compilation
-:meth:`KeyMemory.search` and :meth:`KeyMemory.attend` therefore become one opaque node
+:meth:`MemoryLike.search` and :meth:`MemoryLike.attend` therefore become one opaque node
 each: ``kmem::memory_search`` / ``kmem::memory_attend`` take the query tensors and the
 memory's integer handle (:func:`register`) and run the eager read at run time, so a
 compiled model reads the memory live (forgetting shows without recompiling) and
@@ -10,7 +11,7 @@ compiled model reads the memory live (forgetting shows without recompiling) and
 
 Backward of ``memory_attend`` recomputes the read with the reference backend under
 ``torch.func.vjp`` -- the forward saved only the queries -- and checks that the memory
-did not change since the forward (:meth:`KeyMemory.check_unedited`). Every backend
+did not change since the forward (:meth:`MemoryLike.check_unedited`). Every backend
 selects the same rows (the kernel contract, tested against the reference), so the
 recomputation differentiates the forward's selection.
 """
@@ -26,13 +27,13 @@ import torch
 from .ops.reference import working_dtype
 
 if TYPE_CHECKING:
-    from .memory import KeyMemory
+    from .memory_like import MemoryLike
 
-_MEMORIES: weakref.WeakValueDictionary[int, KeyMemory] = weakref.WeakValueDictionary()
+_MEMORIES: weakref.WeakValueDictionary[int, MemoryLike] = weakref.WeakValueDictionary()
 _NEXT = itertools.count()
 
 
-def register(memory: KeyMemory) -> int:
+def register(memory: MemoryLike) -> int:
     """A new handle for ``memory`` in the ops below (held weakly: the registry never
     keeps a memory alive). Each memory, and each copy of one, registers once."""
     h = next(_NEXT)
@@ -40,13 +41,11 @@ def register(memory: KeyMemory) -> int:
     return h
 
 
-def _memory(h: int) -> KeyMemory:
+def _memory(h: int) -> MemoryLike:
     try:
         return _MEMORIES[h]
     except KeyError:
-        raise RuntimeError(
-            f"kmem: the KeyMemory (handle {h}) a compiled graph reads no longer exists"
-        ) from None
+        raise RuntimeError(f"kmem: the memory (handle {h}) a compiled graph reads no longer exists") from None
 
 
 # ------------------------------------------------------------------ search
@@ -76,7 +75,7 @@ def memory_attend(
     return out, torch.tensor(edits, dtype=torch.int64)
 
 
-def _out_dtype(queries: torch.Tensor, mem: KeyMemory) -> torch.dtype:
+def _out_dtype(queries: torch.Tensor, mem: MemoryLike) -> torch.dtype:
     return working_dtype(queries, torch.empty(0, dtype=mem.dtype))
 
 

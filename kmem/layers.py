@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .distributed import ShardedKeyMemory
-from .memory import IdsLike, KeyMemory
+from .memory_like import MemoryLike
+from .rows import IdsLike
 
 
 class KeyMemoryAttention(nn.Module):
-    """Project ``x`` to queries, attend over a :class:`KeyMemory`, project back.
+    """Project ``x`` to queries, attend over a memory, project back.
 
     ``x [..., embed_dim]`` -> ``[..., embed_dim]``. Each of ``num_heads`` heads has its
     own query projection to ``memory.key_dim`` and reads the same memory; the heads'
@@ -22,12 +22,13 @@ class KeyMemoryAttention(nn.Module):
     ``load_state_dict`` replaces the memory's rows with them), and ``copy.deepcopy`` /
     ``pickle`` copy it. A copy forgets only what is deleted from it. ``torch.compile``
     (``fullgraph=True`` included) compiles the layer around one opaque memory read,
-    which sees the memory live.
+    which sees the memory live -- a sharded memory's too, whose read stays a collective.
 
     Args:
         embed_dim: width of ``x`` and of the output.
-        memory: the memory to read; a :class:`~kmem.distributed.ShardedKeyMemory` makes
-            every forward (and backward) a collective over its process group.
+        memory: the memory to read: any :class:`~kmem.MemoryLike` -- a
+            :class:`~kmem.KeyMemory`, or a :class:`~kmem.distributed.ShardedKeyMemory`,
+            which makes every forward (and backward) a collective over its process group.
         num_heads: query heads.
         k: rows retrieved per query (None: attend over all live rows).
         scale: softmax temperature on scores; default ``1/sqrt(key_dim)``.
@@ -37,15 +38,17 @@ class KeyMemoryAttention(nn.Module):
     def __init__(
         self,
         embed_dim: int,
-        memory: KeyMemory | ShardedKeyMemory,
+        memory: MemoryLike,
         num_heads: int = 1,
         k: int | None = 32,
         scale: float | None = None,
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(memory, KeyMemory | ShardedKeyMemory):
-            raise TypeError(f"memory must be a KeyMemory or ShardedKeyMemory, got {type(memory).__name__}")
+        if not isinstance(memory, MemoryLike):
+            raise TypeError(
+                f"memory must be a kmem.MemoryLike (e.g. a KeyMemory or ShardedKeyMemory), got {type(memory).__name__}"
+            )
         if num_heads < 1:
             raise ValueError(f"num_heads must be >= 1, got {num_heads}")
         self.memory = memory
@@ -68,14 +71,9 @@ class KeyMemoryAttention(nn.Module):
             if exclude_ids.shape[:-1] != lead:
                 raise ValueError(f"exclude_ids must have shape {[*lead, 'E']}, got {list(exclude_ids.shape)}")
             exclude_ids = exclude_ids.reshape(-1, exclude_ids.shape[-1]).repeat_interleave(self.num_heads, 0)
-        out = self._attend(queries, exclude_ids)
+        # One custom op under torch.compile (fullgraph=True included): see kmem.compiled_reads.
+        out = self.memory.attend(queries, k=self.k, scale=self.scale, exclude_ids=exclude_ids)
         return self.out_proj(out.to(x.dtype).reshape(*lead, self.num_heads * self.memory.out_dim))
-
-    def _attend(self, queries: torch.Tensor, exclude_ids: torch.Tensor | None) -> torch.Tensor:
-        if isinstance(self.memory, ShardedKeyMemory):
-            return _sharded_attend(self.memory, queries, self.k, self.scale, exclude_ids)
-        # A KeyMemory read is one custom op under torch.compile (fullgraph=True included).
-        return self.memory.attend(queries, k=self.k, scale=self.scale, exclude_ids=exclude_ids)
 
     def get_extra_state(self) -> dict:
         """The memory's :meth:`~kmem.KeyMemory.state_dict` (rows, tombstones, version),
@@ -93,11 +91,3 @@ class KeyMemoryAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, k={self.k}, memory={self.memory!r}"
-
-
-@torch.compiler.disable
-def _sharded_attend(
-    memory: ShardedKeyMemory, queries: torch.Tensor, k: int | None, scale: float | None, exclude_ids
-) -> torch.Tensor:
-    # A collective over the process group: torch.compile runs it eagerly, between graphs.
-    return memory.attend(queries, k=k, scale=scale, exclude_ids=exclude_ids)

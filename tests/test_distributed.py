@@ -257,6 +257,34 @@ def _check_layer(pair: Pair, world: int) -> None:
     assert pair.sharded.fingerprint() == pair.single.fingerprint()
 
 
+def _check_compiled_layer(pair: Pair) -> None:
+    """torch.compile(fullgraph=True) of a layer over a sharded memory: one graph around
+    the collective read; forward and gradients equal the eager single memory's, top-k
+    and dense, and a forget shows without recompiling."""
+    torch.manual_seed(2)
+    for k in (3, None):
+        sharded = kmem.KeyMemoryAttention(6, pair.sharded, num_heads=2, k=k)
+        single = kmem.KeyMemoryAttention(6, pair.single, num_heads=2, k=k)
+        single.load_state_dict(
+            {n: v for n, v in sharded.state_dict().items() if n != "_extra_state"}, strict=False
+        )
+        compiled = torch.compile(sharded, fullgraph=True)  # a graph break would raise
+        x = torch.randn(2, 1 + pair.rank, 6)
+        out, want = compiled(x), single(x)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        out.sum().backward()
+        want.sum().backward()
+        for got, exp in (
+            (sharded.q_proj.weight.grad, single.q_proj.weight.grad),
+            (sharded.out_proj.bias.grad, single.out_proj.bias.grad),
+        ):
+            torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
+    live = pair.single.ids()
+    assert pair.sharded.delete([int(live[pair.rank])]) == 1
+    pair.single.delete(live[: pair.world])
+    torch.testing.assert_close(compiled(x), single(x), rtol=1e-5, atol=1e-6)
+
+
 def _check_ties(rank: int, world: int) -> None:
     """Equal keys everywhere: the global top-k is the first rows added, whichever rank
     owns or added them -- not each shard's first."""
@@ -346,6 +374,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     pair = _check_memory(rank, world, tmp, value_dim=3, metric="ip")
     _check_errors(pair, rank, world)
     _check_layer(pair, world)
+    if world == 2:  # compiling costs each rank ~20 s: once is enough
+        _check_compiled_layer(pair)
     labels = _check_memory(rank, world, tmp, num_classes=4, metric="l2", compact_threshold=None)
     _check_errors(labels, rank, world)
     if world == 2:

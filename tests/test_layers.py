@@ -94,3 +94,49 @@ def test_torch_compile_matches_eager():
     # The compiled model reads the memory live: forgetting shows up without recompiling.
     model[1].forget([int(i) for i in mem.search(model[1].q_proj(model[0](x)).reshape(-1, 8)[:1], 1)[1][0]])
     torch.testing.assert_close(compiled(x), model(x))
+
+
+class _Negated:
+    """A user's own memory: a KeyMemory whose reads see negated queries. Satisfies
+    kmem.MemoryLike without inheriting from anything kmem defines."""
+
+    def __init__(self, inner: kmem.KeyMemory) -> None:
+        self.inner = inner
+        self.key_dim, self.out_dim, self.dtype, self.device = (
+            inner.key_dim,
+            inner.out_dim,
+            inner.dtype,
+            inner.device,
+        )
+
+    def search(self, queries, k, exclude_ids=None):
+        return self.inner.search(-queries, k, exclude_ids)
+
+    def attend(self, queries, k=32, scale=None, exclude_ids=None):
+        return self.inner.attend(-queries, k, scale, exclude_ids)
+
+    def read(self, queries, k=32, scale=None, exclude_ids=None, backend=None):
+        return self.inner.read(-queries, k, scale, exclude_ids, backend)
+
+    def check_unedited(self, edits, now=None):
+        self.inner.check_unedited(edits, now)
+
+    def delete(self, ids, *, request_id=None, reason=None):
+        return self.inner.delete(ids, request_id=request_id, reason=reason)
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def test_any_memory_like_is_read():
+    mem, *_ = filled_memory(30)
+    assert isinstance(mem, kmem.MemoryLike) and isinstance(_Negated(mem), kmem.MemoryLike)
+    layer = kmem.KeyMemoryAttention(16, _Negated(mem), k=4)
+    x = torch.randn(3, 16)
+    # Independently: the same projections over the inner memory, with negated queries.
+    want = layer.out_proj(mem.attend(-layer.q_proj(x), k=4))
+    torch.testing.assert_close(layer(x), want)
+    assert layer.forget([0]) == 1 and 0 not in mem

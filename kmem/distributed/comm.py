@@ -86,9 +86,10 @@ class Comm:
 
 
 class _AllToAll(torch.autograd.Function):
+    # forward + setup_context (not ctx in forward): torch.func.vjp -- how a compiled
+    # layer's backward recomputes a read (kmem.compiled_reads) -- accepts only this form.
     @staticmethod
-    def forward(ctx, x: torch.Tensor, comm: Comm, what: str, send, recv) -> torch.Tensor:
-        ctx.comm, ctx.what, ctx.send, ctx.recv = comm, what, send, recv
+    def forward(x: torch.Tensor, comm: Comm, what: str, send, recv) -> torch.Tensor:
         rows = x.shape[0] if recv is None else sum(recv)
         out = x.new_empty(rows, *x.shape[1:])
         with comm.guard(what):
@@ -96,10 +97,11 @@ class _AllToAll(torch.autograd.Function):
         return out
 
     @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, ctx.comm, ctx.what, ctx.send, ctx.recv = inputs
+
+    @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        comm = ctx.comm
-        grad = grad.contiguous()
-        out = grad.new_empty(sum(ctx.send) if ctx.send is not None else grad.shape[0], *grad.shape[1:])
-        with comm.guard(f"the backward of {ctx.what}"):
-            dist.all_to_all_single(out, grad, ctx.send, ctx.recv, group=comm.group)
-        return out, None, None, None, None
+        # The reverse exchange (the counts swapped), itself differentiable.
+        back = _AllToAll.apply(grad.contiguous(), ctx.comm, f"the backward of {ctx.what}", ctx.recv, ctx.send)
+        return back, None, None, None, None

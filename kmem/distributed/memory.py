@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .. import _checks, ops, rows, snapshot
+from .. import _checks, compiled_reads, ops, rows, snapshot
 from ..ledger import Ledger
-from ..memory import KeyMemory
+from ..memory import KeyMemory, MemoryEditedError
 from ..ops import reference
 from ..rows import IdsLike
 from ..slot_index import repeats
@@ -133,6 +133,7 @@ class ShardedKeyMemory:
         self._rows = 0  # live rows on all ranks
         self.version = 0  # bumped by every collective mutation, the same on every rank
         self._lock = threading.RLock()
+        self._handle = compiled_reads.register(self)
         return [i for _, i in got]
 
     # ------------------------------------------------------------------ state
@@ -145,6 +146,7 @@ class ShardedKeyMemory:
     backend = property(lambda self: self.shard.backend)
     is_labels = property(lambda self: self.shard.is_labels)
     out_dim = property(lambda self: self.shard.out_dim)
+    edits = property(lambda self: self.version, doc="Collective mutations so far (reads compare it).")
     rank = property(lambda self: self._comm.rank, doc="This rank in the group.")
     world_size = property(lambda self: self._comm.world_size, doc="Ranks (shards) in the group.")
 
@@ -320,7 +322,10 @@ class ShardedKeyMemory:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Collective. This rank's queries' top-``k`` rows over all shards: as
         :meth:`KeyMemory.search` (``(scores [B, k], ids [B, k])``, ties to the row added
-        first), ``B`` may differ between ranks. Every rank passes the same ``k``."""
+        first), ``B`` may differ between ranks. Every rank passes the same ``k``. Under
+        ``torch.compile`` one opaque node (:mod:`kmem.compiled_reads`), still a collective."""
+        if torch.compiler.is_compiling():
+            return compiled_reads.memory_search(queries, exclude_ids, self._handle, k)
         with self._lock, torch.no_grad():
             q, exclude, batch, _ = self._exchange_queries("search", queries, k, exclude_ids)
             scores, ints, _ = self._candidates(q, exclude, k, with_values=False)
@@ -337,22 +342,49 @@ class ShardedKeyMemory:
     ) -> torch.Tensor:
         """Collective. :meth:`KeyMemory.attend` of this rank's queries over all shards:
         ``[B, out_dim]``, differentiable in ``queries`` (every rank then runs backward).
-        Every rank passes the same ``k`` and ``scale``."""
+        Every rank passes the same ``k`` and ``scale``. Under ``torch.compile``
+        (``fullgraph=True`` included) one opaque node, as for a ``KeyMemory``
+        (:mod:`kmem.compiled_reads`); its backward recomputes the read, a collective too."""
+        if torch.compiler.is_compiling():
+            return compiled_reads.memory_attend(queries, exclude_ids, self._handle, k, scale)[0]
+        return self.read(queries, k, scale, exclude_ids)[0]
+
+    def read(
+        self,
+        queries: torch.Tensor,
+        k: int | None = 32,
+        scale: float | None = None,
+        exclude_ids: torch.Tensor | None = None,
+        backend: str | None = None,
+    ) -> tuple[torch.Tensor, int]:
+        """Collective. :meth:`attend`'s result and the :attr:`edits` count it saw;
+        ``backend`` overrides the shards' for this read."""
+        backend = backend or self.backend
         with self._lock:
             q, exclude, batch, scale = self._exchange_queries("attend", queries, k, exclude_ids, scale)
             if k is None:
-                return self._dense(q, exclude, batch, scale)
-            scores, ints, values = self._candidates(q, exclude, k, with_values=True)
+                return self._dense(q, exclude, batch, scale, backend), self.edits
+            scores, ints, values = self._candidates(q, exclude, k, with_values=True, backend=backend)
             scores, ints = self._return(scores, batch, k, q.requires_grad), self._return(ints, batch, k)
             order = merge.topk_order(scores, ints[..., 1], k)
             chosen = ints[..., 0].gather(1, order) >= 0
             weights = reference.masked_softmax(scale * scores.gather(1, order), chosen)
             if self.is_labels:
                 labels = ints[..., 2].gather(1, order)
-                return weights.new_zeros(batch, self.num_classes).scatter_add(1, labels, weights)
+                return weights.new_zeros(batch, self.num_classes).scatter_add(1, labels, weights), self.edits
             values = self._return(values, batch, k)
             picked = values.gather(1, order[..., None].expand(-1, -1, values.shape[-1]))
-            return torch.einsum("bk,bkv->bv", weights, picked.to(weights.dtype))
+            return torch.einsum("bk,bkv->bv", weights, picked.to(weights.dtype)), self.edits
+
+    def check_unedited(self, edits: int, now: int | None = None) -> None:
+        """Raise :class:`~kmem.MemoryEditedError` unless :attr:`edits` (or ``now``) is
+        still ``edits``, the count a read saw."""
+        now = self.edits if now is None else now
+        if now != edits:
+            raise MemoryEditedError(
+                f"this ShardedKeyMemory changed ({now - edits} collective add/delete/load call(s)) after "
+                "the attend whose backward is running. Run backward() before changing the memory."
+            )
 
     # ----------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
@@ -558,14 +590,25 @@ class ShardedKeyMemory:
         return q.reshape(world * rows, self.key_dim), exclude, batch, scale
 
     def _candidates(
-        self, q: torch.Tensor, exclude: torch.Tensor | None, k: int, with_values: bool
+        self,
+        q: torch.Tensor,
+        exclude: torch.Tensor | None,
+        k: int,
+        with_values: bool,
+        backend: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """This shard's top-``k`` for every rank's queries: ``scores [Q, k]`` (differentiable
         in ``q``, ``-inf`` past the end), ``ints [Q, k, 2 or 3]`` (id, insertion number,
         label) and vector values ``[Q, k, V]`` (else None)."""
         keys, values, slot_ids = self.shard.buffers()
         scores, slots = ops.search(
-            q.detach(), keys, slot_ids, k, metric=self.metric, exclude_ids=exclude, backend=self.backend
+            q.detach(),
+            keys,
+            slot_ids,
+            k,
+            metric=self.metric,
+            exclude_ids=exclude,
+            backend=backend or self.backend,
         )
         if q.requires_grad:  # the same scores again, now differentiable in q
             scores = reference.gather_scores(q, keys, slots, self.metric)
@@ -591,12 +634,14 @@ class ShardedKeyMemory:
         got = got.transpose(0, 1)[:batch]  # [B, P, k, ...]
         return got.reshape(batch, world * k, *t.shape[2:])
 
-    def _dense(self, q: torch.Tensor, exclude: torch.Tensor | None, batch: int, scale: float) -> torch.Tensor:
+    def _dense(
+        self, q: torch.Tensor, exclude: torch.Tensor | None, batch: int, scale: float, backend: str
+    ) -> torch.Tensor:
         """Dense attention: each shard's normalised result and log-sum-exp, merged."""
         keys, values, slot_ids = self.shard.buffers()
         partial, lse = ops.topk_attention(
             q, keys, values, slot_ids, None, scale=scale, metric=self.metric, exclude_ids=exclude,
-            num_classes=self.num_classes, backend=self.backend, return_lse=True,
+            num_classes=self.num_classes, backend=backend, return_lse=True,
         )  # fmt: skip
         payload = torch.cat([partial, lse[:, None].to(partial.dtype)], 1)
         got = self._return(payload[:, None], batch, 1, q.requires_grad)  # [B, P, out_dim + 1]
