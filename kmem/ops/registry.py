@@ -87,7 +87,9 @@ class Backend:
     ``serves``: per op, the combinations it runs; ``run``: per op, the function that
     runs a record (see :mod:`kmem.ops.inputs`); ``absent``: why the backend cannot run
     in this process (None: it can), found once, at registration; ``kernels``: the
-    kernels the custom ops call (:mod:`kmem.ops.custom`), loaded on first use.
+    kernels the custom ops call (:mod:`kmem.ops.custom`), loaded on first use;
+    ``tolerance``: ``(rtol, atol)`` its float32 results keep against an exact (float64)
+    computation of the same op -- what the kernel tests hold it to.
     """
 
     name: str
@@ -95,6 +97,7 @@ class Backend:
     run: dict[str, Callable]
     absent: str | None = None
     load_kernels: Callable[[], Any] | None = None
+    tolerance: tuple[float, float] = (1e-5, 1e-6)
     _kernels: Any = field(default=None, init=False, repr=False)
 
     # Cached by hand: functools.cached_property takes a lock that torch.compile cannot trace.
