@@ -47,16 +47,22 @@ def gpu_buffers(large_memory):
     return tuple(t.cuda() for t in large_memory.buffers())
 
 
+def _bench_attend(benchmark, group: str, buffers, batch: int, k: int | None, backend: str) -> None:
+    """Time ``backend``'s attention of ``batch`` random queries over ``buffers``
+    ``(keys, values, slot_ids)`` (``k=None``: dense) in benchmark group ``group``."""
+    keys, values, slot_ids = buffers
+    q = torch.randn(batch, keys.shape[1], device="cuda")
+    benchmark.group = group
+    benchmark.pedantic(
+        _timed(lambda: ops.topk_attention(q, keys, values, slot_ids, k, backend=backend)), **ROUNDS
+    )
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("batch", [1, 64, 256])
 def test_attend(benchmark, gpu_buffers, backend, batch):
     _skip_unavailable(backend)
-    keys, values, slot_ids = gpu_buffers
-    q = torch.randn(batch, keys.shape[1], device="cuda")
-    benchmark.group = f"gpu attend B={batch}"
-    benchmark.pedantic(
-        _timed(lambda: ops.topk_attention(q, keys, values, slot_ids, K, backend=backend)), **ROUNDS
-    )
+    _bench_attend(benchmark, f"gpu attend B={batch}", gpu_buffers, batch, K, backend)
 
 
 @pytest.mark.parametrize("batch", [1, 64, 256])
@@ -76,27 +82,19 @@ def test_floor_stream(benchmark, gpu_buffers):
 @pytest.mark.parametrize("backend", ["cuda", "triton", "reference-fp32"])
 def test_attend_bf16_keys(benchmark, gpu_buffers, backend):
     keys, values, slot_ids = gpu_buffers
-    q = torch.randn(64, keys.shape[1], device="cuda")
     if backend == "reference-fp32":
         backend = "reference"
     else:
         _skip_unavailable(backend)
         keys, values = keys.bfloat16(), values.bfloat16()
-    benchmark.group = "gpu attend B=64, bf16 keys vs fp32 reference"
-    benchmark.pedantic(
-        _timed(lambda: ops.topk_attention(q, keys, values, slot_ids, K, backend=backend)), **ROUNDS
-    )
+    group = "gpu attend B=64, bf16 keys vs fp32 reference"
+    _bench_attend(benchmark, group, (keys, values, slot_ids), 64, K, backend)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_dense_attend(benchmark, gpu_buffers, backend):
     _skip_unavailable(backend)
-    keys, values, slot_ids = gpu_buffers
-    q = torch.randn(64, keys.shape[1], device="cuda")
-    benchmark.group = "gpu dense attend B=64"
-    benchmark.pedantic(
-        _timed(lambda: ops.topk_attention(q, keys, values, slot_ids, None, backend=backend)), **ROUNDS
-    )
+    _bench_attend(benchmark, "gpu dense attend B=64", gpu_buffers, 64, None, backend)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -40,6 +40,19 @@ class DatasetNotInstalled(FileNotFoundError):
     """A dataset's files are not on this machine; the message says how to install them."""
 
 
+def check_labels_and_ids(n: int, labels: torch.Tensor, ids: torch.Tensor) -> None:
+    """``ValueError`` unless ``labels`` and ``ids`` are int64 ``[n]`` (one per sample)."""
+    for name, t in (("labels", labels), ("ids", ids)):
+        if t.dtype != torch.int64 or t.shape != (n,):
+            raise ValueError(f"{name} must be int64 [{n}], got {t.dtype} {list(t.shape)}")
+
+
+def as_index(index: int | slice | torch.Tensor | list[int]) -> slice | torch.Tensor:
+    """A sample index as a slice or a 1-D tensor (int64 positions or a bool mask), so an
+    int selects a one-sample set rather than dropping the sample dimension."""
+    return index if isinstance(index, slice) else torch.as_tensor(index).reshape(-1)
+
+
 @dataclass(frozen=True)
 class Split:
     """One split of a dataset.
@@ -62,10 +75,7 @@ class Split:
             raise ValueError(
                 f"images must be float32 [n, C, H, W], got {self.images.dtype} {list(self.images.shape)}"
             )
-        for field in ("labels", "ids"):
-            t = getattr(self, field)
-            if t.dtype != torch.int64 or t.shape != (n,):
-                raise ValueError(f"{field} must be int64 [{n}], got {t.dtype} {list(t.shape)}")
+        check_labels_and_ids(n, self.labels, self.ids)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -73,8 +83,7 @@ class Split:
     def __getitem__(self, index: int | slice | torch.Tensor | list[int]) -> Split:
         """The samples at ``index`` (a slice, int64 indices or a bool mask; an int gives a
         one-sample split), ids kept."""
-        if not isinstance(index, slice):
-            index = torch.as_tensor(index).reshape(-1)
+        index = as_index(index)
         return Split(self.images[index], self.labels[index], self.ids[index], self.name)
 
 

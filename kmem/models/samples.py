@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import Split
+from ..data import Split, as_index, check_labels_and_ids
 from ..features import encode
 
 INPUTS = ("features", "images")
@@ -33,10 +33,7 @@ class Samples:
             raise ValueError(
                 f"inputs must be float32 [n, ...], got {self.inputs.dtype} {list(self.inputs.shape)}"
             )
-        for field in ("labels", "ids"):
-            t = getattr(self, field)
-            if t.dtype != torch.int64 or t.shape != (n,):
-                raise ValueError(f"{field} must be int64 [{n}], got {t.dtype} {list(t.shape)}")
+        check_labels_and_ids(n, self.labels, self.ids)
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -44,8 +41,7 @@ class Samples:
     def __getitem__(self, index: int | slice | torch.Tensor | list[int]) -> Samples:
         """The samples at ``index`` (slice, int64 indices or bool mask; an int gives one
         sample), ids kept."""
-        if not isinstance(index, slice):
-            index = torch.as_tensor(index).reshape(-1)
+        index = as_index(index)
         return Samples(self.inputs[index], self.labels[index], self.ids[index])
 
     def without(self, ids: torch.Tensor | list[int]) -> Samples:
