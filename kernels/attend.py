@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kmem.ops.inputs import AttendInputs
+from kmem.ops.inputs import AttendGrads, AttendInputs, Grads
 
 from ._common import launch, pow2, tl_dtype
 
@@ -305,22 +305,16 @@ def _dvalues_kernel(
         tl.atomic_add(dv_ptr + slot[:, None] * V + vc[None, :], w[:, None] * g[None, :], mask=mask)
 
 
-def attend_backward(
-    a: AttendInputs,
-    slots: torch.Tensor,
-    weights: torch.Tensor,
-    grad_out: torch.Tensor,
-    needs_keys: bool = True,
-    needs_values: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def attend_backward(grads: AttendGrads) -> Grads:
     """``(dq [B, d], dkeys [N, d], dvalues [N, V])`` as :func:`kmem.ops.composite.attend_backward`:
     only retrieved rows receive gradient; a gradient not needed, and dvalues of labels, are None."""
+    a, needs_keys, needs_values = grads.inputs, grads.needs_keys, grads.needs_values
     dtype, scale, metric, num_classes = a.working_dtype, a.scale, a.metric, a.num_classes
     dt = tl_dtype(dtype)
     q = a.queries.to(dtype).contiguous()
-    g = grad_out.to(dtype).contiguous()
-    w = weights.to(dtype).contiguous()
-    keys, values, slots = a.keys.contiguous(), a.values.contiguous(), slots.contiguous()
+    g = grads.grad_out.to(dtype).contiguous()
+    w = grads.weights.to(dtype).contiguous()
+    keys, values, slots = a.keys.contiguous(), a.values.contiguous(), grads.slots.contiguous()
     batch, k = slots.shape
     d = q.shape[1]
     width = g.shape[1]

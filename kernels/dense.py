@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kmem.ops.inputs import DenseInputs
+from kmem.ops.inputs import DenseGrads, DenseInputs, Grads
 
 from ._common import MIN_DOT, launch, live_mask, pow2, tl_dtype
 
@@ -259,22 +259,15 @@ def dense_forward(d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return out, lse
 
 
-def dense_backward(
-    d: DenseInputs,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    grad_out: torch.Tensor,
-    grad_lse: torch.Tensor,
-    needs_keys: bool = True,
-    needs_values: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def dense_backward(grads: DenseGrads) -> Grads:
     """``(dq [B, d], dkeys [N, d], dvalues [N, V])`` of :func:`dense_forward` from the
     gradients reaching ``out`` and ``lse``; a gradient not needed, and dvalues of labels, are None."""
+    d, needs_keys, needs_values = grads.inputs, grads.needs_keys, grads.needs_values
     (q, k, v, ids, ex, batch, n, dim, width, e), meta = _setup(d)
-    g = grad_out.to(q.dtype).contiguous()
-    lse = lse.to(q.dtype).contiguous()
+    g = grads.grad_out.to(q.dtype).contiguous()
+    lse = grads.lse.to(q.dtype).contiguous()
     # g . out per query, less what reaches lse (d lse / d z_j = p_j): [B], shared by every tile.
-    delta = (g * out.to(q.dtype)).sum(1) - grad_lse.to(q.dtype)
+    delta = (g * grads.out.to(q.dtype)).sum(1) - grads.grad_lse.to(q.dtype)
     dq = torch.zeros_like(q)
     dkeys = torch.zeros(d.keys.shape, dtype=q.dtype, device=q.device) if needs_keys else None
     dvalues = None

@@ -8,6 +8,8 @@ Without a GPU the kernels run on CPU tensors through Triton's interpreter (conft
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 import triton  # a dev dependency: without it this module must fail, not skip
@@ -19,7 +21,7 @@ from kmem.kernels import attend as triton_attend
 from kmem.kernels import search as triton_search
 from kmem.kernels._common import LAUNCHES
 from kmem.ops import composite, reference
-from kmem.ops.inputs import AttendInputs, SearchInputs
+from kmem.ops.inputs import AttendGrads, AttendInputs, SearchInputs
 
 
 @pytest.fixture(params=["cuda" if torch.cuda.is_available() else "cpu"])
@@ -57,13 +59,12 @@ def test_attend_kernels_match_composite(device):
     got, want = triton_attend.attend_forward(a, slots), composite.attend_forward(a, slots)
     for x, y in zip(got, want, strict=True):
         _close(x, y)
-    g = torch.randn(4, 2, device=device)
-    back = (a, slots, want[1], g)
-    for x, y in zip(triton_attend.attend_backward(*back), composite.attend_backward(*back), strict=True):
+    back = AttendGrads(a, slots, want[1], torch.randn(4, 2, device=device))
+    for x, y in zip(triton_attend.attend_backward(back), composite.attend_backward(back), strict=True):
         _close(x, y)
-    dq, dk, dv = triton_attend.attend_backward(*back, needs_keys=False, needs_values=False)
+    dq, dk, dv = triton_attend.attend_backward(replace(back, needs_keys=False, needs_values=False))
     assert dk is None and dv is None
-    _close(dq, composite.attend_backward(*back)[0])
+    _close(dq, composite.attend_backward(back)[0])
 
 
 def test_triton_kernels_ran(device, monkeypatch):

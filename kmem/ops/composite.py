@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .inputs import AttendInputs
+from .inputs import AttendGrads, AttendInputs, Grads
 from .reference import gather_scores, masked_softmax, take_rows
 
 
@@ -32,14 +32,7 @@ def attend_forward(a: AttendInputs, slots: torch.Tensor) -> tuple[torch.Tensor, 
     return out, weights
 
 
-def attend_backward(
-    a: AttendInputs,
-    slots: torch.Tensor,
-    weights: torch.Tensor,
-    grad_out: torch.Tensor,
-    needs_keys: bool = True,
-    needs_values: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+def attend_backward(g: AttendGrads) -> Grads:
     """Gradients ``(d queries [B, d], d keys [N, d], d values [N, V])``; a gradient that is
     not needed, and d values of a label memory, are None.
 
@@ -49,17 +42,18 @@ def attend_backward(
     ``dq = -2 scale * sum_j dz_j (q - k_j)`` and ``dk_j += 2 scale * dz_j (q - k_j)``;
     ``dv_j += w_j g``. Only retrieved rows receive gradient.
     """
+    a, slots, weights = g.inputs, g.slots, g.weights
     keys, values, scale, num_classes = a.keys, a.values, a.scale, a.num_classes
     dtype = a.working_dtype
-    g = grad_out.to(dtype)
+    grad = g.grad_out.to(dtype)
     q = a.queries.to(dtype)
     valid = slots >= 0
     rows = take_rows(keys, slots).to(dtype)  # [B, k, d]
     if num_classes == 0:
         vals = take_rows(values, slots).to(dtype)  # [B, k, V]
-        dw = torch.einsum("bv,bkv->bk", g, vals)
+        dw = torch.einsum("bv,bkv->bk", grad, vals)
     else:
-        dw = torch.gather(g, 1, take_rows(values, slots))
+        dw = torch.gather(grad, 1, take_rows(values, slots))
     dz = weights * (dw - (weights * dw).sum(1, keepdim=True)) * valid
     ds = scale * dz
     flat = slots.clamp(min=0).reshape(-1)
@@ -71,11 +65,11 @@ def attend_backward(
         dq = -2 * torch.einsum("bk,bkd->bd", ds, diff)
         row_grads = 2 * ds[..., None] * diff
     dkeys = dvalues = None
-    if needs_keys:
+    if g.needs_keys:
         dkeys = torch.zeros(keys.shape, dtype=dtype, device=keys.device)
         dkeys.index_add_(0, flat, (row_grads * valid[..., None]).reshape(-1, keys.shape[1]))
-    if needs_values and num_classes == 0:
+    if g.needs_values and num_classes == 0:
         dvalues = torch.zeros(values.shape, dtype=dtype, device=values.device)
-        contrib = (weights * valid)[..., None] * g[:, None, :]
+        contrib = (weights * valid)[..., None] * grad[:, None, :]
         dvalues.index_add_(0, flat, contrib.reshape(-1, values.shape[1]))
     return dq, dkeys, dvalues

@@ -13,12 +13,12 @@ float32 or float64):
 * ``search(s: SearchInputs) -> slots [B, k]`` int64, best first by (float32 score desc,
   slot asc), ``-1`` past the qualifying rows.
 * ``attend_forward(a: AttendInputs, slots) -> (out [B, W], weights [B, k])`` and
-  ``attend_backward(a, slots, weights, grad_out, needs_keys, needs_values) -> (dq,
-  dkeys [N, d] | None, dvalues [N, V] | None)``; only the retrieved rows get gradient.
+  ``attend_backward(g: AttendGrads) -> (dq, dkeys [N, d] | None, dvalues [N, V] | None)``;
+  only the retrieved rows get gradient.
 * ``dense_forward(d: DenseInputs) -> (out, lse [B])`` (``lse``: the log-sum-exp of
   ``scale * score`` over the attended rows, ``-inf`` when none) and
-  ``dense_backward(d, out, lse, grad_out, grad_lse, needs_keys, needs_values) -> (dq,
-  dkeys, dvalues)``, ``grad_lse [B]`` being the gradient reaching ``lse``.
+  ``dense_backward(g: DenseGrads) -> (dq, dkeys, dvalues)``, ``g.grad_lse [B]`` being the
+  gradient reaching ``lse``.
 
 A gradient not needed may come back as None; the schema carries it as an empty tensor,
 and this module turns it back into None for autograd -- the one place that happens.
@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .inputs import AttendInputs, DenseInputs, SearchInputs
+from .inputs import AttendGrads, AttendInputs, DenseGrads, DenseInputs, SearchInputs
 from .registry import REGISTRY, record_kernel
 
 _SCHEMA_TYPES = {
@@ -120,11 +120,14 @@ def _fake_dense(d: DenseInputs):
 
 
 # -------------------------------------------------------------- backwards
-def _backward_runner(kernel: str) -> Callable:
+def _backward_runner(kernel: str, record: type) -> Callable:
+    """Run backward ``kernel`` on its record (``AttendGrads`` / ``DenseGrads``) built from
+    the op's arguments: the forward's record, what it saved, the gradients, the flags."""
+
     def run(kernels, backend, rec, *args):
-        *saved, needs_keys, needs_values = args
-        grads = _kernel(kernels, backend, kernel)(rec, *saved, needs_keys, needs_values)
-        return _as_schema(rec, grads, needs_keys, needs_values)
+        g = record(rec, *args)
+        grads = _kernel(kernels, backend, kernel)(g)
+        return _as_schema(rec, grads, g.needs_keys, g.needs_values)
 
     return run
 
@@ -162,12 +165,12 @@ SPECS = {
         _Spec("search", SearchInputs, 1, _run_search, lambda s: s.queries.new_empty((s.queries.shape[0], s.k), dtype=torch.int64)),
         _Spec("topk_attention", AttendInputs, 3, _run_topk, _fake_topk),
         _Spec(
-            "topk_attention_backward", AttendInputs, 3, _backward_runner("attend_backward"), _fake_grads,
+            "topk_attention_backward", AttendInputs, 3, _backward_runner("attend_backward", AttendGrads), _fake_grads,
             tensors=("slots", "weights", *_GRADS), flags=_NEEDS,
         ),
         _Spec("dense_attention", DenseInputs, 2, _run_dense, _fake_dense),
         _Spec(
-            "dense_attention_backward", DenseInputs, 3, _backward_runner("dense_backward"), _fake_grads,
+            "dense_attention_backward", DenseInputs, 3, _backward_runner("dense_backward", DenseGrads), _fake_grads,
             tensors=("out", "lse", *_GRADS, "grad_lse"), flags=_NEEDS,
         ),
     )

@@ -136,6 +136,40 @@ class DenseInputs(_RowsInputs):
     op: ClassVar[str] = "dense_attention"
 
 
+Grads = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # (dq, dkeys, dvalues)
+
+
+@dataclass(frozen=True)
+class AttendGrads:
+    """What top-k attention's backward reads (the ``AttendBackwardArgs`` of the CUDA
+    kernels): the forward's record, its chosen ``slots [B, k]`` and softmax ``weights
+    [B, k]``, the gradient reaching its output ``grad_out [B, W]``, and which row
+    gradients are needed. ``attend_backward(g) ->`` :data:`Grads`; only the retrieved
+    rows get gradient, and a gradient not needed (or dvalues of labels) is None."""
+
+    inputs: AttendInputs
+    slots: torch.Tensor
+    weights: torch.Tensor
+    grad_out: torch.Tensor
+    needs_keys: bool = True
+    needs_values: bool = True
+
+
+@dataclass(frozen=True)
+class DenseGrads:
+    """What dense attention's backward reads: the forward's record, its ``out [B, W]``
+    and ``lse [B]``, the gradients reaching them (``grad_out``, ``grad_lse``), and which
+    row gradients are needed. ``dense_backward(g) ->`` :data:`Grads`."""
+
+    inputs: DenseInputs
+    out: torch.Tensor
+    lse: torch.Tensor
+    grad_out: torch.Tensor
+    grad_lse: torch.Tensor
+    needs_keys: bool = True
+    needs_values: bool = True
+
+
 def attention_inputs(
     queries,
     keys,

@@ -12,7 +12,16 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
-from ..inputs import AttendInputs, CompactInputs, DenseInputs, ScrubInputs, SearchInputs
+from ..inputs import (
+    AttendGrads,
+    AttendInputs,
+    CompactInputs,
+    DenseGrads,
+    DenseInputs,
+    Grads,
+    ScrubInputs,
+    SearchInputs,
+)
 
 
 class Extension:
@@ -33,12 +42,11 @@ class Extension:
             a.queries.detach(), a.keys.detach(), a.values.detach(), slots, a.scale, a.l2, a.num_classes
         )
 
-    def attend_backward(
-        self, a: AttendInputs, slots, weights, grad_out, needs_keys: bool, needs_values: bool
-    ):
+    def attend_backward(self, g: AttendGrads) -> Grads:
+        a = g.inputs
         return self._fn("attend_backward")(
-            grad_out.detach(), a.queries.detach(), a.keys.detach(), a.values.detach(), slots, weights.detach(),
-            a.scale, a.l2, a.num_classes, needs_keys, needs_values,
+            g.grad_out.detach(), a.queries.detach(), a.keys.detach(), a.values.detach(), g.slots, g.weights.detach(),
+            a.scale, a.l2, a.num_classes, g.needs_keys, g.needs_values,
         )  # fmt: skip
 
     def dense_forward(self, d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,12 +55,12 @@ class Extension:
             d.scale, d.l2, d.num_classes,
         )  # fmt: skip
 
-    def dense_backward(
-        self, d: DenseInputs, out, lse, grad_out, grad_lse, needs_keys: bool, needs_values: bool
-    ):
+    def dense_backward(self, g: DenseGrads) -> Grads:
+        d = g.inputs
         return self._fn("dense_backward")(
-            grad_out.detach(), d.queries.detach(), d.keys.detach(), d.values.detach(), d.slot_ids, d.exclude_ids,
-            out.detach(), lse.detach(), grad_lse.detach(), d.scale, d.l2, d.num_classes, needs_keys, needs_values,
+            g.grad_out.detach(), d.queries.detach(), d.keys.detach(), d.values.detach(), d.slot_ids, d.exclude_ids,
+            g.out.detach(), g.lse.detach(), g.grad_lse.detach(), d.scale, d.l2, d.num_classes,
+            g.needs_keys, g.needs_values,
         )  # fmt: skip
 
     def compact_rows(self, c: CompactInputs) -> int:
