@@ -109,13 +109,18 @@ def _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _query_columns(V, BLOCK_V: tl.constexpr):
+    """``(query b, value columns [BLOCK_V], in range)`` of a (query, column block) program."""
+    vc = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    return tl.program_id(0).to(tl.int64), vc, vc < V
+
+
+@triton.jit
 def _weighted_values_kernel(
     v_ptr, slots_ptr, w_ptr, out_ptr, K, V, DT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr
 ):
     """``out [B, V] = sum_j w_j values[slot_j]``; program (query, column block)."""
-    b = tl.program_id(0).to(tl.int64)
-    vc = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_ok = vc < V
+    b, vc, v_ok = _query_columns(V, BLOCK_V)
     acc = tl.zeros([BLOCK_V], DT)
     for k0 in range(0, K, BLOCK_K):
         slot, w, valid = _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K)
@@ -295,9 +300,7 @@ def _dvalues_kernel(
     g_ptr, slots_ptr, w_ptr, dv_ptr, K, V, DT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr
 ):
     """``dvalues[slot_j] += w_j g`` with atomic adds; program (query, column block)."""
-    b = tl.program_id(0).to(tl.int64)
-    vc = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    v_ok = vc < V
+    b, vc, v_ok = _query_columns(V, BLOCK_V)
     g = tl.load(g_ptr + b * V + vc, mask=v_ok, other=0.0)
     for k0 in range(0, K, BLOCK_K):
         slot, w, valid = _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K)
