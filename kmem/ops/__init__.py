@@ -16,14 +16,25 @@ import torch
 
 from . import backends as _backends  # noqa: F401  (registers every backend)
 from . import reference
-from .inputs import AttendInputs, CompactInputs, DenseInputs, ScrubInputs, SearchInputs, attention_inputs
+from .inputs import (
+    AttendGrads,
+    AttendInputs,
+    CompactInputs,
+    DenseGrads,
+    DenseInputs,
+    ScrubInputs,
+    SearchInputs,
+    attention_inputs,
+)
 from .registry import REGISTRY, BackendUnavailable, Plan, trace
 
 __all__ = [
     "REGISTRY",
+    "AttendGrads",
     "AttendInputs",
     "BackendUnavailable",
     "CompactInputs",
+    "DenseGrads",
     "DenseInputs",
     "Plan",
     "ScrubInputs",
