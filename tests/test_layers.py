@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from conftest import filled_memory
+from conftest import brute_attention, filled_memory
 
 import kmem
+from kmem import ops
 
 
-def _manual(layer, x, exclude_ids=None):
-    """The layer's computation spelled out with the memory's own attend."""
+def _independent(layer, x, exclude_ids=None):
+    """What the layer must compute, from its weights and the memory's live rows alone:
+    per position and head ``h``, the query ``x W_h^T + b_h`` attends (float64 brute
+    force over every score) with scale 1/sqrt(key_dim); the heads' results, head by
+    head, go through the output projection."""
     mem, heads = layer.memory, layer.num_heads
-    q = layer.q_proj(x).reshape(-1, mem.key_dim)
-    if exclude_ids is not None:
-        exclude_ids = exclude_ids.reshape(-1, exclude_ids.shape[-1]).repeat_interleave(heads, 0)
-    out = mem.attend(q, k=layer.k, exclude_ids=exclude_ids)
-    return layer.out_proj(out.reshape(*x.shape[:-1], heads * mem.out_dim))
+    ids, keys, values = mem.state()
+    w, b = layer.q_proj.weight.double(), layer.q_proj.bias.double()
+    flat = x.reshape(-1, x.shape[-1]).double()
+    ex = None if exclude_ids is None else exclude_ids.reshape(flat.shape[0], -1)
+    per_head = []
+    for h in range(heads):
+        rows = slice(h * mem.key_dim, (h + 1) * mem.key_dim)
+        q = flat @ w[rows].T + b[rows]
+        per_head.append(
+            brute_attention(
+                q, keys, values, ids, layer.k, 1 / math.sqrt(mem.key_dim), mem.metric, ex, mem.num_classes
+            )
+        )
+    out = torch.cat(per_head, dim=1) @ layer.out_proj.weight.double().T + layer.out_proj.bias.double()
+    return out.reshape(*x.shape[:-1], -1).float()
 
 
 @pytest.mark.parametrize("heads", [1, 3])
@@ -28,7 +44,7 @@ def test_shapes_and_math(heads, num_classes, lead):
     x = torch.randn(*lead, 16)
     out = layer(x)
     assert out.shape == x.shape
-    torch.testing.assert_close(out, _manual(layer, x))
+    torch.testing.assert_close(out, _independent(layer, x), rtol=1e-4, atol=1e-5)
 
 
 def test_exclude_ids_per_position():
@@ -36,7 +52,7 @@ def test_exclude_ids_per_position():
     layer = kmem.KeyMemoryAttention(16, mem, num_heads=2, k=3)
     x = torch.randn(2, 3, 16)
     ex = torch.randint(0, 40, (2, 3, 5))
-    torch.testing.assert_close(layer(x, exclude_ids=ex), _manual(layer, x, ex))
+    torch.testing.assert_close(layer(x, exclude_ids=ex), _independent(layer, x, ex), rtol=1e-4, atol=1e-5)
     assert not torch.allclose(layer(x, exclude_ids=ex), layer(x))
     with pytest.raises(ValueError, match="exclude_ids"):
         layer(x, exclude_ids=torch.zeros(3, 5, dtype=torch.long))
@@ -57,13 +73,19 @@ def test_forget_changes_output_exactly_as_never_added():
     assert not torch.allclose(layer(x), before)
 
 
-def test_gradients_reach_projections_and_input():
+@pytest.mark.parametrize("k", [4, None])
+def test_gradients_reach_projections_and_input_through_the_compiled_kernels(k):
     mem, *_ = filled_memory(30)
-    layer = kmem.KeyMemoryAttention(16, mem, num_heads=2, k=4)
+    layer = kmem.KeyMemoryAttention(16, mem, num_heads=2, k=k)
     x = torch.randn(3, 16, requires_grad=True)
-    layer(x).sum().backward()
+    with ops.trace() as ran:
+        layer(x).sum().backward()
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in layer.parameters())
     assert bool(x.grad.abs().sum() > 0)
+    # Forward and backward ran the C++ kernels, not the reference twin.
+    kernels = ["search", "attend_forward", "attend_backward"] if k else ["dense_forward", "dense_backward"]
+    assert [e for e in ran if "." in e] == [f"cpp.{name}" for name in kernels]
+    assert not any(e.endswith(":reference") for e in ran)
 
 
 def test_state_dict_holds_projections_and_memory():
