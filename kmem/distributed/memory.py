@@ -601,16 +601,10 @@ class ShardedKeyMemory:
         in ``q``, ``-inf`` past the end), ``ints [Q, k, 2 or 3]`` (id, insertion number,
         label) and vector values ``[Q, k, V]`` (else None)."""
         keys, values, slot_ids = self.shard.buffers()
-        scores, slots = ops.search(
-            q.detach(),
-            keys,
-            slot_ids,
-            k,
-            metric=self.metric,
-            exclude_ids=exclude,
-            backend=backend or self.backend,
-        )
-        if q.requires_grad:  # the same scores again, now differentiable in q
+        # The queries were checked by _exchange_queries: the record is built unchecked.
+        search = ops.SearchInputs(q.detach(), keys, slot_ids, exclude, k, self.metric)
+        slots = ops.run(search, backend or self.backend)
+        with torch.set_grad_enabled(q.requires_grad):  # scores differentiable in q when it needs grad
             scores = reference.gather_scores(q, keys, slots, self.metric)
         missing = slots < 0
         ids = reference.take_rows(slot_ids, slots).masked_fill(missing, -1)
