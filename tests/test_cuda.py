@@ -140,3 +140,24 @@ def test_key_memory_on_the_gpu_matches_the_cpu():
     q = torch.randn(5, 16)
     cpu_out, gpu_out = (m.attend(q.to(m.device), k=8).cpu() for m in memories)
     torch.testing.assert_close(gpu_out, cpu_out, rtol=1e-4, atol=1e-5)
+
+
+@needs_gpu
+@pytest.mark.parametrize("k", [8, None])
+def test_reads_never_synchronise_the_host(k):
+    """The call path from KeyMemory down to the CUDA kernels never waits for the GPU:
+    torch raises on any synchronising call under sync debug mode "error" (issue 16)."""
+    memory = kmem.KeyMemory(16, 4, device=DEVICE)
+    rows = torch.randn(300, 16, device=DEVICE), torch.randn(300, 4, device=DEVICE)
+    memory.add(torch.arange(300), *rows)  # an add may synchronise: it is not a read
+    q = torch.randn(5, 16, device=DEVICE, requires_grad=True)
+    exclude = torch.randint(0, 300, (5, 3), device=DEVICE)
+    memory.search(q.detach(), 8)  # warm: dispatch caches its choice, kernels load
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        memory.search(q.detach(), 8, exclude_ids=exclude)
+        memory.attend(q, k=k, exclude_ids=exclude).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert q.grad is not None
