@@ -13,9 +13,9 @@ Public API:
   of a ``torch.distributed`` process group, with exact global top-k.
 * :mod:`kmem.ops` -- the functional ops and their backends.
 * :func:`load_dataset` -- offline image datasets (a :class:`Dataset` of :class:`Split` objects
-  with stable int64 sample ids).
-* :class:`KeyEncoder`, :func:`encode` -- the frozen EfficientNet-Lite0 key encoder and
-  its features of a split (cached on disk) or of images.
+  with stable int64 sample ids); :class:`KeyEncoder`, :func:`encode` -- the frozen
+  EfficientNet-Lite0 key encoder and its features of a split (cached on disk) or of
+  images: :mod:`kmem.datasets`.
 * :mod:`kmem.models` -- MUNKEY-style and SPM-style classifiers and a parametric
   baseline: training, predictions, checkpoints, ``forget(ids)``.
 * :mod:`kmem.unlearn` -- evidence of forgetting: forget requests, metrics against a
@@ -29,13 +29,13 @@ import importlib
 # Public name -> the module that defines it. Imported on first use (PEP 562), so that
 # ``import kmem`` -- and so every ``kmem`` command, ``--help`` included -- does not pay
 # for torch before it needs it.
-_SUBMODULES = ("models", "ops", "unlearn")
+_SUBMODULES = ("datasets", "models", "ops", "unlearn")
 _HOMES = {
     "DATASETS": "choices",
     "BackendUnavailable": "ops",
-    "Dataset": "data",
-    "DatasetNotInstalled": "data",
-    "KeyEncoder": "encoder",
+    "Dataset": "datasets.splits",
+    "DatasetNotInstalled": "datasets.splits",
+    "KeyEncoder": "datasets.encoder",
     "KeyMemory": "memory",
     "KeyMemoryAttention": "layers",
     "MemoryEditedError": "memory",
@@ -43,10 +43,10 @@ _HOMES = {
     "Ledger": "ledger",
     "Receipt": "ledger",
     "ShardedKeyMemory": "distributed",
-    "Split": "data",
-    "cache_path": "features",
-    "encode": "features",
-    "load_dataset": "data",
+    "Split": "datasets.splits",
+    "cache_path": "datasets.features",
+    "encode": "datasets.features",
+    "load_dataset": "datasets.splits",
 }
 
 __all__ = [*_HOMES, *_SUBMODULES]

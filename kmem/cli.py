@@ -15,7 +15,7 @@ from .choices import DATASETS, METHODS, MODELS
 
 
 def _evaluate(args: argparse.Namespace, families: list[str]) -> int:
-    from . import demo
+    from .unlearn import demo
 
     seeds = args.seeds if args.seeds is not None else 1 if args.quick or args.command == "demo" else 3
     try:
@@ -43,7 +43,7 @@ def _evaluate(args: argparse.Namespace, families: list[str]) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import FAMILIES
+    from .unlearn.demo import FAMILIES
 
     return _evaluate(args, list(FAMILIES))
 
@@ -53,9 +53,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _features(args: argparse.Namespace) -> int:
-    from .data import load_dataset
-    from .encoder import NAME
-    from .features import cache_path, encode
+    from .datasets.encoder import NAME
+    from .datasets.features import cache_path, encode
+    from .datasets.splits import load_dataset
 
     data = load_dataset(args.dataset, root=args.data_dir)
     for split in (data.train, data.test):
@@ -80,7 +80,7 @@ def _setting(text: str) -> tuple[str, object]:
 
 
 def _test_samples(model, name: str, data_dir: str | None, resolution: int):
-    from .data import load_dataset
+    from .datasets.splits import load_dataset
     from .models import samples
 
     inputs = "images" if model.config.get("encoder") == "cnn" else "features"
@@ -102,7 +102,7 @@ FEW_STEPS = 100  # fewer optimiser steps than this earn a hint to train longer
 def _dataset_settings(data: str, model: str, given: dict) -> dict:
     """What ``kmem demo`` trains family ``model`` with on ``data``, less the ``given``
     settings: the same defaults for the same data (digits needs more epochs)."""
-    from .demo import DATASET_CONFIGS
+    from .unlearn.demo import DATASET_CONFIGS
 
     return {k: v for k, v in DATASET_CONFIGS.get(data, {}).get(model, {}).items() if k not in given}
 
@@ -130,7 +130,7 @@ def _train_notes(args: argparse.Namespace, chosen: dict, report) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .data import load_dataset
+    from .datasets.splits import load_dataset
     from .models import accuracy, choose_core, samples, save_checkpoint, train
 
     config = dict(args.set)
@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except FileNotFoundError as err:
-        from .data import DatasetNotInstalled  # here, not at the top: kmem.data loads torch
+        from .datasets.splits import DatasetNotInstalled  # here, not at the top: it loads torch
 
         if not isinstance(err, DatasetNotInstalled):
             raise

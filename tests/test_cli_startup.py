@@ -56,7 +56,7 @@ def test_import_kmem_is_lazy_and_complete():
 
 
 def test_choices_name_what_the_modules_implement():
-    from kmem import data
+    from kmem.datasets import splits as data
     from kmem.models import registry
     from kmem.unlearn import posthoc
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import kmem
-from kmem import data
 from kmem.cli import main
-from kmem.idx import read_idx
+from kmem.datasets import splits as data
+from kmem.datasets.idx import read_idx
 
 
 def idx_bytes(array: np.ndarray, code: int) -> bytes:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kmem import cli, demo
+from kmem import cli
+from kmem.unlearn import demo
 from kmem.unlearn.results import ORACLE, ORACLE_SEED
 
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import kmem
-from kmem import features
 from kmem.cli import main
+from kmem.datasets import features
 
 RES = 32  # small and fast; the cache and encoder logic do not depend on it
 

@@ -11,8 +11,8 @@ import torch
 from _digits import digits
 from safetensors.torch import load_file
 
-from kmem import demo
 from kmem.models import Samples, choose_core, load_checkpoint, predict_proba, save_checkpoint, train
+from kmem.unlearn import demo
 from kmem.unlearn.results import KMEM
 
 FAMILIES = [

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from kmem.cli import main
-from kmem.demo import DATASET_CONFIGS
 from kmem.ledger import Ledger
 from kmem.models import load_checkpoint, save_checkpoint
+from kmem.unlearn.demo import DATASET_CONFIGS
 
 
 @pytest.fixture(autouse=True, scope="module")

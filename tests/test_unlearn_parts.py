@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from kmem import demo
+from kmem.unlearn import demo
 from kmem.unlearn.parts import Parts, Unit, digest
 
 

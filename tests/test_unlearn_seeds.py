@@ -10,8 +10,8 @@ import pytest
 import torch
 from test_unlearn_report import _result
 
-from kmem import demo
 from kmem.models import samples, train
+from kmem.unlearn import demo
 from kmem.unlearn.aggregate import aggregate
 from kmem.unlearn.evaluate import ORACLE_SEED_OFFSET, Setup
 from kmem.unlearn.report import table, verdicts, write_report

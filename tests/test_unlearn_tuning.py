@@ -9,9 +9,8 @@ import json
 import pytest
 
 import kmem
-from kmem import demo
 from kmem.models import samples
-from kmem.unlearn import posthoc, protocol, tuning
+from kmem.unlearn import demo, posthoc, protocol, tuning
 from kmem.unlearn.evaluate import ORACLE_SEED_OFFSET, Setup
 from kmem.unlearn.tuning import tune
 

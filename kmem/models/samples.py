@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import Split, as_index, check_labels_and_ids
-from ..features import encode
+from ..datasets.features import encode
+from ..datasets.splits import Split, as_index, check_labels_and_ids
 
 INPUTS = ("features", "images")
 

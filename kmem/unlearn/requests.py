@@ -1,6 +1,6 @@
 """Forget requests: which training samples a model is asked to forget, by sample id.
 
-A request is seeded and names its samples by their stable ids (``kmem.data``), so the
+A request is seeded and names its samples by their stable ids (:mod:`kmem.datasets.splits`), so the
 same request can be replayed against the original model, the retrained oracle and every
 post-hoc baseline.
 """

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import snapshot
-from .data import Split
+from .. import snapshot
 from .encoder import DIM, NAME, KeyEncoder
+from .splits import Split
 
 FORMAT = "kmem.features"
 CACHE_ENV = "KMEM_CACHE"
@@ -61,7 +61,7 @@ def encode(
     """Frozen EfficientNet-Lite0 features of a split or of images: float32 ``[n, 1280]``.
 
     Args:
-        data: a :class:`~kmem.data.Split`, or images float ``[n, 1 or 3, H, W]`` in ``[0, 1]``.
+        data: a :class:`~kmem.datasets.splits.Split`, or images float ``[n, 1 or 3, H, W]`` in ``[0, 1]``.
         resolution: side the images are resized to before encoding.
         cache: read and write the on-disk cache (see the module docstring). ``None``
             (default): yes for a split, no for raw images, which have no name or ids to

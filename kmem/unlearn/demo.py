@@ -18,16 +18,16 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .data import load_dataset
-from .models.samples import Samples, samples
-from .unlearn import posthoc, protocol, tuning
-from .unlearn.evaluate import EXACT, MEMORY_FAMILIES, ORACLE_SEED_OFFSET, Setup, evaluate, is_exact
-from .unlearn.parts import Parts, Unit
-from .unlearn.protocol import SELECTION_SEED, Setting, evaluation_seeds
-from .unlearn.report import summary, write_report
-from .unlearn.requests import ForgetRequest, parse_request
-from .unlearn.results import RequestResult
+from .. import __version__
+from ..datasets.splits import load_dataset
+from ..models.samples import Samples, samples
+from . import posthoc, protocol, tuning
+from .evaluate import EXACT, MEMORY_FAMILIES, ORACLE_SEED_OFFSET, Setup, evaluate, is_exact
+from .parts import Parts, Unit
+from .protocol import SELECTION_SEED, Setting, evaluation_seeds
+from .report import summary, write_report
+from .requests import ForgetRequest, parse_request
+from .results import RequestResult
 
 FAMILIES = (*MEMORY_FAMILIES, "baseline")
 # Per dataset, family settings the full mode trains with (``--epochs`` overrides them).

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .choices import DATASETS
+from ..choices import DATASETS
 from .idx import read_idx
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
