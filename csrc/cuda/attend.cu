@@ -1,0 +1,155 @@
+// CUDA attention over the rows a search chose: one block per query, a warp scores a
+// row, the block takes the softmax; the backward scatters into dkeys / dvalues with
+// atomics since queries may share rows.
+#include "kernel_common.cuh"
+
+namespace kmem {
+namespace cuda {
+using namespace detail;
+namespace {
+
+// ---------------------------------------------------- attention over slots
+__device__ __forceinline__ bool valid_slot(int64_t s, int64_t n) { return s >= 0 && s < n; }
+
+template <typename KT, typename VT>
+__global__ void __launch_bounds__(kThreads)
+    attend_forward_kernel(const float* q, const KT* keys, const VT* values, const int64_t* labels,
+                          const int64_t* slots, int64_t B, int64_t N, int64_t d, int64_t k, int64_t W, float scale,
+                          bool l2, float* out, float* w) {
+  __shared__ float red[32];
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    const float* qb = q + b * d;
+    const int64_t* sb = slots + b * k;
+    float* wb = w + b * k;
+    for (int64_t j = warp; j < k; j += kWarps) {
+      const bool ok = valid_slot(sb[j], N);
+      const float z = ok ? scale * warp_row_score(qb, keys + sb[j] * d, d, l2) : kNegInf;
+      if (lane == 0) wb[j] = z;
+    }
+    __syncthreads();
+    float m = kNegInf;
+    for (int64_t j = t; j < k; j += kThreads) m = fmaxf(m, wb[j]);
+    m = block_reduce(m, true, red);
+    if (m == kNegInf) {  // no valid slot: zero weights, zero output (out is pre-zeroed)
+      for (int64_t j = t; j < k; j += kThreads) wb[j] = 0.0f;
+      continue;
+    }
+    float total = 0.0f;
+    for (int64_t j = t; j < k; j += kThreads) {
+      const float e = valid_slot(sb[j], N) ? expf(wb[j] - m) : 0.0f;
+      wb[j] = e;
+      total += e;
+    }
+    const float inv = 1.0f / block_reduce(total, false, red);
+    for (int64_t j = t; j < k; j += kThreads) wb[j] *= inv;
+    __syncthreads();
+    float* ob = out + b * W;
+    if (labels) {
+      for (int64_t j = t; j < k; j += kThreads) {
+        if (!valid_slot(sb[j], N)) continue;
+        const int64_t c = labels[sb[j]];
+        if (c >= 0 && c < W) atomicAdd(ob + c, wb[j]);
+      }
+    } else {
+      for (int64_t c = t; c < W; c += kThreads) {
+        float acc = 0.0f;
+        for (int64_t j = 0; j < k; ++j)
+          if (valid_slot(sb[j], N)) acc += wb[j] * to_float(values[sb[j] * W + c]);
+        ob[c] = acc;
+      }
+    }
+  }
+}
+
+// dz_j = w_j (dw_j - sum_i w_i dw_i), ds_j = scale * dz_j with dw_j = g . v_j (or
+// g[label_j]); dq = sum_j ds_j k_j (ip) or -2 sum_j ds_j (q - k_j) (l2); dk_j += ds_j q
+// (ip) or 2 ds_j (q - k_j) (l2); dv_j += w_j g.
+template <typename KT, typename VT>
+__global__ void __launch_bounds__(kThreads)
+    attend_backward_kernel(const float* g, const float* q, const KT* keys, const VT* values, const int64_t* labels,
+                           const int64_t* slots, const float* w, int64_t B, int64_t N, int64_t d, int64_t k,
+                           int64_t W, float scale, bool l2, float* ds, float* dq, float* dkeys, float* dvalues) {
+  __shared__ float red[32];
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    const float *gb = g + b * W, *qb = q + b * d, *wb = w + b * k;
+    const int64_t* sb = slots + b * k;
+    float* dsb = ds + b * k;
+    for (int64_t j = warp; j < k; j += kWarps) {
+      const int64_t s = sb[j];
+      float dw = 0.0f;
+      if (valid_slot(s, N)) {
+        if (labels) dw = labels[s] >= 0 && labels[s] < W ? gb[labels[s]] : 0.0f;
+        else dw = warp_dot(gb, values + s * W, W);
+      }
+      if (lane == 0) dsb[j] = dw;
+    }
+    __syncthreads();
+    float mean = 0.0f;
+    for (int64_t j = t; j < k; j += kThreads) mean += wb[j] * dsb[j];
+    mean = block_reduce(mean, false, red);
+    float total = 0.0f;
+    for (int64_t j = t; j < k; j += kThreads) {
+      dsb[j] = valid_slot(sb[j], N) ? scale * wb[j] * (dsb[j] - mean) : 0.0f;
+      total += dsb[j];
+    }
+    total = block_reduce(total, false, red);  // its barrier also publishes dsb
+    for (int64_t c = t; c < d; c += kThreads) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < k; ++j)
+        if (dsb[j] != 0.0f) acc += dsb[j] * to_float(keys[sb[j] * d + c]);
+      dq[b * d + c] = l2 ? 2.0f * (acc - total * qb[c]) : acc;
+    }
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t s = sb[j];
+      if (!valid_slot(s, N)) continue;
+      const float dsv = dsb[j], wv = wb[j];
+      if (dkeys && dsv != 0.0f) {
+        for (int64_t c = t; c < d; c += kThreads) {
+          const float grad = l2 ? 2.0f * dsv * (qb[c] - to_float(keys[s * d + c])) : dsv * qb[c];
+          atomicAdd(dkeys + s * d + c, grad);
+        }
+      }
+      if (dvalues && wv != 0.0f) {
+        for (int64_t c = t; c < W; c += kThreads) atomicAdd(dvalues + s * W + c, wv * gb[c]);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t attend_forward(const AttendArgs& a, float* out, float* weights, cudaStream_t stream) {
+  if (a.batch == 0) return cudaSuccess;
+  const Rows& r = a.rows;
+  cudaError_t err = cudaMemsetAsync(out, 0, static_cast<size_t>(a.batch * r.width) * sizeof(float), stream);
+  if (err != cudaSuccess) return err;
+  return with_row_types(r, [&](auto kt, auto vt) {
+    using KT = typename decltype(kt)::type;
+    using VT = typename decltype(vt)::type;
+    return launch(attend_forward_kernel<KT, VT>, dim3(grid_size(a.batch, 65535)), dim3(kThreads), 0, stream,
+                  a.queries, static_cast<const KT*>(r.keys), static_cast<const VT*>(r.values), r.labels, a.slots,
+                  a.batch, r.n, r.d, a.k, r.width, a.scale, a.l2, out, weights);
+  });
+}
+
+cudaError_t attend_backward(const AttendArgs& a, const float* grad_out, const float* weights, float* ds, float* dq,
+                            float* dkeys, float* dvalues, cudaStream_t stream) {
+  const Rows& r = a.rows;
+  cudaError_t err = cudaSuccess;
+  if (dkeys) err = cudaMemsetAsync(dkeys, 0, static_cast<size_t>(r.n * r.d) * sizeof(float), stream);
+  if (err == cudaSuccess && dvalues)
+    err = cudaMemsetAsync(dvalues, 0, static_cast<size_t>(r.n * r.width) * sizeof(float), stream);
+  if (err != cudaSuccess || a.batch == 0) return err;
+  return with_row_types(r, [&](auto kt, auto vt) {
+    using KT = typename decltype(kt)::type;
+    using VT = typename decltype(vt)::type;
+    return launch(attend_backward_kernel<KT, VT>, dim3(grid_size(a.batch, 65535)), dim3(kThreads), 0, stream,
+                  grad_out, a.queries, static_cast<const KT*>(r.keys), static_cast<const VT*>(r.values), r.labels,
+                  a.slots, weights, a.batch, r.n, r.d, a.k, r.width, a.scale, a.l2, ds, dq, dkeys, dvalues);
+  });
+}
+
+}  // namespace cuda
+}  // namespace kmem

@@ -1,0 +1,310 @@
+// CUDA dense attention, flash-decoding: each block runs an online softmax over one split
+// of the rows, a combine kernel merges the splits by their log-sum-exp; the backward
+// recomputes the weights from lse over bounded row chunks.
+#include "kernel_common.cuh"
+
+namespace kmem {
+namespace cuda {
+using namespace detail;
+namespace {
+
+// ------------------------------------------------------ dense attention
+constexpr int64_t kDenseTargetBlocks = 1024;  // splits x queries aimed for in the forward
+constexpr int kRowsPerBlock = 8;              // rows per block of the dkeys / dvalues kernel
+constexpr int kRowThreads = 128;
+constexpr int64_t kDenseChunkBudget = 1 << 22;  // weights kept per backward chunk, all queries
+
+// Logits scale * score of rows [r, r + kThreads) of query b into z (-inf when dead,
+// excluded or past `end`), one warp per row.
+template <typename KT>
+__device__ void tile_logits(const float* qb, const KT* keys, const int64_t* ids, const Exclusions& ex, int64_t b,
+                            int64_t r, int64_t end, int64_t d, float scale, bool l2, float* z) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  for (int i = warp; i < kThreads; i += kWarps) {
+    const int64_t j = r + i;
+    const bool ok = j < end && live(ids, ex, b, j);
+    const float v = ok ? scale * warp_row_score(qb, keys + j * d, d, l2) : kNegInf;
+    if (lane == 0) z[i] = v;
+  }
+  __syncthreads();
+}
+
+// Grid (splits, queries): an online softmax over one split of the rows. Leaves the
+// split's running max m, sum l and unnormalised acc [W] (relative to m).
+template <typename KT, typename VT>
+__global__ void __launch_bounds__(kThreads)
+    dense_split_kernel(const float* q, const KT* keys, const VT* values, const int64_t* labels, const int64_t* ids,
+                       Exclusions ex, int64_t B, int64_t N, int64_t d, int64_t W, float scale, bool l2,
+                       int64_t rows_per_split, float* part_m, float* part_l, float* part_acc) {
+  __shared__ float z[kThreads];
+  __shared__ int64_t lab[kThreads];
+  __shared__ float red[32];
+  const int t = threadIdx.x;
+  const int64_t S = gridDim.x, s = blockIdx.x;
+  const int64_t r0 = s * rows_per_split, r1 = r0 + rows_per_split < N ? r0 + rows_per_split : N;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    float* acc = part_acc + (b * S + s) * W;
+    for (int64_t c = t; c < W; c += kThreads) acc[c] = 0.0f;
+    float m_run = kNegInf, l_run = 0.0f;
+    for (int64_t r = r0; r < r1; r += kThreads) {
+      tile_logits(q + b * d, keys, ids, ex, b, r, r1, d, scale, l2, z);
+      const float m_new = fmaxf(m_run, block_reduce(z[t], true, red));
+      if (m_new == kNegInf) continue;  // nothing live yet
+      const float alpha = expf(m_run - m_new);
+      const float p = expf(z[t] - m_new);  // 0 for -inf
+      l_run = l_run * alpha + block_reduce(p, false, red);
+      m_run = m_new;
+      z[t] = p;
+      if (labels) lab[t] = r + t < r1 ? labels[r + t] : -1;
+      __syncthreads();
+      const int n = r1 - r < kThreads ? static_cast<int>(r1 - r) : kThreads;
+      // Each thread owns columns c, so no atomics: labels scan the tile per column.
+      for (int64_t c = t; c < W; c += kThreads) {
+        float a = acc[c] * alpha;
+        for (int i = 0; i < n; ++i) {
+          if (z[i] == 0.0f) continue;
+          if (labels) a += lab[i] == c ? z[i] : 0.0f;
+          else a += z[i] * to_float(values[(r + i) * W + c]);
+        }
+        acc[c] = a;
+      }
+      __syncthreads();
+    }
+    if (t == 0) {
+      part_m[b * S + s] = m_run;
+      part_l[b * S + s] = l_run;
+    }
+  }
+}
+
+// Merges the S splits of each query by their maxima: out = sum_s e^(m_s - M) acc_s / L,
+// lse = M + log L.
+__global__ void __launch_bounds__(kThreads)
+    dense_combine_kernel(const float* part_m, const float* part_l, const float* part_acc, int64_t B, int64_t S,
+                         int64_t W, float* out, float* lse) {
+  float* factor = dynamic_smem<float>();  // [S]
+  __shared__ float red[32];
+  const int t = threadIdx.x;
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    float m = kNegInf;
+    for (int64_t s = t; s < S; s += kThreads) m = fmaxf(m, part_m[b * S + s]);
+    m = block_reduce(m, true, red);
+    float total = 0.0f;
+    for (int64_t s = t; s < S; s += kThreads) {
+      factor[s] = m == kNegInf ? 0.0f : expf(part_m[b * S + s] - m);
+      total += factor[s] * part_l[b * S + s];
+    }
+    total = block_reduce(total, false, red);  // its barrier also publishes factor
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    for (int64_t c = t; c < W; c += kThreads) {
+      float a = 0.0f;
+      for (int64_t s = 0; s < S; ++s)
+        if (factor[s] != 0.0f) a += factor[s] * part_acc[(b * S + s) * W + c];
+      out[b * W + c] = a * inv;
+    }
+    if (t == 0) lse[b] = total > 0.0f ? m + logf(total) : kNegInf;
+    __syncthreads();  // factor is rewritten for the next query
+  }
+}
+
+// D[b] = grad_out[b] . out[b]: the sum_j p_j dp_j term of the softmax backward.
+__global__ void __launch_bounds__(kThreads)
+    dense_grad_dot_kernel(const float* g, const float* grad_lse, const float* out, int64_t B, int64_t W, float* D) {
+  __shared__ float red[32];
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    float acc = 0.0f;
+    for (int64_t c = threadIdx.x; c < W; c += kThreads) acc += g[b * W + c] * out[b * W + c];
+    acc = block_reduce(acc, false, red);
+    if (threadIdx.x == 0) D[b] = acc - grad_lse[b];  // d lse / d z_j = p_j
+  }
+}
+
+// Grid (row tiles of the chunk, queries): p = exp(z - lse), ds = scale p (dp - D) for
+// the tile's rows into P / DS [B, C] (C = chunk stride), and the tile's share of dq.
+template <typename KT, typename VT>
+__global__ void __launch_bounds__(kThreads)
+    dense_backward_tile_kernel(const float* g, const float* q, const KT* keys, const VT* values,
+                               const int64_t* labels, const int64_t* ids, Exclusions ex, const float* lse,
+                               const float* D, int64_t B, int64_t N, int64_t d, int64_t W, float scale, bool l2,
+                               int64_t chunk0, int64_t chunk_end, int64_t C, float* P, float* DS, float* dq) {
+  __shared__ float z[kThreads];
+  __shared__ float dsv[kThreads];
+  __shared__ float red[32];
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
+  const int64_t r = chunk0 + static_cast<int64_t>(blockIdx.x) * kThreads;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const float *qb = q + b * d, *gb = g + b * W;
+    tile_logits(qb, keys, ids, ex, b, r, chunk_end, d, scale, l2, z);
+    for (int i = warp; i < kThreads; i += kWarps) {  // dp_i = g . v_i into dsv for now
+      const int64_t j = r + i;
+      float dp = 0.0f;
+      if (z[i] != kNegInf) {
+        if (labels) dp = labels[j] >= 0 && labels[j] < W ? gb[labels[j]] : 0.0f;
+        else dp = warp_dot(gb, values + j * W, W);
+      }
+      if (lane == 0) dsv[i] = dp;
+    }
+    __syncthreads();
+    const float p = lse[b] == kNegInf ? 0.0f : expf(z[t] - lse[b]);
+    const float dsi = scale * p * (dsv[t] - D[b]);
+    const int64_t at = b * C + (r - chunk0) + t;
+    P[at] = p;
+    DS[at] = dsi;
+    const float total = block_reduce(dsi, false, red);  // its barriers order dsv reads before the write
+    dsv[t] = dsi;
+    __syncthreads();
+    const int n = chunk_end - r < kThreads ? static_cast<int>(chunk_end - r) : kThreads;
+    for (int64_t c = t; c < d; c += kThreads) {
+      float acc = 0.0f;
+      for (int i = 0; i < n; ++i)
+        if (dsv[i] != 0.0f) acc += dsv[i] * to_float(keys[(r + i) * d + c]);
+      const float grad = l2 ? 2.0f * (acc - total * qb[c]) : acc;
+      if (grad != 0.0f) atomicAdd(dq + b * d + c, grad);
+    }
+    __syncthreads();
+  }
+}
+
+// Blocks of kRowsPerBlock rows of the chunk: dk_j = sum_b ds_bj q_b (ip) or
+// 2 sum_b ds_bj (q_b - k_j) (l2), dv_j = sum_b p_bj g_b; each thread owns columns.
+template <typename KT>
+__global__ void __launch_bounds__(kRowThreads)
+    dense_backward_rows_kernel(const float* g, const float* q, const KT* keys, const float* P, const float* DS,
+                               int64_t B, int64_t d, int64_t W, bool l2, int64_t chunk0, int64_t chunk_end,
+                               int64_t C, float* dkeys, float* dvalues) {
+  const int64_t local0 = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock;
+  const int64_t j0 = chunk0 + local0;
+  const int n = chunk_end - j0 < kRowsPerBlock ? static_cast<int>(chunk_end - j0) : kRowsPerBlock;
+  if (dkeys) {
+    for (int64_t c = threadIdx.x; c < d; c += blockDim.x) {
+      float acc[kRowsPerBlock] = {}, dsum[kRowsPerBlock] = {};
+      for (int64_t b = 0; b < B; ++b) {
+        const float qv = q[b * d + c];
+        const float* ds = DS + b * C + local0;
+        for (int i = 0; i < n; ++i) {
+          acc[i] += ds[i] * qv;
+          dsum[i] += ds[i];
+        }
+      }
+      for (int i = 0; i < n; ++i) {
+        const int64_t j = j0 + i;
+        dkeys[j * d + c] = l2 ? 2.0f * (acc[i] - dsum[i] * to_float(keys[j * d + c])) : acc[i];
+      }
+    }
+  }
+  if (dvalues) {
+    for (int64_t c = threadIdx.x; c < W; c += blockDim.x) {
+      float acc[kRowsPerBlock] = {};
+      for (int64_t b = 0; b < B; ++b) {
+        const float gv = g[b * W + c];
+        const float* p = P + b * C + local0;
+        for (int i = 0; i < n; ++i) acc[i] += p[i] * gv;
+      }
+      for (int i = 0; i < n; ++i) dvalues[(j0 + i) * W + c] = acc[i];
+    }
+  }
+}
+
+struct DensePlan {
+  int64_t rows_per_split, splits;
+};
+
+DensePlan plan_dense(int64_t B, int64_t N) {
+  const int64_t Bq = B > 0 ? B : 1;
+  const int64_t wanted = kDenseTargetBlocks / Bq > 1 ? kDenseTargetBlocks / Bq : 1;
+  int64_t per = div_up(div_up(N, wanted), kThreads) * kThreads;
+  if (per < kThreads) per = kThreads;
+  return {per, div_up(N, per)};
+}
+
+// Rows per backward chunk: a multiple of kThreads with B * C weights within budget.
+int64_t dense_chunk(int64_t B, int64_t N) {
+  const int64_t Bq = B > 0 ? B : 1;
+  int64_t c = kDenseChunkBudget / Bq / kThreads * kThreads;
+  if (c < kThreads) c = kThreads;
+  const int64_t all = div_up(N, kThreads) * kThreads;
+  return c < all ? c : all;
+}
+
+}  // namespace
+
+size_t dense_forward_workspace_bytes(int64_t batch, int64_t n, int64_t width) {
+  const DensePlan p = plan_dense(batch, n);
+  return static_cast<size_t>(batch * p.splits * (width + 2)) * sizeof(float);
+}
+
+cudaError_t dense_forward(const DenseArgs& a, float* out, float* lse, void* workspace, cudaStream_t stream) {
+  if (a.batch == 0) return cudaSuccess;
+  const Rows& r = a.rows;
+  const DensePlan p = plan_dense(a.batch, r.n);
+  auto* part_m = static_cast<float*>(workspace);
+  float* part_l = part_m + a.batch * p.splits;
+  float* part_acc = part_l + a.batch * p.splits;
+  if (p.splits > 0) {
+    const cudaError_t err = with_row_types(r, [&](auto kt, auto vt) {
+      using KT = typename decltype(kt)::type;
+      using VT = typename decltype(vt)::type;
+      return launch(dense_split_kernel<KT, VT>, dim3(static_cast<unsigned>(p.splits), grid_size(a.batch, 65535)),
+                    dim3(kThreads), 0, stream, a.queries, static_cast<const KT*>(r.keys),
+                    static_cast<const VT*>(r.values), r.labels, a.slot_ids, a.exclude, a.batch, r.n, r.d, r.width,
+                    a.scale, a.l2, p.rows_per_split, part_m, part_l, part_acc);
+    });
+    if (err != cudaSuccess) return err;
+  }
+  return launch(dense_combine_kernel, dim3(grid_size(a.batch, 65535)), dim3(kThreads),
+                static_cast<size_t>(p.splits) * sizeof(float), stream, part_m, part_l, part_acc, a.batch, p.splits,
+                r.width, out, lse);
+}
+
+size_t dense_backward_workspace_bytes(int64_t batch, int64_t n) {
+  return static_cast<size_t>(batch * (2 * dense_chunk(batch, n) + 1)) * sizeof(float);
+}
+
+cudaError_t dense_backward(const DenseArgs& a, const float* grad_out, const float* grad_lse, const float* out,
+                           const float* lse, float* dq, float* dkeys, float* dvalues, void* workspace,
+                           cudaStream_t stream) {
+  const Rows& r = a.rows;
+  if (a.batch == 0 || r.n == 0) {  // no weights: every gradient is zero
+    cudaError_t err = cudaMemsetAsync(dq, 0, static_cast<size_t>(a.batch * r.d) * sizeof(float), stream);
+    if (err == cudaSuccess && dkeys)
+      err = cudaMemsetAsync(dkeys, 0, static_cast<size_t>(r.n * r.d) * sizeof(float), stream);
+    if (err == cudaSuccess && dvalues)
+      err = cudaMemsetAsync(dvalues, 0, static_cast<size_t>(r.n * r.width) * sizeof(float), stream);
+    return err;
+  }
+  const int64_t C = dense_chunk(a.batch, r.n);
+  auto* P = static_cast<float*>(workspace);
+  float* DS = P + a.batch * C;
+  float* D = DS + a.batch * C;
+  cudaError_t err = cudaMemsetAsync(dq, 0, static_cast<size_t>(a.batch * r.d) * sizeof(float), stream);
+  if (err != cudaSuccess) return err;
+  const unsigned queries = grid_size(a.batch, 65535);
+  err = launch(dense_grad_dot_kernel, dim3(queries), dim3(kThreads), 0, stream, grad_out, grad_lse, out, a.batch,
+               r.width, D);
+  if (err != cudaSuccess) return err;
+  for (int64_t chunk0 = 0; chunk0 < r.n; chunk0 += C) {
+    const int64_t end = chunk0 + C < r.n ? chunk0 + C : r.n;
+    err = with_row_types(r, [&](auto kt, auto vt) {
+      using KT = typename decltype(kt)::type;
+      using VT = typename decltype(vt)::type;
+      return launch(dense_backward_tile_kernel<KT, VT>,
+                    dim3(static_cast<unsigned>(div_up(end - chunk0, kThreads)), queries), dim3(kThreads), 0, stream,
+                    grad_out, a.queries, static_cast<const KT*>(r.keys), static_cast<const VT*>(r.values), r.labels,
+                    a.slot_ids, a.exclude, lse, D, a.batch, r.n, r.d, r.width, a.scale, a.l2, chunk0, end, C, P, DS,
+                    dq);
+    });
+    if (err != cudaSuccess) return err;
+    if (!dkeys && !dvalues) continue;
+    err = with_type(r.key_dtype, [&](auto kt) {
+      using KT = typename decltype(kt)::type;
+      return launch(dense_backward_rows_kernel<KT>, dim3(static_cast<unsigned>(div_up(end - chunk0, kRowsPerBlock))),
+                    dim3(kRowThreads), 0, stream, grad_out, a.queries, static_cast<const KT*>(r.keys), P, DS, a.batch,
+                    r.d, r.width, a.l2, chunk0, end, C, dkeys, dvalues);
+    });
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace cuda
+}  // namespace kmem

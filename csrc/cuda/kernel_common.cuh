@@ -1,0 +1,152 @@
+// What the CUDA kernels of kmem share (one header, included by search.cu, attend.cu and
+// dense.cu): block sizes, dtype conversion, the packed (score, slot) keys of the top-k,
+// warp and block reductions, row scores, exclusion look-ups, the launch helper and the
+// dispatch over key and value dtypes. Device code only: no torch headers.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "topk_attention.cuh"
+
+namespace kmem {
+namespace cuda {
+namespace detail {
+
+inline constexpr int64_t kNoRow = -9223372036854775807LL - 1;  // INT64_MIN: below every real row
+inline constexpr int kThreads = 256;                            // block size of most kernels
+inline constexpr int kWarps = kThreads / 32;
+inline constexpr unsigned kFullMask = 0xFFFFFFFFu;
+inline constexpr float kNegInf = -INFINITY;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T* dynamic_smem() {
+  extern __shared__ __align__(16) unsigned char smem[];
+  return reinterpret_cast<T*>(smem);
+}
+
+__device__ __forceinline__ int64_t pack(float score, int64_t slot) {
+  if (score == 0.0f) score = 0.0f;  // -0.0 and +0.0 must tie (survives fast-math, unlike + 0.0f)
+  int32_t bits = __float_as_int(score);
+  bits = bits >= 0 ? bits : bits ^ 0x7FFFFFFF;
+  const uint64_t high = static_cast<uint64_t>(static_cast<uint32_t>(bits)) << 32;
+  return static_cast<int64_t>(high | (0xFFFFFFFFull - static_cast<uint64_t>(slot)));
+}
+
+__device__ __forceinline__ int64_t packed_slot(int64_t key) {
+  return key == kNoRow ? -1 : static_cast<int64_t>(0xFFFFFFFFull - (static_cast<uint64_t>(key) & 0xFFFFFFFFull));
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(kFullMask, v, off);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, off));
+  return v;
+}
+
+// Sum (or max) of v over the block, returned to every thread. `red` holds one value per
+// warp; the trailing barrier lets the caller reuse it at once.
+__device__ inline float block_reduce(float v, bool is_max, float* red) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  v = is_max ? warp_max(v) : warp_sum(v);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float r = is_max ? kNegInf : 0.0f;
+  for (int i = 0; i < warps; ++i) r = is_max ? fmaxf(r, red[i]) : r + red[i];
+  __syncthreads();
+  return r;
+}
+
+// Score of one key row against q, by one warp (lanes stride over d): every lane gets it.
+template <typename KT>
+__device__ inline float warp_row_score(const float* q, const KT* row, int64_t d, bool l2) {
+  float acc = 0.0f;
+  for (int64_t c = threadIdx.x % 32; c < d; c += 32) {
+    const float kv = to_float(row[c]);
+    acc += l2 ? (q[c] - kv) * (q[c] - kv) : q[c] * kv;
+  }
+  acc = warp_sum(acc);
+  return l2 ? -acc : acc;
+}
+
+// Dot product of a float row with a row of T, by one warp.
+template <typename T>
+__device__ inline float warp_dot(const float* a, const T* b, int64_t n) {
+  float acc = 0.0f;
+  for (int64_t c = threadIdx.x % 32; c < n; c += 32) acc += a[c] * to_float(b[c]);
+  return warp_sum(acc);
+}
+
+// Whether query b lists `id` among its excluded ids (binary search of its sorted row).
+__device__ inline bool excluded(const Exclusions& ex, int64_t b, int64_t id) {
+  if (ex.width == 0) return false;
+  const int64_t* row = ex.sorted + b * ex.width;
+  int64_t lo = 0, hi = ex.width;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (row[mid] < id) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo < ex.width && row[lo] == id;
+}
+
+__device__ __forceinline__ bool live(const int64_t* ids, const Exclusions& ex, int64_t b, int64_t row) {
+  return ids[row] >= 0 && !excluded(ex, b, ids[row]);
+}
+
+template <typename... Params, typename... Args>
+cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args... args) {
+  if (smem > 48 * 1024) {  // beyond the default limit a kernel must opt in
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<grid, block, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+
+inline unsigned grid_size(int64_t blocks, int64_t cap) { return static_cast<unsigned>(blocks < cap ? blocks : cap); }
+
+constexpr int64_t div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<T>) with T the C++ type of dtype.
+template <typename F>
+cudaError_t with_type(Dtype dtype, F&& f) {
+  switch (dtype) {
+    case Dtype::f16: return f(Tag<__half>{});
+    case Dtype::bf16: return f(Tag<__nv_bfloat16>{});
+    default: return f(Tag<float>{});
+  }
+}
+
+// Calls f(Tag<KT>, Tag<VT>) for the rows' key and value types (VT = float for labels,
+// whose values pointer is unused: no need to instantiate it three times).
+template <typename F>
+cudaError_t with_row_types(const Rows& r, F&& f) {
+  return with_type(r.key_dtype, [&](auto kt) {
+    if (r.labels) return f(kt, Tag<float>{});
+    return with_type(r.value_dtype, [&](auto vt) { return f(kt, vt); });
+  });
+}
+
+}  // namespace detail
+}  // namespace cuda
+}  // namespace kmem

@@ -1,0 +1,312 @@
+// CUDA top-k search: never holds the [B, N] score matrix. A tile kernel scores a block
+// of 8 queries against 512 key rows (each key row is staged once in shared memory for
+// all 8 queries) and keeps each query's best min(k, 512) rows of the tile as packed
+// int64 keys; a merge kernel folds a bounded chunk of tile candidates into each query's
+// running top-k; a final kernel sorts the k survivors. Both selections are one
+// block-wide radix select (8-bit digits over the 64-bit keys) that works the same on
+// shared or global memory, so k has no upper bound and the per-query scratch stays in
+// global memory when k is large. Packed keys order by (score desc, slot asc): the
+// float32 score's bits made order-preserving as a signed int in the high word,
+// 0xFFFFFFFF - slot in the low word; INT64_MIN means "no row". Real keys are unique
+// (one per slot), which makes the selection exact.
+#include "kernel_common.cuh"
+
+namespace kmem {
+namespace cuda {
+using namespace detail;
+namespace {
+
+// ------------------------------------------------------------ radix select
+// Shared state of one block-wide selection.
+struct SelectShared {
+  unsigned hist[256];
+  unsigned long long found;
+  unsigned long long remaining;
+  unsigned digit, count, taken;
+};
+
+// One query's candidate keys: `a` then `b`, in shared or global memory.
+struct KeySpan {
+  const int64_t* a;
+  int64_t na;
+  const int64_t* b;
+  int64_t nb;
+  __device__ int64_t size() const { return na + nb; }
+  __device__ int64_t operator[](int64_t i) const { return i < na ? a[i] : b[i - na]; }
+};
+
+// Packed keys as unsigned integers in the same order (sign bit flipped).
+__device__ __forceinline__ uint64_t radix_key(int64_t key) { return static_cast<uint64_t>(key) ^ (1ull << 63); }
+
+// By warp 0: the bin (from the top) holding the `remaining`-th largest key, the rank
+// left within it and its count. Lane l sums bins 255-8l down to 248-8l.
+__device__ void find_digit(SelectShared& sh, unsigned long long remaining) {
+  const int lane = threadIdx.x;
+  unsigned local = 0;
+  for (int i = 0; i < 8; ++i) local += sh.hist[255 - 8 * lane - i];
+  unsigned incl = local;
+  for (int off = 1; off < 32; off <<= 1) {
+    const unsigned v = __shfl_up_sync(kFullMask, incl, off);
+    if (lane >= off) incl += v;
+  }
+  unsigned long long cum = incl - local;
+  if (cum >= remaining || remaining > incl) return;  // exactly one lane holds the rank
+  for (int i = 0; i < 8; ++i) {
+    const int bin = 255 - 8 * lane - i;
+    const unsigned c = sh.hist[bin];
+    if (cum + c >= remaining) {
+      sh.digit = bin;
+      sh.remaining = remaining - cum;
+      sh.count = c;
+      return;
+    }
+    cum += c;
+  }
+}
+
+// The want-th largest key of `keys` (1 <= want <= keys.size()), by the whole block.
+__device__ int64_t block_kth_largest(const KeySpan& keys, int64_t want, SelectShared& sh) {
+  const int64_t n = keys.size();
+  uint64_t prefix = 0, mask = 0;
+  unsigned long long remaining = static_cast<unsigned long long>(want);
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) sh.hist[i] = 0;
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const uint64_t u = radix_key(keys[i]);
+      if ((u & mask) == prefix) atomicAdd(&sh.hist[(u >> shift) & 0xFF], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) find_digit(sh, remaining);
+    __syncthreads();
+    prefix |= static_cast<uint64_t>(sh.digit) << shift;
+    mask |= 0xFFull << shift;
+    remaining = sh.remaining;
+    if (sh.count == 1 && shift > 0) {  // one key has this prefix: it is the answer
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const uint64_t u = radix_key(keys[i]);
+        if ((u & mask) == prefix) sh.found = u;
+      }
+      __syncthreads();
+      return static_cast<int64_t>(sh.found ^ (1ull << 63));
+    }
+  }
+  return static_cast<int64_t>(prefix ^ (1ull << 63));
+}
+
+// The `want` largest keys of `keys` into out[0, want), unordered, "no row" filling the
+// places past the real keys. `out` must not overlap `keys`.
+__device__ void block_top(const KeySpan& keys, int64_t want, int64_t* out, SelectShared& sh) {
+  const int64_t n = keys.size();
+  if (n <= want) {
+    for (int64_t i = threadIdx.x; i < want; i += blockDim.x) out[i] = i < n ? keys[i] : kNoRow;
+    __syncthreads();
+    return;
+  }
+  const int64_t kth = block_kth_largest(keys, want, sh);
+  if (threadIdx.x == 0) sh.taken = 0;
+  __syncthreads();
+  // Real keys are unique, so exactly want - 1 keys beat a real kth; when kth is "no
+  // row", fewer real keys than `want` exist and the rest is padding.
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const int64_t key = keys[i];
+    if (key > kth) out[atomicAdd(&sh.taken, 1u)] = key;
+  }
+  __syncthreads();
+  for (int64_t i = sh.taken + threadIdx.x; i < want; i += blockDim.x) out[i] = kth;
+  __syncthreads();
+}
+
+// In-place descending bitonic sort of x[0, n), n a power of two, by the whole block.
+__device__ void block_sort_desc(int64_t* x, int64_t n) {
+  for (int64_t size = 2; size <= n; size <<= 1) {
+    for (int64_t stride = size / 2; stride > 0; stride >>= 1) {
+      for (int64_t i = threadIdx.x; i < n / 2; i += blockDim.x) {
+        const int64_t lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
+        const bool desc = (lo & size) == 0;
+        const int64_t a = x[lo], b = x[hi];
+        if (desc ? a < b : a > b) {
+          x[lo] = b;
+          x[hi] = a;
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// ------------------------------------------------------------ search kernels
+constexpr int kQueryBlock = 8;    // queries scored together: each staged key row serves all 8
+constexpr int kTileRows = 512;    // rows per tile; a tile keeps min(k, 512) candidates per query
+constexpr int kDimChunk = 32;     // key columns staged at a time
+constexpr int kMergeThreads = 512;
+constexpr int kSortSmemKeys = 4096;           // final sort in shared memory up to this many keys
+constexpr int64_t kCandidateBudget = 1 << 24;  // candidate keys per chunk, all queries (128 MiB)
+constexpr int64_t kCandidatesPerQuery = 1 << 20;
+
+struct TileSmem {
+  int64_t packed[kQueryBlock][kTileRows];
+  alignas(16) float qstage[kDimChunk][kQueryBlock];
+  float kstage[kThreads][kDimChunk + 1];  // +1: rows land in distinct banks
+  SelectShared select;
+};
+
+// acc[i] += q_(b0+i) . keys[row], norm += |keys[row]|^2 for this thread's row of the
+// sub-tile starting at `first`; all threads stage columns together.
+template <typename KT>
+__device__ void score_subtile(const float* q, const KT* keys, int64_t B, int64_t N, int64_t d, int64_t b0,
+                              int64_t first, TileSmem& sm, float (&acc)[kQueryBlock], float& norm) {
+  const int t = threadIdx.x;
+  for (int64_t c0 = 0; c0 < d; c0 += kDimChunk) {
+    for (int e = t; e < kThreads * kDimChunk; e += kThreads) {
+      const int r = e / kDimChunk, c = e % kDimChunk;
+      const int64_t row = first + r;
+      sm.kstage[r][c] = row < N && c0 + c < d ? to_float(keys[row * d + c0 + c]) : 0.0f;
+    }
+    for (int e = t; e < kQueryBlock * kDimChunk; e += kThreads) {
+      const int qi = e / kDimChunk, c = e % kDimChunk;
+      sm.qstage[c][qi] = b0 + qi < B && c0 + c < d ? q[(b0 + qi) * d + c0 + c] : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int c = 0; c < kDimChunk; ++c) {  // zero padding adds nothing past d
+      const float kv = sm.kstage[t][c];
+      const float4 lo = *reinterpret_cast<const float4*>(&sm.qstage[c][0]);
+      const float4 hi = *reinterpret_cast<const float4*>(&sm.qstage[c][4]);
+      acc[0] += lo.x * kv;
+      acc[1] += lo.y * kv;
+      acc[2] += lo.z * kv;
+      acc[3] += lo.w * kv;
+      acc[4] += hi.x * kv;
+      acc[5] += hi.y * kv;
+      acc[6] += hi.z * kv;
+      acc[7] += hi.w * kv;
+      norm += kv * kv;
+    }
+    __syncthreads();
+  }
+}
+
+// Grid (tiles of this chunk, query blocks): candidates [B, tiles, keep] for tiles
+// first_tile... of the memory.
+template <typename KT>
+__global__ void __launch_bounds__(kThreads)
+    search_tiles_kernel(const float* q, const KT* keys, const int64_t* ids, Exclusions ex, int64_t B, int64_t N,
+                        int64_t d, bool l2, int64_t first_tile, int64_t keep, int64_t* cand) {
+  TileSmem& sm = *dynamic_smem<TileSmem>();
+  const int t = threadIdx.x;
+  const int64_t row0 = (first_tile + blockIdx.x) * kTileRows;
+  const int64_t rows = N - row0 < kTileRows ? N - row0 : kTileRows;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * keep;  // candidates per query in this chunk
+  for (int64_t b0 = static_cast<int64_t>(blockIdx.y) * kQueryBlock; b0 < B;
+       b0 += static_cast<int64_t>(gridDim.y) * kQueryBlock) {
+    for (int sub = 0; sub < kTileRows / kThreads; ++sub) {
+      float acc[kQueryBlock] = {};
+      float norm = 0.0f;
+      const int64_t local = sub * kThreads + t;
+      score_subtile(q, keys, B, N, d, b0, row0 + sub * kThreads, sm, acc, norm);
+      for (int qi = 0; qi < kQueryBlock; ++qi) {
+        const int64_t b = b0 + qi, row = row0 + local;
+        const bool ok = local < rows && b < B && live(ids, ex, b, row);
+        sm.packed[qi][local] = ok ? pack(l2 ? 2.0f * acc[qi] - norm : acc[qi], row) : kNoRow;
+      }
+    }
+    __syncthreads();
+    for (int qi = 0; qi < kQueryBlock && b0 + qi < B; ++qi) {
+      const KeySpan span{sm.packed[qi], rows, nullptr, 0};
+      block_top(span, keep, cand + (b0 + qi) * stride + blockIdx.x * keep, sm.select);
+    }
+  }
+}
+
+// best_out[b] = top-k of best_in[b] (absent when null) and the chunk's candidates.
+__global__ void __launch_bounds__(kMergeThreads)
+    search_merge_kernel(const int64_t* best_in, const int64_t* cand, int64_t per_query, int64_t B, int64_t k,
+                        int64_t* best_out) {
+  __shared__ SelectShared sh;
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    const KeySpan span{best_in ? best_in + b * k : nullptr, best_in ? k : 0, cand + b * per_query, per_query};
+    block_top(span, k, best_out + b * k, sh);
+  }
+}
+
+// slots[b] = the slots of best[b], best first. Sorts in shared memory when the padded
+// size fits (`scratch` null), else in scratch [B, padded].
+__global__ void __launch_bounds__(kMergeThreads)
+    search_sort_kernel(const int64_t* best, int64_t B, int64_t k, int64_t padded, int64_t* scratch,
+                       int64_t* slots) {
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    int64_t* x = scratch ? scratch + b * padded : dynamic_smem<int64_t>();
+    for (int64_t i = threadIdx.x; i < padded; i += blockDim.x) x[i] = i < k ? best[b * k + i] : kNoRow;
+    __syncthreads();
+    block_sort_desc(x, padded);
+    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) slots[b * k + i] = packed_slot(x[i]);
+    __syncthreads();
+  }
+}
+
+// Sizes of one search call; the workspace holds cand, then two best buffers, then the
+// sort scratch.
+struct SearchPlan {
+  int64_t keep, tiles, tiles_per_chunk, padded;
+  size_t cand_bytes, best_bytes, sort_bytes;
+};
+
+SearchPlan plan_search(int64_t B, int64_t N, int64_t k) {
+  SearchPlan p{};
+  p.keep = k < kTileRows ? k : kTileRows;
+  p.tiles = div_up(N, kTileRows);
+  const int64_t Bq = B > 0 ? B : 1;
+  int64_t per_chunk = kCandidateBudget / (Bq * p.keep);
+  if (per_chunk > kCandidatesPerQuery / p.keep) per_chunk = kCandidatesPerQuery / p.keep;
+  if (per_chunk > p.tiles) per_chunk = p.tiles;
+  p.tiles_per_chunk = per_chunk > 1 ? per_chunk : 1;
+  p.padded = 1;
+  while (p.padded < k) p.padded <<= 1;
+  p.cand_bytes = static_cast<size_t>(B * p.tiles_per_chunk * p.keep) * sizeof(int64_t);
+  p.best_bytes = static_cast<size_t>(B * k) * sizeof(int64_t);
+  p.sort_bytes = p.padded > kSortSmemKeys ? static_cast<size_t>(B * p.padded) * sizeof(int64_t) : 0;
+  return p;
+}
+
+}  // namespace
+
+size_t search_workspace_bytes(int64_t batch, int64_t n, int64_t k) {
+  const SearchPlan p = plan_search(batch, n, k);
+  return p.cand_bytes + 2 * p.best_bytes + p.sort_bytes;
+}
+
+cudaError_t search(const SearchArgs& a, int64_t* slots, void* workspace, cudaStream_t stream) {
+  if (a.batch == 0) return cudaSuccess;
+  if (a.n == 0) return cudaMemsetAsync(slots, 0xFF, static_cast<size_t>(a.batch * a.k) * sizeof(int64_t), stream);
+  const SearchPlan p = plan_search(a.batch, a.n, a.k);
+  auto* base = static_cast<unsigned char*>(workspace);
+  auto* cand = reinterpret_cast<int64_t*>(base);
+  int64_t* best[2] = {reinterpret_cast<int64_t*>(base + p.cand_bytes),
+                      reinterpret_cast<int64_t*>(base + p.cand_bytes + p.best_bytes)};
+  auto* sort_scratch = p.sort_bytes ? reinterpret_cast<int64_t*>(base + p.cand_bytes + 2 * p.best_bytes) : nullptr;
+  const unsigned query_blocks = grid_size(div_up(a.batch, kQueryBlock), 65535);
+  const unsigned per_query_blocks = grid_size(a.batch, 65535);
+  int cur = -1;  // best buffer holding the running top-k; none before the first chunk
+  for (int64_t tile = 0; tile < p.tiles; tile += p.tiles_per_chunk) {
+    const int64_t nt = p.tiles - tile < p.tiles_per_chunk ? p.tiles - tile : p.tiles_per_chunk;
+    cudaError_t err = with_type(a.key_dtype, [&](auto kt) {
+      using KT = typename decltype(kt)::type;
+      return launch(search_tiles_kernel<KT>, dim3(static_cast<unsigned>(nt), query_blocks), dim3(kThreads),
+                    sizeof(TileSmem), stream, a.queries, static_cast<const KT*>(a.keys), a.slot_ids, a.exclude,
+                    a.batch, a.n, a.d, a.l2, tile, p.keep, cand);
+    });
+    if (err != cudaSuccess) return err;
+    const int next = cur == 0 ? 1 : 0;
+    err = launch(search_merge_kernel, dim3(per_query_blocks), dim3(kMergeThreads), 0, stream,
+                 cur < 0 ? nullptr : best[cur], cand, nt * p.keep, a.batch, a.k, best[next]);
+    if (err != cudaSuccess) return err;
+    cur = next;
+  }
+  const size_t smem = sort_scratch ? 0 : static_cast<size_t>(p.padded) * sizeof(int64_t);
+  return launch(search_sort_kernel, dim3(per_query_blocks), dim3(kMergeThreads), smem, stream, best[cur], a.batch,
+                a.k, p.padded, sort_scratch, slots);
+}
+
+}  // namespace cuda
+}  // namespace kmem
