@@ -138,3 +138,22 @@ def test_explicit_backend_that_cannot_run_raises_with_reasons():
     src = torch.randn(4, 2, device="meta")
     with pytest.raises(kmem.BackendUnavailable, match="device meta not supported"):
         kmem.ops.compact_rows(src, torch.ones(4, dtype=torch.bool, device="meta"), src, backend="cpp")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_finite_check_is_exact_where_a_sum_overflows(dtype):
+    """The check's fast path is one sum: values whose sum overflows are still finite
+    and pass; a NaN or an Inf anywhere fails."""
+    from kmem import _checks
+
+    big = torch.full((4, 3), torch.finfo(dtype).max / 2, dtype=dtype)
+    _checks.finite("queries", big)  # the sum overflows; every value is finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        x = big.clone()
+        x[2, 1] = bad
+        with pytest.raises(ValueError, match="queries contains NaN or Inf"):
+            _checks.finite("queries", x)
+    keys = torch.full((4, 3), torch.finfo(torch.float32).max / 2)  # through a memory too
+    mem = kmem.KeyMemory(3, 1)
+    mem.add(torch.arange(4), keys, torch.zeros(4, 1))
+    assert mem.search(keys, 1)[1].shape == (4, 1)
