@@ -214,6 +214,86 @@ def test_search_large_k(kernel, n, k, batch):
     assert torch.equal(slots, brute_topk(q, keys, slot_ids, k, "l2", ex))
 
 
+@backends(ALL)
+@pytest.mark.parametrize("metric", METRICS)
+def test_search_wide_keys_and_many_queries(kernel, metric):
+    """d = 256 and 24 queries: CUDA's query-block loop (over 20 queries) and Triton's
+    second query block, the key dimension streamed in several chunks."""
+    n = kernel.rows(600)
+    keys, slot_ids = buffers(n, 256, dead_every=5, data=integer_data)
+    q = integer_data(24, 256)
+    ex = exclusions(slot_ids, 24, 4)
+    _, slots = kernel.search(q, keys, slot_ids, 17, metric, ex)
+    assert torch.equal(slots, brute_topk(q, keys, slot_ids, 17, metric, ex))
+
+
+@backends(ALL)
+@pytest.mark.parametrize("metric", METRICS)
+def test_search_random_float_ties_across_tiles(kernel, metric):
+    """Three identical random-float rows far apart (other tiles, other threads) score the
+    same bits: they come first, in slot order."""
+    n = kernel.rows(1500)
+    keys, slot_ids = buffers(n, 16)
+    q = torch.randn(4, 16)
+    tied = [n // 10, n // 2, n - 3]
+    keys[tied] = q[0] * (3 if metric == "ip" else 1)  # query 0's best rows by far
+    _, slots = kernel.search(q, keys, slot_ids, 6, metric)
+    assert slots[0, :3].tolist() == tied
+    assert torch.equal(slots, brute_topk(q, keys, slot_ids, 6, metric))
+
+
+@backends(ALL)
+@pytest.mark.parametrize("metric", METRICS)
+def test_search_never_returns_dead_rows_that_would_win(kernel, metric):
+    """Dead rows whose (unscrubbed) keys would beat every live row are skipped."""
+    n = kernel.rows(700)
+    keys, slot_ids = buffers(n, 8, dead_every=3, scrub=False)
+    q = torch.randn(5, 8)
+    keys[slot_ids < 0] = q[0] * 50
+    _, slots = kernel.search(q, keys, slot_ids, 10, metric)
+    assert bool((slot_ids[slots] >= 0).all())
+    assert torch.equal(slots, brute_topk(q, keys, slot_ids, 10, metric))
+
+
+@backends(ALL)
+def test_large_exclusion_lists(kernel):
+    """200 excluded ids per query (sorted, searched, or masked per tile by the backends)."""
+    n = kernel.rows(600)
+    keys, slot_ids = buffers(n, 6, dead_every=4, data=integer_data)
+    q = integer_data(5, 6)
+    ex = exclusions(slot_ids, 5, 200)
+    _, slots = kernel.search(q, keys, slot_ids, 30, "l2", ex)
+    assert torch.equal(slots, brute_topk(q, keys, slot_ids, 30, "l2", ex))
+    if kernel.name in ATTENDING:
+        values = torch.randn(n, 3)
+        for k in (30, None):
+            out = kernel.attend(*kernel.on(q, keys, values), slot_ids, k, 0.5, "l2", ex).cpu()
+            torch.testing.assert_close(
+                out.double(), brute_attention(q, keys, values, slot_ids, k, 0.5, "l2", ex), **kernel.tol
+            )
+
+
+@backends(ALL)
+def test_non_contiguous_inputs(kernel):
+    """Strided views (every other column, a transposed value matrix) give what their
+    contiguous copies give."""
+    n = kernel.rows(300)
+    wide, slot_ids = buffers(n, 12, dead_every=5, data=integer_data)
+    keys = wide[:, ::2]  # [n, 6], row stride 12
+    q = integer_data(7, 12)[:, 1::2]
+    assert not keys.is_contiguous() and not q.is_contiguous()
+    _, slots = kernel.search(q, keys, slot_ids, 9, "ip")
+    assert torch.equal(slots, brute_topk(q, keys, slot_ids, 9, "ip"))
+    if kernel.name in ATTENDING:
+        values = torch.randn(3, n).T  # [n, 3], column-major
+        for k in (9, None):
+            out = kernel.attend(*kernel.on(q, keys, values), slot_ids, k, 0.1).cpu()
+            want = kernel.attend(
+                *kernel.on(q.contiguous(), keys.contiguous(), values.contiguous()), slot_ids, k, 0.1
+            )
+            torch.testing.assert_close(out, want.cpu())
+
+
 # --------------------------------------------------------- top-k and dense attention
 def _values(n: int, labels: bool, width: int = 3) -> torch.Tensor:
     return torch.randint(0, 4, (n,)) if labels else torch.randn(n, width)
@@ -369,6 +449,27 @@ def test_gradients_match_autograd_through_reference(kernel, k, metric, labels, d
     torch.testing.assert_close(out, want_out, **tol)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.float(), w.float(), **tol)
+
+
+@backends([b for b in ATTENDING if b != "reference"])
+@pytest.mark.parametrize(("k", "batch"), [(4096, 3), (None, 1024)])
+def test_gradients_over_many_rows(kernel, k, batch):
+    """Backward at k = 4096, and dense backward over 5,000 rows with 1,024 queries: the
+    C++ dense attention then streams several tiles and CUDA's backward several row chunks."""
+    kernel.fits(5000, batch)
+    keys, slot_ids = buffers(5000, 6, dead_every=7)
+    values, q = torch.randn(5000, 3), torch.randn(batch, 6)
+    ex = exclusions(slot_ids, batch, 3)
+
+    def run(name):
+        return lambda q_, k_, v_: Kernel(name, kernel.device).attend(q_, k_, v_, slot_ids, k, 0.3, "ip", ex)
+
+    on = kernel.on(q, keys, values)
+    out, got = _grads(run(kernel.name), *on, False)
+    want_out, want = _grads(run("reference"), *on, False)
+    torch.testing.assert_close(out, want_out, **kernel.grad_tol)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **kernel.grad_tol)
 
 
 @backends(ATTENDING)
