@@ -116,3 +116,22 @@ def test_custom_ops_compile_in_one_graph_with_autograd(k):
     eager = q.detach().clone().requires_grad_()
     ops.topk_attention(eager, keys, values, slot_ids, k, backend="cpp").sum().backward()
     torch.testing.assert_close(q.grad, eager.grad)
+
+
+def test_auto_passes_by_a_combination_measured_slower():
+    """A combination declared slower than a backend after it (a measured crossover) is
+    skipped by "auto", said so by explain, and still runs when asked for by name."""
+    from kmem.ops.inputs import Signature
+
+    sig = Signature("cuda", torch.float32, torch.float32, torch.float32, False, None, False)
+    for name in ("cuda", "triton"):
+        backend = ops.REGISTRY.backends[name]
+        declared = [c for c in backend.serves["dense_attention"] if "cuda" in c.devices]
+        assert declared and all(c.slower and "BENCHMARKS.md" in c.slower for c in declared)
+        assert not any(c.refusals(sig) for c in declared[:1])  # by name: served
+        assert any("auto passes it by" in r for r in declared[0].refusals(sig, auto=True))
+    # Triton runs under its interpreter here: by name it serves dense attention on the CPU.
+    q, keys, values, slot_ids = torch.randn(2, 4), torch.randn(9, 4), torch.randn(9, 2), torch.arange(9)
+    with ops.trace() as ran:
+        ops.topk_attention(q, keys, values, slot_ids, None, backend="triton")
+    assert ran[0] == "dense_attention:triton"

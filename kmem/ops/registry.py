@@ -42,7 +42,9 @@ class Serves:
     ``keys``: the key (or row) dtypes, None for any; ``values``: the dtypes of vector
     values, or ``"keys"`` for the keys' dtype only;
     ``labels``: int64 label values too; ``grads``: the backward too; ``k``: the range
-    of ``k`` (top-k ops).
+    of ``k`` (top-k ops); ``slower``: why ``backend="auto"`` passes this combination by
+    although the kernels run it -- they were measured slower than a backend after them
+    (asked for by name, they still run).
     """
 
     devices: frozenset[str]
@@ -52,10 +54,12 @@ class Serves:
     labels: bool = True
     grads: bool = True
     k: tuple[int, int] = (1, 2**31 - 1)
+    slower: str | None = None
 
-    def refusals(self, sig: Signature) -> list[str]:
-        """Why this combination does not cover ``sig``; empty when it does."""
-        out = []
+    def refusals(self, sig: Signature, auto: bool = False) -> list[str]:
+        """Why this combination does not cover ``sig`` (for ``backend="auto"`` when
+        ``auto``); empty when it does."""
+        out = [f"auto passes it by: {self.slower}"] if auto and self.slower else []
         if sig.device not in self.devices:
             out.append(f"device {sig.device} not supported (supports {sorted(self.devices)})")
         if sig.queries is not None and sig.queries not in self.queries:
@@ -109,13 +113,14 @@ class Backend:
             self._kernels = self.load_kernels()
         return self._kernels
 
-    def refusals(self, op: str, sig: Signature) -> list[str]:
-        """Why this backend cannot run ``op`` on ``sig``; empty when it can."""
+    def refusals(self, op: str, sig: Signature, auto: bool = False) -> list[str]:
+        """Why this backend cannot run ``op`` on ``sig`` (or, with ``auto``, why
+        ``backend="auto"`` does not pick it); empty when it can."""
         if op not in self.serves:
             return [f"does not implement {op}"]
         if self.absent:
             return [self.absent]
-        per = [c.refusals(sig) for c in self.serves[op]]
+        per = [c.refusals(sig, auto) for c in self.serves[op]]
         return [] if any(not r for r in per) else min(per, key=len)
 
 
@@ -154,7 +159,7 @@ class Registry:
             raise ValueError(f"{op}: unknown backend {backend!r}; choose from {['auto', *self.names(op)]}")
         why = {}
         for b in candidates:
-            reasons = b.refusals(op, sig)
+            reasons = b.refusals(op, sig, auto=backend == "auto")
             if not reasons:
                 return b
             why[b.name] = reasons
@@ -166,7 +171,7 @@ class Registry:
         sig = inputs.signature()
         refused = {}
         for name in self.names(op):
-            reasons = self.backends[name].refusals(op, sig)
+            reasons = self.backends[name].refusals(op, sig, auto=True)
             if not reasons:
                 return Plan(op, sig, name, refused)
             refused[name] = reasons

@@ -15,6 +15,11 @@ from ..registry import FLOATS, NARROW, REGISTRY, Backend, Serves, record_kernel
 from . import cpp, cuda, triton
 
 CPU, CUDA, ANY = frozenset({"cpu"}), frozenset({"cuda"}), frozenset({"cpu", "cuda"})
+# Measured crossovers (BENCHMARKS.md, GPU kernels): until a kernel beats the reference
+# twin on a shape, "auto" must not pick it there.
+_DENSE_GPU = (
+    "dense attention, B = 64, N = 1.28M, d = 256 on an H100: {}x the reference twin's time (BENCHMARKS.md)"
+)
 ALL_DTYPES = None  # row copies move bytes: any dtype
 
 
@@ -69,7 +74,9 @@ _register(
     {
         "search": (Serves(CUDA),),
         "topk_attention": (Serves(CUDA, queries=NARROW, keys=NARROW, values=NARROW),),
-        "dense_attention": (Serves(CUDA, queries=NARROW, keys=NARROW, values=NARROW),),
+        "dense_attention": (
+            Serves(CUDA, queries=NARROW, keys=NARROW, values=NARROW, slower=_DENSE_GPU.format(7.9)),
+        ),
         "compact_rows": _rows(CUDA),
     },
     cuda.missing,
@@ -81,7 +88,7 @@ _register(
     {
         "search": (Serves(triton.devices()),),
         "topk_attention": (Serves(triton.devices()),),
-        "dense_attention": (Serves(triton.devices()),),
+        "dense_attention": (Serves(triton.devices(), slower=_DENSE_GPU.format(350)),),
         "compact_rows": _rows(triton.devices()),
     },
     triton.missing,
