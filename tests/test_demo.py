@@ -52,6 +52,8 @@ def test_cli_eval(tmp_path, capsys):
         "--floor",
         "--seeds",
         "1",
+        "--core-fraction",
+        "0.3",
     ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
@@ -64,6 +66,10 @@ def test_cli_eval(tmp_path, capsys):
     floor = rows[ORACLE_SEED]
     assert floor["seconds"] is None and floor["avg_gap"] > 0 and rows[ORACLE]["avg_gap"] == 0
     assert f"| SPM-style | {ORACLE_SEED} |" in (out / "report.md").read_text()
+    # Exact mode has no floor: it is judged bit for bit against its real retraining.
+    exact = {row["method"] for row in saved["rows"] if row["family"] == "spm-exact"}
+    assert ORACLE in exact and ORACLE_SEED not in exact
+    assert "SPM-style, exact mode on class-3: forgot exactly -- bit-identical" in printed
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
+
 from kmem.unlearn.metrics import Scores
-from kmem.unlearn.report import explanations, speedup, summary, table, write_report
+from kmem.unlearn.report import explanations, speedup, summary, table, verdicts, write_report
 from kmem.unlearn.results import KMEM, ORACLE, ORACLE_SEED, ORIGINAL, Exactness, MethodResult, RequestResult
 
 
@@ -139,3 +141,17 @@ def test_far_metric_explained_under_its_table(tmp_path):
     # 7 points off, but two oracles are 3 apart on UA: within 3x the floor's, not far.
     r.rows[2] = MethodResult("munkey", ORACLE_SEED, s(6.0, 12.0, gap=0.2))
     assert explanations(r) == []
+
+
+@pytest.mark.parametrize("identical", [True, False])
+def test_exact_mode_is_judged_bit_for_bit_not_by_a_floor(identical):
+    """An exact family has no floor (no distance between oracles judges bit-identity):
+    its verdict is whether it equals its real retraining."""
+    r = _result()
+    r.rows = [MethodResult("munkey-exact", m.method, m.scores) for m in r.rows if m.family == "munkey"]
+    r.retrain_seconds["munkey-exact"] = 40.0
+    e = Exactness("munkey-exact", 144, True, 0, True, "ab" * 32, 0.001, "the head", retrained_equal=identical)
+    r.exactness = [e]
+    line = verdicts([r])[0]
+    want = "forgot exactly -- bit-identical" if identical else "did NOT forget exactly"
+    assert want in line and "floor" not in line and "faster than retraining" in line

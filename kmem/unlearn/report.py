@@ -34,7 +34,9 @@ FORGOT_MARGIN = 0.3
 CRITERION = (
     f'A memory family forgot a request when its "{KMEM}" row\'s Avg. Gap to its oracle is at most '
     f"the floor's Avg. Gap + {FORGOT_MARGIN} (the floor, \"{ORACLE_SEED}\", is the oracle's recipe retrained "
-    "with another seed and scored against the oracle: how far apart two equally valid oracles are)."
+    "with another seed and scored against the oracle: how far apart two equally valid oracles are). "
+    "In exact mode it forgot when the model after forgetting is bit-identical to the model really retrained "
+    "without the samples (no floor: no distance between oracles judges that)."
 )
 # A `kmem forget` metric is explained under its table when it is further from the
 # oracle's than FAR_POINTS and than FAR_FLOOR_TIMES the floor's distance on that metric.
@@ -260,7 +262,14 @@ def forgot(row: MethodResult, floor: MethodResult) -> bool:
 def verdict(result: RequestResult, row: MethodResult) -> str:
     """One plain line: did the memory family of ``row`` (its ``kmem forget`` row) forget?"""
     gap, floor = _fmt(row.scores.avg_gap), _floor(result, row.family)
-    if floor is None:
+    exact = next((e.retrained_equal for e in result.exactness if e.family == row.family), None)
+    if exact is not None:  # exact mode: judged bit for bit against its real retraining
+        parts = [
+            "forgot exactly -- bit-identical to the model really retrained without the samples"
+            if exact
+            else f"did NOT forget exactly -- not bit-identical to its real retraining (Avg. Gap {gap})"
+        ]
+    elif floor is None:
         parts = [f"cannot judge -- no floor was computed (rerun with --floor); Avg. Gap {gap} to its oracle"]
     else:
         met = forgot(row, floor)
