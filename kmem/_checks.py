@@ -62,7 +62,7 @@ def finite(name: str, x: torch.Tensor) -> None:
     # One reduction answers almost every call: a sum of finite values is finite unless it
     # overflows, and only then is the exact element-wise test needed (isfinite().all()
     # costs several ops: ~5x the sum on a read's few queries).
-    if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
+    if not math.isfinite(float(x.detach().sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf")
 
 

@@ -107,3 +107,53 @@ def test_an_evaluation_rerun_resumes_from_its_parts(tmp_path, monkeypatch):
     (r,) = again.results
     assert [row.family for row in r.rows][:1] == ["spm"] and r.rows[-1].family == "baseline"
     assert [e.family for e in r.exactness] == ["spm"]
+
+
+def test_an_exact_family_runs_one_piece_per_request_and_trains_its_original_once(tmp_path, monkeypatch):
+    """Exact-mode pieces are one request each (MUNKEY-exact's would run for hours); the
+    original model is trained once, kept as a checkpoint, and read by the other pieces --
+    giving the results one piece of all requests gives."""
+    from kmem.unlearn import evaluate as evaluation
+
+    trained = []
+    train = evaluation.Setup.train
+
+    def counting(self, family, data, seed=None, core=None):
+        if len(data) == 300:  # the original, on all 300 training samples
+            trained.append(family)
+        return train(self, family, data, seed=seed, core=core)
+
+    monkeypatch.setattr(evaluation.Setup, "train", counting)
+    args = dict(
+        quick=True, families=("spm",), requests=["10%", "class:1"], core_fraction=0.3, limit=300, epochs=1,
+        progress=False,
+    )  # fmt: skip
+    split = demo.run(out=tmp_path / "a", **args)
+    pieces = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "a" / "parts").glob("eval-*-exact-*.json"))
+    assert pieces == ["eval-seed0-spm-exact-10-", "eval-seed0-spm-exact-class-1"]
+    assert len(list((tmp_path / "a" / "originals").glob("spm-exact-*.kmem"))) == 1
+    assert trained.count("spm-exact") == 1 and trained.count("spm") == 1
+    # The same requests evaluated together, the original trained in the same call.
+    from kmem.datasets.splits import load_dataset
+    from kmem.models.samples import samples
+    from kmem.unlearn.requests import parse_request
+
+    data = load_dataset("digits")
+    train_set, test_set = samples(data.train)[:300], samples(data.test)
+    asked = [parse_request(spec, train_set.ids, train_set.labels, 0) for spec in args["requests"]]
+    setup = evaluation.Setup(
+        num_classes=10,
+        epochs=1,
+        methods=(),
+        max_retain=demo.QUICK.max_retain,
+        core_fraction=0.3,
+        progress=False,
+    )
+    together = evaluation.evaluate("digits", train_set, test_set, asked, setup, ["spm-exact"])
+    for mine, theirs in zip([r for r in split.results], together, strict=True):
+        rows = {(m.family, m.method): m.scores for m in mine.rows if m.family == "spm-exact"}
+        for m in theirs.rows:
+            want, got = m.scores.as_dict(), rows[(m.family, m.method)].as_dict()
+            assert {k: v for k, v in got.items() if k != "seconds"} == {
+                k: v for k, v in want.items() if k != "seconds"
+            }

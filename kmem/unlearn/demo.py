@@ -23,7 +23,7 @@ from ..datasets.splits import load_dataset
 from ..models.samples import Samples, samples
 from . import posthoc, protocol, tuning
 from .evaluate import EXACT, MEMORY_FAMILIES, ORACLE_SEED_OFFSET, Setup, evaluate, is_exact
-from .parts import Parts, Unit
+from .parts import Parts, Unit, digest
 from .protocol import SELECTION_SEED, Setting, evaluation_seeds
 from .report import summary, write_report
 from .requests import ForgetRequest, parse_request
@@ -130,14 +130,14 @@ def run(
     if tune is not None:
         parse_request(tune, train.ids, train.labels, SELECTION_SEED)  # a bad spec fails before any training
     done = Parts(Path(out) / "parts", log=None if progress is False else sys.stderr).run(
-        _units(data, train, test, specs, asked, setup, families, tune, grids)
+        _units(data, train, test, specs, asked, setup, families, tune, grids, Path(out) / "originals")
     )
     tuned = tuning.Tuned.merge(
         [tuning.Tuned.from_json(done[name]) for name in done if name.startswith("select-")]
     )
     results = []
     for s in runs:
-        per_family = [[RequestResult.from_json(r) for r in done[f"eval-seed{s}-{f}"]] for f in families]
+        per_family = [[RequestResult.from_json(r) for r in _results_of(done, s, f, specs)] for f in families]
         results += [functools.reduce(RequestResult.merged, same) for same in zip(*per_family, strict=True)]
     lines = _setup_lines(data, train, test, setup, families, mode, runs)
     if tune is not None:
@@ -165,11 +165,14 @@ def _units(
     families: Sequence[str],
     tune: str | None,
     grids: Mapping[str, Sequence[Setting]] | None,
+    originals: Path,
 ) -> list[Unit]:
     """The run's pieces (:mod:`kmem.unlearn.parts`): with ``tune``, one per grid point of
     each memory family's selection (exact families' too) and one selection made from them, and one selection
     of the baseline's post-hoc methods; then one evaluation per seed and family, which
-    reads its family's selection."""
+    reads its family's selection -- for an exact family one per seed, family and request
+    (MUNKEY-exact's pieces would otherwise run for hours), whose original model trained
+    once is kept as a checkpoint in ``originals``."""
     common = {
         "kmem": __version__,
         "data": data,
@@ -225,25 +228,69 @@ def _units(
         for family in families:
             needs = (f"select-{family}",) if tune is not None else ()
             exact = _core_key(setup, family)
-            units.append(
-                Unit(
-                    f"eval-seed{s}-{family}",
-                    key=lambda got, s=s, f=family, x=exact: {
-                        **common,
-                        "seed": s,
-                        "family": f,
-                        "requests": list(specs),
-                        "selected": got,
-                        **x,
-                    },
-                    compute=lambda got, s=s, f=family: [
-                        r.to_json()
-                        for r in evaluate(data, train, test, asked[s], _with(setup, got, seed=s), [f])
-                    ],
-                    needs=needs,
+
+            def key(got, s=s, f=family, x=exact, r=tuple(specs)) -> dict:
+                return {**common, "seed": s, "family": f, "requests": list(r), "selected": got, **x}
+
+            if not is_exact(family):
+                units.append(
+                    Unit(
+                        f"eval-seed{s}-{family}",
+                        key=key,
+                        compute=lambda got, s=s, f=family: [
+                            r.to_json()
+                            for r in evaluate(data, train, test, asked[s], _with(setup, got, seed=s), [f])
+                        ],
+                        needs=needs,
+                    )
                 )
-            )
+                continue
+            for i, spec in enumerate(specs):
+                units.append(
+                    Unit(
+                        _piece(s, family, spec),
+                        key=lambda got, k=key, r=spec: k(got, r=(r,)),
+                        compute=lambda got, s=s, f=family, i=i, k=key: _evaluate_one(
+                            data,
+                            train,
+                            test,
+                            asked[s][i],
+                            _with(setup, got, seed=s),
+                            f,
+                            originals / f"{f}-{digest(k(got, r=()))}.kmem",
+                        ),
+                        needs=needs,
+                    )
+                )
     return units
+
+
+def _evaluate_one(
+    data: str,
+    train: Samples,
+    test: Samples,
+    request: ForgetRequest,
+    setup: Setup,
+    family: str,
+    original: Path,
+) -> list:
+    """``request`` against ``family`` (RequestResult JSON), its original model kept at --
+    or read from -- the checkpoint ``original`` (keyed like the pieces, less the request)."""
+    results = evaluate(data, train, test, [request], setup, [family], originals=lambda _: original)
+    return [r.to_json() for r in results]
+
+
+def _piece(seed: int, family: str, spec: str) -> str:
+    """The name of an exact family's evaluation piece of one request."""
+    return f"eval-seed{seed}-{family}-{spec}"
+
+
+def _results_of(done: Mapping[str, Any], seed: int, family: str, specs: Sequence[str]) -> list:
+    """The evaluation pieces' results (RequestResult JSON) of ``family`` at ``seed``, in
+    the requests' order."""
+    if not is_exact(family):
+        return done[f"eval-seed{seed}-{family}"]
+    return [done[_piece(seed, family, spec)][0] for spec in specs]
 
 
 def _core_key(setup: Setup, family: str) -> dict[str, float]:

@@ -447,18 +447,22 @@ def evaluate(
     requests: Sequence[ForgetRequest],
     setup: Setup,
     families: Sequence[str] = (*MEMORY_FAMILIES, "baseline"),
+    originals: Callable[[str], Path] | None = None,
 ) -> list[RequestResult]:
     """Run every request against every family; returns one :class:`RequestResult` per request.
 
     Each family's original model is trained once on ``train`` and copied for each
-    request, so requests do not see each other.
+    request, so requests do not see each other. ``originals`` maps a family to a
+    checkpoint file that holds its original model: read when it is there (training is
+    deterministic, so it is the model this call would train), else written after training
+    -- how evaluations of one request at a time share one training.
     """
     known = [*MEMORY_FAMILIES, *EXACT_FAMILIES, "baseline"]
     unknown = sorted(set(families) - set(known))
     if unknown:
         raise ValueError(f"unknown model famil(ies) {unknown}; choose from {known}")
     core = choose_core(train, fraction=setup.core_fraction) if any(map(is_exact, families)) else None
-    originals: dict[str, Classifier] = {}
+    trained: dict[str, Classifier] = {}
     memory = [f for f in families if f != "baseline"]
     per_request = (
         3 * len(memory)
@@ -475,7 +479,7 @@ def evaluate(
         step = _stepper(bar, _lines(setup.progress))
         for family in families:
             step(f"{family}: train on all {len(train):,} samples")
-            originals[family], _ = setup.train(family, train, core=core if is_exact(family) else None)
+            trained[family] = _original(family, train, setup, core if is_exact(family) else None, originals)
         for request in requests:
             sets = _Sets.split(train, test, request, setup)
             within = _named(step, request.name)
@@ -498,14 +502,14 @@ def evaluate(
             folder.mkdir()
             for family in families:
                 if family == "baseline":
-                    rows, seconds = _baseline(originals[family], sets, request, setup, within, result.notes)
+                    rows, seconds = _baseline(trained[family], sets, request, setup, within, result.notes)
                 else:
                     asked, scored = request, sets
                     if is_exact(family):
                         asked, scored = _outside_core(request, sets, core, train, test, setup)
                         result.notes.append(_core_note(family, core, request, asked))
                     rows, seconds, exact, forget_seconds = _memory_family(
-                        family, originals[family], scored, asked, setup, folder, within, result.notes,
+                        family, trained[family], scored, asked, setup, folder, within, result.notes,
                         core if is_exact(family) else None,
                     )  # fmt: skip
                     result.exactness.append(exact)
@@ -516,6 +520,20 @@ def evaluate(
             results.append(result)
         step("done")
     return results
+
+
+def _original(
+    family: str, train: Samples, setup: Setup, core: Samples | None, cache: Callable[[str], Path] | None
+) -> Classifier:
+    """``family`` trained on all of ``train`` -- or read from its checkpoint in ``cache``."""
+    path = cache(family) if cache is not None else None
+    if path is not None and path.is_file():
+        return load_checkpoint(path)
+    model, _ = setup.train(family, train, core=core)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(model, path)  # atomic: a concurrent reader sees all of it or nothing
+    return model
 
 
 def _outside_core(
