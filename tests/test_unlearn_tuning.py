@@ -140,8 +140,9 @@ def test_demo_selects_exact_recipes_point_by_point_and_runs_the_chosen_one(digit
         progress=False, floor=False,
     )  # fmt: skip
     parts = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "parts").glob("*.json"))
+    # An exact family's evaluation is one piece per request ("10%" becomes "10-" in a file name).
     assert [p for p in parts if "exact" in p] == [
-        "eval-seed0-spm-exact", "point-spm-exact-0", "point-spm-exact-1", "select-spm-exact"
+        "eval-seed0-spm-exact-10-", "point-spm-exact-0", "point-spm-exact-1", "select-spm-exact"
     ]  # fmt: skip
     chosen = json.loads((tmp_path / "results.json").read_text())["selected"]["spm-exact"]
     assert chosen["k"] in (1, 8)
