@@ -440,13 +440,7 @@ class KeyMemory:
     def check_unedited(self, edits: int, now: int | None = None) -> None:
         """Raise :class:`MemoryEditedError` unless the memory's :attr:`edits` (or ``now``)
         is still ``edits``, the count a read saw."""
-        now = self.edits if now is None else now
-        if now != edits:
-            raise MemoryEditedError(
-                f"this KeyMemory changed ({now - edits} add/delete/compact/load call(s)) after the "
-                "attend whose backward is running: its gradient would read rows that are gone, moved "
-                "or overwritten. Run backward() before changing the memory, or recompute the forward."
-            )
+        raise_if_edited("KeyMemory", "add/delete/compact/load", edits, self.edits if now is None else now)
 
     # ----------------------------------------------------------- persistence
     def save(self, path: str | Path) -> None:
@@ -622,6 +616,17 @@ class KeyMemory:
             _checks.shape("values", values, (n, self.value_dim))
             _checks.device("values", values, self.device)
             _checks.finite("values", values)
+
+
+def raise_if_edited(kind: str, calls: str, edits: int, now: int) -> None:
+    """:class:`MemoryEditedError` unless a ``kind`` memory's edit count ``now`` is still
+    ``edits``, the count its read saw (``calls``: the calls that count as edits)."""
+    if now != edits:
+        raise MemoryEditedError(
+            f"this {kind} changed ({now - edits} {calls} call(s)) after the attend whose backward is "
+            "running: its gradient would read rows that are gone, moved or overwritten. Run backward() "
+            "before changing the memory, or recompute the forward."
+        )
 
 
 class _EditGuard(torch.autograd.Function):

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from .. import _checks, compiled_reads, ops, rows, snapshot
 from ..ledger import Ledger
-from ..memory import KeyMemory, MemoryEditedError
+from ..memory import KeyMemory, raise_if_edited
 from ..ops import reference
 from ..rows import IdsLike
 from ..slot_index import repeats
@@ -379,12 +379,9 @@ class ShardedKeyMemory:
     def check_unedited(self, edits: int, now: int | None = None) -> None:
         """Raise :class:`~kmem.MemoryEditedError` unless :attr:`edits` (or ``now``) is
         still ``edits``, the count a read saw."""
-        now = self.edits if now is None else now
-        if now != edits:
-            raise MemoryEditedError(
-                f"this ShardedKeyMemory changed ({now - edits} collective add/delete/load call(s)) after "
-                "the attend whose backward is running. Run backward() before changing the memory."
-            )
+        raise_if_edited(
+            "ShardedKeyMemory", "collective add/delete/load", edits, self.edits if now is None else now
+        )
 
     # ----------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:

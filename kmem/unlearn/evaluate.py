@@ -277,7 +277,7 @@ def _oracle(family: str, sets: _Sets, setup: Setup, step, core: Samples | None =
     rows = [MethodResult(family, ORACLE, replace(ref, avg_gap=0.0, hard_gap=0.0, soft_gap=0.0))]
     if setup.floor and core is None:
         step(f"{family}: retrain with another seed (floor)")
-        other, _ = setup.train(family, sets.retain, seed=setup.floor_seed, core=core)
+        other, _ = setup.train(family, sets.retain, seed=setup.floor_seed)
         rows.append(MethodResult(family, ORACLE_SEED, against(sets.predict(other))))
     return _Oracle(against, rows, seconds, oracle, truth)
 
