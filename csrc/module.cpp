@@ -18,7 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("src"), py::arg("keep"), py::arg("out"));
   m.def("zero_rows", &kmem::zero_rows, "Overwrite the bytes of rows `rows` of dst with zeros", py::arg("dst"),
         py::arg("rows"));
-  m.def("search", &kmem::search, "Fused top-k search: slots [B, k] of the best live rows per query",
+  m.def("search", &kmem::search, "Fused top-k search: (scores, slots) [B, k] of the best live rows per query",
         py::arg("queries"), py::arg("keys"), py::arg("slot_ids"), py::arg("k"), py::arg("l2"),
         py::arg("exclude_ids") = py::none());
   m.def("attend_forward", &kmem::attend_forward, "Softmax attention over chosen rows: (out, weights)");

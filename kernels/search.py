@@ -13,11 +13,11 @@ import triton.language as tl
 from triton.runtime.jit import constexpr_function
 
 from kmem.ops.inputs import SearchInputs
+from kmem.ops.reference import unpack
 
 from ._common import MIN_DOT, launch, live_mask, pow2
 
 _NONE = torch.iinfo(torch.int64).min
-_LOW32 = 0xFFFFFFFF
 _NONE_TL: tl.constexpr = tl.constexpr(_NONE)
 
 _BLOCK_B = 16  # queries per program (the M side of tl.dot)
@@ -185,12 +185,10 @@ def _grid_shape(batch: int, n: int, k: int) -> tuple[int, int, int]:
     return kp, tile, splits
 
 
-def _unpack_slots(packed: torch.Tensor) -> torch.Tensor:
-    return torch.where(packed == _NONE, -1, _LOW32 - (packed & _LOW32))
-
-
-def search(s: SearchInputs) -> torch.Tensor:
-    """Slots ``[B, k]`` int64 of the top-``k`` live, non-excluded rows, best first, -1 past the end.
+def search(s: SearchInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores float32, slots int64)``, each ``[B, k]``: the top-``k`` live, non-excluded
+    rows, best first, ``-inf`` / ``-1`` past the end; each score is the one it was ranked
+    by (l2: ``2 q . k - ||k||^2``).
 
     Queries are scored in float32; keys float32/16/bf16 (or float64, read as float32).
     """
@@ -203,9 +201,9 @@ def search(s: SearchInputs) -> torch.Tensor:
         s.exclude_ids,
     )
     batch, n = queries.shape[0], keys.shape[0]
-    slots = torch.full((batch, k), -1, dtype=torch.int64, device=queries.device)
+    packed = torch.full((batch, k), _NONE, dtype=torch.int64, device=queries.device)
     if batch == 0 or n == 0:
-        return slots
+        return unpack(packed)
     q = queries.float().contiguous()
     width = 0 if exclude_ids is None else exclude_ids.shape[1]
     exclude = slot_ids if width == 0 else exclude_ids.contiguous()  # never read when E == 0
@@ -235,5 +233,5 @@ def search(s: SearchInputs) -> torch.Tensor:
     # The merge runs on [B, splits * KP] candidates, independent of N.
     flat = cand.view(batch, -1)
     best = flat.topk(min(k, flat.shape[1]), dim=1).values
-    slots[:, : best.shape[1]] = _unpack_slots(best)
-    return slots
+    packed[:, : best.shape[1]] = best
+    return unpack(packed)

@@ -59,7 +59,7 @@ def memory_search(
 @memory_search.register_fake
 def _(queries, exclude_ids, h, k):
     batch = queries.shape[0]
-    return queries.new_empty((batch, k), dtype=_out_dtype(queries, _memory(h))), queries.new_empty(
+    return queries.new_empty((batch, k), dtype=torch.float32), queries.new_empty(
         (batch, k), dtype=torch.int64
     )
 

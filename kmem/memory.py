@@ -125,7 +125,7 @@ class KeyMemory:
         self._handle = compiled_reads.register(self)
         self._used = 0  # slots [0, _used) have held a row since the last compaction
         self._rows = 0  # live rows
-        self._keys, self._values, self._slot_ids = self._allocate(capacity)
+        self._set_buffers(self._allocate(capacity))
         self._index = SlotIndex(self._slot_ids)
 
     # ------------------------------------------------------------------ state
@@ -190,8 +190,11 @@ class KeyMemory:
         (zeroed, ``slot_ids == -1``). These are what the ops read; do not write to them.
         They are consistent when returned; a later ``delete`` scrubs them in place."""
         with self._lock:
-            n = self._used
-            return self._keys[:n], self._values[:n], self._slot_ids[:n]
+            # Cached per used count: slicing three tensors is a good part of a tiny read.
+            if self._views[0] != self._used:
+                n = self._used
+                self._views = (n, (self._keys[:n], self._values[:n], self._slot_ids[:n]))
+            return self._views[1]
 
     def state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Copies ``(ids [n], keys [n, key_dim], values)`` of the live rows, in slot order."""
@@ -340,7 +343,7 @@ class KeyMemory:
             for src, dst in zip((self._keys, self._values, self._slot_ids), new, strict=True):
                 # A byte copy: every backend gives the same bits.
                 ops.compact_rows(src[: self._used], keep, dst)
-            self._keys, self._values, self._slot_ids = new
+            self._set_buffers(new)
             self._used = self._rows
             self._index.rebuild(self._slot_ids)
             self.version += 1
@@ -359,7 +362,7 @@ class KeyMemory:
             exclude_ids: int64 ``[B, E]`` ids a query must not retrieve (``-1`` = none).
 
         Returns:
-            ``(scores [B, k], ids [B, k])`` best first (ties: the row added earlier);
+            ``(scores [B, k] float32, ids [B, k] int64)`` best first (ties: the row added earlier);
             ``-inf`` and ``-1`` where fewer than ``k`` rows qualify.
         """
         if torch.compiler.is_compiling():
@@ -372,7 +375,7 @@ class KeyMemory:
                 ops.SearchInputs(queries, keys, slot_ids, exclude_ids, k, self.metric), self.backend
             )
             # The whole slot_ids buffer (never empty) so an empty memory indexes safely.
-            ids = torch.where(slots >= 0, self._slot_ids[slots.clamp(min=0)], -1)
+            ids = self._slot_ids.take(slots.clamp(min=0)).masked_fill_(slots < 0, -1)
         return scores, ids
 
     def get(self, ids: IdsLike) -> tuple[torch.Tensor, torch.Tensor]:
@@ -511,7 +514,7 @@ class KeyMemory:
             dead = torch.nonzero(~live).reshape(-1).to(self.device)
             for t in new[:2]:  # a dead slot never holds bytes, whatever was loaded
                 ops.zero_rows(t, dead)
-            self._keys, self._values, self._slot_ids = new
+            self._set_buffers(new)
             self._index.rebuild(self._slot_ids)
             self._used, self._rows = n, len(id_list)
             self.version = version
@@ -574,7 +577,12 @@ class KeyMemory:
         new = self._allocate(capacity)
         for src, dst in zip((self._keys, self._values, self._slot_ids), new, strict=True):
             dst[: self._used] = src[: self._used]
-        self._keys, self._values, self._slot_ids = new
+        self._set_buffers(new)
+
+    def _set_buffers(self, buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        """Install new ``(keys, values, slot_ids)`` buffers and drop the views of the old."""
+        self._keys, self._values, self._slot_ids = buffers
+        self._views: tuple[int, tuple[torch.Tensor, ...]] = (-1, ())
 
     def _check_new_ids(self, ids: object) -> list[int]:
         """Ids in the form ``add`` takes, as a list; whether they are new is checked under the lock."""

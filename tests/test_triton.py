@@ -45,15 +45,16 @@ def test_search_splits_loop_over_several_tiles(device, monkeypatch):
     assert triton_search._grid_shape(5, 301, 8)[2] < triton.cdiv(301, 64)
     on = [t.to(device) for t in (q, keys, slot_ids)]
     for k in (1, 8):
-        slots = triton_search.search(SearchInputs(*on, None, k, "ip"))
+        scores, slots = triton_search.search(SearchInputs(*on, None, k, "ip"))
         assert torch.equal(slots.cpu(), brute_topk(q, keys, slot_ids, k))
+        assert scores.dtype == torch.float32 and bool((scores[:, :-1] >= scores[:, 1:]).all())
 
 
 def test_attend_kernels_match_composite(device):
     keys, slot_ids = _memory(41, 5)
     q, values = torch.randn(4, 5, device=device), torch.randn(41, 2, device=device)
     keys, slot_ids = keys.to(device), slot_ids.to(device)
-    slots = reference.search_slots(q, keys, slot_ids, 7, "l2")
+    _, slots = reference.search(q, keys, slot_ids, 7, "l2")
     slots[1, 3:] = -1  # a query with fewer rows than k
     a = AttendInputs(q, keys, values, slot_ids, None, 0.3, "l2", 0, k=7)
     got, want = triton_attend.attend_forward(a, slots), composite.attend_forward(a, slots)
@@ -73,7 +74,7 @@ def test_triton_kernels_ran(device, monkeypatch):
         raise AssertionError("reference path called")
 
     for module, name in (
-        (reference, "search_slots"),
+        (reference, "search"),
         (reference, "dense_attention"),
         (reference, "topk_attention"),
         (composite, "attend_forward"),

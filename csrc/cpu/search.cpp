@@ -41,16 +41,27 @@ inline void offer(TopK& heap, float s, int64_t slot, const int64_t* ids, const E
   if (s > heap.floor() && ids[slot] >= 0 && !ex.contains(b, ids[slot])) heap.push(pack(s, slot));
 }
 
-// Best-first slots of the k largest keys among `lists` heaps of k entries each.
-void write_slots(const int64_t* heaps, int64_t lists, int64_t k, int64_t* out) {
+// Where a search writes one query's result: its k ranking scores and slots.
+struct Result {
+  float* scores;
+  int64_t* slots;
+};
+
+// The k largest keys among `lists` heaps of k entries each, best first, into row b of
+// `out` (-inf and -1 past the qualifying rows).
+void write_best(const int64_t* heaps, int64_t lists, int64_t k, const Result& out, int64_t b) {
   std::vector<int64_t> all(heaps, heaps + lists * k);
   std::partial_sort(all.begin(), all.begin() + k, all.end(), std::greater<int64_t>());
-  for (int64_t i = 0; i < k; ++i) out[i] = packed_slot(all[i]);
+  for (int64_t i = 0; i < k; ++i) {
+    const bool none = all[i] == kNoRow;
+    out.scores[b * k + i] = none ? -std::numeric_limits<float>::infinity() : packed_score(all[i]);
+    out.slots[b * k + i] = packed_slot(all[i]);
+  }
 }
 
 template <typename KT>
 void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B, int64_t N, int64_t d, int64_t k,
-                   bool l2, const Exclusions& ex, int64_t* slots_out) {
+                   bool l2, const Exclusions& ex, const Result& out) {
   const int threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 1024 + 1));
   std::vector<int64_t> heaps(threads * B * k);
 #pragma omp parallel num_threads(threads)
@@ -77,7 +88,7 @@ void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B
     for (int64_t b = b0; b < b1; ++b) {
       for (int t = 0; t < threads; ++t)
         std::copy_n(heaps.data() + (t * B + b) * k, k, lists.data() + t * k);
-      write_slots(lists.data(), threads, k, slots_out + b * k);
+      write_best(lists.data(), threads, k, out, b);
     }
   });
 }
@@ -89,7 +100,7 @@ using TileScorer = std::function<void(int64_t start, int64_t n, float* scores, i
 // Scores tile after tile into a bounded buffer, then offers each query's row of it to
 // that query's heap (parallel over queries).
 void tiled_search(int64_t B, int64_t N, int64_t k, bool l2, const int64_t* ids, const Exclusions& ex,
-                  const TileScorer& score_tile, int64_t* slots_out) {
+                  const TileScorer& score_tile, const Result& out) {
   // Bounded scratch: a [B, tile] score block of at most ~16 MiB.
   const int64_t tile = std::clamp<int64_t>((int64_t{4} << 20) / B, 256, 16384);
   std::vector<float> scores(B * tile), norms(l2 ? tile : 0);
@@ -108,7 +119,7 @@ void tiled_search(int64_t B, int64_t N, int64_t k, bool l2, const int64_t* ids, 
     });
   }
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) write_slots(heaps.data() + b * k, 1, k, slots_out + b * k);
+    for (int64_t b = b0; b < b1; ++b) write_best(heaps.data() + b * k, 1, k, out, b);
   });
 }
 
@@ -190,7 +201,7 @@ TileScorer bf16_scorer(const at::Tensor& queries_bf16, const at::Tensor& keys) {
 
 }  // namespace
 
-at::Tensor search(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& slot_ids, int64_t k,
+std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& slot_ids, int64_t k,
                   bool l2, const c10::optional<at::Tensor>& exclude_ids) {
   TORCH_CHECK(queries.device().is_cpu() && keys.device().is_cpu() && slot_ids.device().is_cpu(),
               "search: tensors must be on the CPU");
@@ -211,26 +222,27 @@ at::Tensor search(const at::Tensor& queries, const at::Tensor& keys, const at::T
     sorted = std::get<0>(exclude_ids->sort(1)).contiguous();
     ex = {sorted.data_ptr<int64_t>(), sorted.size(1)};
   }
+  at::Tensor scores = at::empty({B, k}, q.options());
   at::Tensor slots = at::empty({B, k}, slot_ids.options());
-  if (B == 0) return slots;
-  int64_t* out = slots.data_ptr<int64_t>();
+  const Result out{scores.data_ptr<float>(), slots.data_ptr<int64_t>()};
+  if (B == 0) return {scores, slots};
   const int64_t* idp = ids.data_ptr<int64_t>();
 #if defined(__AVX512BF16__)
   if (kc.scalar_type() == at::kBFloat16 && d % 2 == 0 && B >= kBf16MinBatch) {
     const at::Tensor qb = q.to(at::kBFloat16).contiguous();
     tiled_search(B, N, k, l2, idp, ex, bf16_scorer(qb, kc), out);
-    return slots;
+    return {scores, slots};
   }
 #endif
   if (B > kStreamMaxBatch) {
     tiled_search(B, N, k, l2, idp, ex, blas_scorer(q, kc), out);
-    return slots;
+    return {scores, slots};
   }
   AT_DISPATCH_SWITCH(kc.scalar_type(), "kmem_search",
       AT_DISPATCH_CASE(at::kFloat, [&] { stream_search(q.data_ptr<float>(), kc.data_ptr<float>(), idp, B, N, d, k, l2, ex, out); })
       AT_DISPATCH_CASE(at::kBFloat16, [&] { stream_search(q.data_ptr<float>(), kc.data_ptr<at::BFloat16>(), idp, B, N, d, k, l2, ex, out); })
       AT_DISPATCH_CASE(at::kHalf, [&] { stream_search(q.data_ptr<float>(), kc.data_ptr<at::Half>(), idp, B, N, d, k, l2, ex, out); }));
-  return slots;
+  return {scores, slots};
 }
 
 }  // namespace kmem

@@ -10,11 +10,12 @@ namespace kmem {
 constexpr int64_t kStreamMaxBatch = 64;
 constexpr int64_t kBf16MinBatch = 9;
 
-// Slots [B, k] (int64, best first, -1 past the qualifying rows) of the top-k live rows
-// per query: score q.k (or 2 q.k - |k|^2, the l2 ranking) in float32, rows with
-// slot_ids == -1 skipped, ids in the query's exclude_ids row skipped, ties to the lower
-// slot. queries [B, d] float; keys [N, d] float32/bfloat16/float16.
-at::Tensor search(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& slot_ids, int64_t k,
+// The top-k live rows per query: (scores [B, k] float32, slots [B, k] int64), best
+// first, -inf and -1 past the qualifying rows. Each score is the one the row was ranked
+// by: q.k, or 2 q.k - |k|^2 for l2 (-||q - k||^2 + |q|^2), in float32. Rows with
+// slot_ids == -1 are skipped, and ids in the query's exclude_ids row; ties go to the
+// lower slot. queries [B, d] float; keys [N, d] float32/bfloat16/float16.
+std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& slot_ids, int64_t k,
                   bool l2, const c10::optional<at::Tensor>& exclude_ids);
 
 }  // namespace kmem

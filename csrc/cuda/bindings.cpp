@@ -112,7 +112,7 @@ at::Tensor empty_or(bool needed, at::IntArrayRef shape, const at::Tensor& like) 
 float* ptr_or_null(bool needed, at::Tensor& t) { return needed ? t.data_ptr<float>() : nullptr; }
 
 // ------------------------------------------------------------------ the ops
-at::Tensor cuda_search(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& slot_ids, int64_t k,
+std::tuple<at::Tensor, at::Tensor> cuda_search(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& slot_ids, int64_t k,
                        bool l2, const OptTensor& exclude_ids) {
   constexpr const char* op = "cuda_search";
   check_memory(queries, keys, slot_ids, op);
@@ -120,12 +120,13 @@ at::Tensor cuda_search(const at::Tensor& queries, const at::Tensor& keys, const 
   const c10::cuda::CUDAGuard guard(queries.device());
   const at::Tensor q = float32(queries), kc = readable(keys), ids = slot_ids.contiguous();
   const auto [sorted, ex] = exclusions(exclude_ids, queries, op);
+  at::Tensor scores = at::empty({q.size(0), k}, q.options());
   at::Tensor slots = at::empty({q.size(0), k}, slot_ids.options());
   at::Tensor ws = workspace(cuda::search_workspace_bytes(q.size(0), kc.size(0), k), q);
   const cuda::SearchArgs args{q.data_ptr<float>(), q.size(0),           kc.data_ptr(), dtype_of(kc), kc.size(0),
                               kc.size(1),          ids.data_ptr<int64_t>(), ex,          k,            l2};
-  check_launch(cuda::search(args, slots.data_ptr<int64_t>(), ws.data_ptr(), stream()), op);
-  return slots;
+  check_launch(cuda::search(args, scores.data_ptr<float>(), slots.data_ptr<int64_t>(), ws.data_ptr(), stream()), op);
+  return {scores, slots};
 }
 
 std::tuple<at::Tensor, at::Tensor> cuda_attend_forward(const at::Tensor& queries, const at::Tensor& keys,
@@ -264,7 +265,7 @@ int64_t cuda_compact_rows(const at::Tensor& src, const at::Tensor& keep, at::Ten
 }  // namespace
 
 void register_cuda(pybind11::module& m) {
-  m.def("cuda_search", &cuda_search, "CUDA fused top-k search: slots [B, k] of the best live rows per query",
+  m.def("cuda_search", &cuda_search, "CUDA fused top-k search: (scores, slots) [B, k] of the best live rows per query",
         py::arg("queries"), py::arg("keys"), py::arg("slot_ids"), py::arg("k"), py::arg("l2"),
         py::arg("exclude_ids") = py::none());
   m.def("cuda_attend_forward", &cuda_attend_forward, "CUDA softmax attention over chosen slots: (out, weights)",

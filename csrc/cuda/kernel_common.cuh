@@ -42,6 +42,13 @@ __device__ __forceinline__ int64_t pack(float score, int64_t slot) {
   return static_cast<int64_t>(high | (0xFFFFFFFFull - static_cast<uint64_t>(slot)));
 }
 
+__device__ __forceinline__ float packed_score(int64_t key) {
+  if (key == kNoRow) return kNegInf;
+  int32_t bits = static_cast<int32_t>(key >> 32);
+  bits = bits >= 0 ? bits : bits ^ 0x7FFFFFFF;
+  return __int_as_float(bits);
+}
+
 __device__ __forceinline__ int64_t packed_slot(int64_t key) {
   return key == kNoRow ? -1 : static_cast<int64_t>(0xFFFFFFFFull - (static_cast<uint64_t>(key) & 0xFFFFFFFFull));
 }

@@ -230,17 +230,21 @@ __global__ void __launch_bounds__(kMergeThreads)
   }
 }
 
-// slots[b] = the slots of best[b], best first. Sorts in shared memory when the padded
-// size fits (`scratch` null), else in scratch [B, padded].
+// scores[b], slots[b] = the ranking scores and slots of best[b] (no row when `best` is
+// null), best first. Sorts in shared memory when the padded size fits (`scratch` null),
+// else in scratch [B, padded].
 __global__ void __launch_bounds__(kMergeThreads)
-    search_sort_kernel(const int64_t* best, int64_t B, int64_t k, int64_t padded, int64_t* scratch,
+    search_sort_kernel(const int64_t* best, int64_t B, int64_t k, int64_t padded, int64_t* scratch, float* scores,
                        int64_t* slots) {
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     int64_t* x = scratch ? scratch + b * padded : dynamic_smem<int64_t>();
-    for (int64_t i = threadIdx.x; i < padded; i += blockDim.x) x[i] = i < k ? best[b * k + i] : kNoRow;
+    for (int64_t i = threadIdx.x; i < padded; i += blockDim.x) x[i] = best && i < k ? best[b * k + i] : kNoRow;
     __syncthreads();
     block_sort_desc(x, padded);
-    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) slots[b * k + i] = packed_slot(x[i]);
+    for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+      scores[b * k + i] = packed_score(x[i]);
+      slots[b * k + i] = packed_slot(x[i]);
+    }
     __syncthreads();
   }
 }
@@ -276,9 +280,8 @@ size_t search_workspace_bytes(int64_t batch, int64_t n, int64_t k) {
   return p.cand_bytes + 2 * p.best_bytes + p.sort_bytes;
 }
 
-cudaError_t search(const SearchArgs& a, int64_t* slots, void* workspace, cudaStream_t stream) {
+cudaError_t search(const SearchArgs& a, float* scores, int64_t* slots, void* workspace, cudaStream_t stream) {
   if (a.batch == 0) return cudaSuccess;
-  if (a.n == 0) return cudaMemsetAsync(slots, 0xFF, static_cast<size_t>(a.batch * a.k) * sizeof(int64_t), stream);
   const SearchPlan p = plan_search(a.batch, a.n, a.k);
   auto* base = static_cast<unsigned char*>(workspace);
   auto* cand = reinterpret_cast<int64_t*>(base);
@@ -304,8 +307,10 @@ cudaError_t search(const SearchArgs& a, int64_t* slots, void* workspace, cudaStr
     cur = next;
   }
   const size_t smem = sort_scratch ? 0 : static_cast<size_t>(p.padded) * sizeof(int64_t);
-  return launch(search_sort_kernel, dim3(per_query_blocks), dim3(kMergeThreads), smem, stream, best[cur], a.batch,
-                a.k, p.padded, sort_scratch, slots);
+  // No chunk when n == 0: every query gets no row.
+  return launch(search_sort_kernel, dim3(per_query_blocks), dim3(kMergeThreads), smem, stream,
+                cur < 0 ? nullptr : best[cur], a.batch,
+                a.k, p.padded, sort_scratch, scores, slots);
 }
 
 }  // namespace cuda

@@ -55,10 +55,11 @@ struct SearchArgs {
 // Bytes of scratch `search` needs (bounded, independent of n beyond one chunk).
 size_t search_workspace_bytes(int64_t batch, int64_t n, int64_t k);
 
-// slots [batch, k] int64: the top-k live, non-excluded rows per query, best first by
-// (float32 score desc, slot asc), -1 past the qualifying rows. The l2 ranking drops the
-// per-query constant: 2 q.k - |k|^2.
-cudaError_t search(const SearchArgs& a, int64_t* slots, void* workspace, cudaStream_t stream);
+// scores and slots [batch, k] (float32, int64): the top-k live, non-excluded rows per
+// query, best first by (float32 score desc, slot asc), -inf and -1 past the qualifying
+// rows. Each score is the one the row was ranked by; the l2 ranking drops the per-query
+// constant: 2 q.k - |k|^2.
+cudaError_t search(const SearchArgs& a, float* scores, int64_t* slots, void* workspace, cudaStream_t stream);
 
 // ------------------------------------------------------ attention over slots
 struct AttendArgs {

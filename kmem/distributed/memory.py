@@ -331,7 +331,7 @@ class ShardedKeyMemory:
             scores, ints, _ = self._candidates(q, exclude, k, with_values=False)
             scores, ints = self._return(scores, batch, k), self._return(ints, batch, k)
             order = merge.topk_order(scores, ints[..., 1], k)
-            return scores.gather(1, order), ints[..., 0].gather(1, order)
+            return scores.gather(1, order).float(), ints[..., 0].gather(1, order)
 
     def attend(
         self,
@@ -600,7 +600,7 @@ class ShardedKeyMemory:
         keys, values, slot_ids = self.shard.buffers()
         # The queries were checked by _exchange_queries: the record is built unchecked.
         search = ops.SearchInputs(q.detach(), keys, slot_ids, exclude, k, self.metric)
-        slots = ops.run(search, backend or self.backend)
+        _, slots = ops.run(search, backend or self.backend)
         with torch.set_grad_enabled(q.requires_grad):  # scores differentiable in q when it needs grad
             scores = reference.gather_scores(q, keys, slots, self.metric)
         missing = slots < 0

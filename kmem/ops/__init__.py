@@ -81,18 +81,22 @@ def search(
         exclude_ids: ``[B, E]`` int64 ids to skip per query, ``-1`` = none.
 
     Returns:
-        ``(scores [B, k], slots [B, k])`` best first; ``-inf`` / ``-1`` where fewer than
-        ``k`` rows qualify. Scores are not differentiable here; use
-        :func:`topk_attention` for gradients.
+        ``(scores [B, k] float32, slots [B, k] int64)`` best first; ``-inf`` / ``-1``
+        where fewer than ``k`` rows qualify. An ip score is the float32 score the row
+        was ranked by; an l2 score is ``-||q - k||^2`` recomputed for the chosen row.
+        Scores are not differentiable here; use :func:`topk_attention` for gradients.
     """
     return run_search(SearchInputs.checked(queries, keys, slot_ids, k, metric, exclude_ids), backend)
 
 
 def run_search(s: SearchInputs, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`search` of a record already valid: ``(scores [B, k], slots [B, k])``."""
-    slots = run(s, backend)
-    with torch.no_grad():
-        scores = reference.gather_scores(s.queries, s.keys, slots, s.metric)
+    scores, slots = run(s, backend)
+    if s.l2:
+        # The kernels rank by 2 q.k - ||k||^2; subtracting ||q||^2 would lose a near
+        # neighbour's small distance to cancellation, so the chosen rows are rescored.
+        with torch.no_grad():
+            scores = reference.gather_scores(s.queries, s.keys, slots, s.metric).float()
     return scores, slots
 
 

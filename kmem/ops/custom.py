@@ -10,8 +10,9 @@ through them.
 Kernel contracts (every backend's ``kernels`` object; results in the working dtype,
 float32 or float64):
 
-* ``search(s: SearchInputs) -> slots [B, k]`` int64, best first by (float32 score desc,
-  slot asc), ``-1`` past the qualifying rows.
+* ``search(s: SearchInputs) -> (scores [B, k] float32, slots [B, k] int64)``, best
+  first by (float32 score desc, slot asc), ``-inf`` / ``-1`` past the qualifying rows;
+  each score is the one the row was ranked by (l2: ``2 q . k - ||k||^2``).
 * ``attend_forward(a: AttendInputs, slots) -> (out [B, W], weights [B, k])`` and
   ``attend_backward(g: AttendGrads) -> (dq, dkeys [N, d] | None, dvalues [N, V] | None)``;
   only the retrieved rows get gradient.
@@ -96,13 +97,18 @@ def _run_search(kernels, backend, s: SearchInputs):
 
 
 def _run_topk(kernels, backend, a: AttendInputs):
-    slots = _kernel(kernels, backend, "search")(a.search())
+    _, slots = _kernel(kernels, backend, "search")(a.search())
     out, weights = _kernel(kernels, backend, "attend_forward")(a, slots)
     return out, slots, weights
 
 
 def _run_dense(kernels, backend, d: DenseInputs):
     return tuple(_kernel(kernels, backend, "dense_forward")(d))
+
+
+def _fake_search(s: SearchInputs):
+    shape = (s.queries.shape[0], s.k)
+    return s.queries.new_empty(shape, dtype=torch.float32), s.queries.new_empty(shape, dtype=torch.int64)
 
 
 def _fake_topk(a: AttendInputs):
@@ -162,7 +168,7 @@ _NEEDS = ("needs_keys", "needs_values")
 SPECS = {
     spec.name: spec
     for spec in (
-        _Spec("search", SearchInputs, 1, _run_search, lambda s: s.queries.new_empty((s.queries.shape[0], s.k), dtype=torch.int64)),
+        _Spec("search", SearchInputs, 2, _run_search, _fake_search),
         _Spec("topk_attention", AttendInputs, 3, _run_topk, _fake_topk),
         _Spec(
             "topk_attention_backward", AttendInputs, 3, _backward_runner("attend_backward", AttendGrads), _fake_grads,

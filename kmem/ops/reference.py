@@ -11,8 +11,10 @@ Conventions shared by all backends:
   slot ``j`` as empty or deleted (the tombstone), which no op ever returns.
 * ``score = q . k`` (``metric="ip"``) or ``-||q - k||^2`` (``metric="l2"``).
 * Top-k ranks by the score rounded to float32, ties going to the lower slot (the row
-  added earlier; compaction keeps that order). Scores of the chosen rows are then
-  recomputed in the working precision, which is what gradients flow through.
+  added earlier; compaction keeps that order). A search returns those float32 ranking
+  scores (for l2 the ranking drops the per-query constant: ``2 q . k - ||k||^2``);
+  attention recomputes the chosen rows' scores in the working precision, which is what
+  gradients flow through.
 * ``exclude_ids [B, E]`` removes rows whose id is listed for that query (-1 = none).
 """
 
@@ -43,6 +45,15 @@ def _pack(scores: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
 
 def _unpack_slots(packed: torch.Tensor) -> torch.Tensor:
     return torch.where(packed == _NONE, -1, _LOW32 - (packed & _LOW32))
+
+
+def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed keys ``[B, k]`` -> ``(scores float32, slots int64)``; ``-inf`` and ``-1``
+    for "no row" (the compiled backends' searches end the same way)."""
+    bits = (packed >> 32).to(torch.int32)
+    bits = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    scores = bits.view(torch.float32).masked_fill(packed == _NONE, float("-inf"))
+    return scores, _unpack_slots(packed)
 
 
 def _excluded(ids: torch.Tensor, exclude_sorted: torch.Tensor) -> torch.Tensor:
@@ -78,15 +89,17 @@ def _chunk_top(scores: torch.Tensor, start: int, m: int) -> torch.Tensor:
     return packed
 
 
-def search_slots(
+def search(
     queries: torch.Tensor,
     keys: torch.Tensor,
     slot_ids: torch.Tensor,
     k: int,
     metric: str = "ip",
     exclude_ids: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Slots of the top-``k`` live rows per query, best first: int64 ``[B, k]``, -1 past the end.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-``k`` live rows per query, best first: ``(scores float32 [B, k], slots
+    int64 [B, k])``, ``-inf`` / ``-1`` past the end; the scores are the ranking's (see
+    the module's conventions).
 
     ``queries [B, d]``, ``keys [N, d]``, ``slot_ids [N]``. Not differentiable.
     """
@@ -112,7 +125,7 @@ def search_slots(
             if exclude is not None:
                 top.masked_fill_(_excluded(top_ids, exclude), _NONE)
             best = torch.cat([best, top], 1).topk(k, dim=1).values
-        return _unpack_slots(best)
+        return unpack(best)
 
 
 def take_rows(rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -160,7 +173,7 @@ def topk_attention(
     ``num_classes`` (result: class probabilities ``[B, num_classes]``). Differentiable in
     queries, keys and values; only the retrieved rows receive gradient.
     """
-    slots = search_slots(queries, keys, slot_ids, k, metric, exclude_ids)
+    _, slots = search(queries, keys, slot_ids, k, metric, exclude_ids)
     valid = slots >= 0
     weights = masked_softmax(scale * gather_scores(queries, keys, slots, metric), valid)
     if num_classes is None:

@@ -108,9 +108,7 @@ REGISTRY.register(
             "zero_rows": _rows(ANY),
         },
         {
-            "search": lambda s: reference.search_slots(
-                s.queries, s.keys, s.slot_ids, s.k, s.metric, s.exclude_ids
-            ),
+            "search": lambda s: reference.search(s.queries, s.keys, s.slot_ids, s.k, s.metric, s.exclude_ids),
             "topk_attention": lambda a: reference.topk_attention(
                 a.queries, a.keys, a.values, a.slot_ids, a.k, a.scale, a.metric, a.exclude_ids, a.num_classes or None
             ),

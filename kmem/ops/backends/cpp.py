@@ -21,7 +21,7 @@ def missing() -> str | None:
 
 
 class _Cpp(Extension):
-    def search(self, s: SearchInputs) -> torch.Tensor:
+    def search(self, s: SearchInputs) -> tuple[torch.Tensor, torch.Tensor]:
         if s.keys.dtype == torch.float64:
             s = replace(s, keys=s.keys.float())
         return super().search(s)

@@ -34,7 +34,7 @@ class Extension:
     def _fn(self, name: str):
         return getattr(_ext.compiled(), self.prefix + name)
 
-    def search(self, s: SearchInputs) -> torch.Tensor:
+    def search(self, s: SearchInputs) -> tuple[torch.Tensor, torch.Tensor]:
         return self._fn("search")(s.queries.detach(), s.keys.detach(), s.slot_ids, s.k, s.l2, s.exclude_ids)
 
     def attend_forward(self, a: AttendInputs, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
