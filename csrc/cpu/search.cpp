@@ -59,6 +59,79 @@ void write_best(const int64_t* heaps, int64_t lists, int64_t k, const Result& ou
   }
 }
 
+// Ranking scores of R consecutive rows for Q queries (q_i = q + i * d) in one pass over
+// the rows: R x Q independent vector accumulators, so neither one accumulator's FMA
+// latency chain nor the horizontal sums (one per score, amortised over d / 16 FMAs)
+// bound the scan; at small B the memory is.
+template <int Q, int R, bool L2, typename KT>
+inline void block_scores(const float* q, const KT* rows, int64_t d, float (&s)[Q][R]) {
+  f32x16 acc[Q][R] = {};
+  f32x16 sq[R] = {};
+  int64_t i = 0;
+  for (; i + 16 <= d; i += 16) {
+    f32x16 qv[Q];
+    for (int a = 0; a < Q; ++a) qv[a] = load16(q + a * d + i);
+    for (int r = 0; r < R; ++r) {
+      const f32x16 kv = load16(rows + r * d + i);
+      for (int a = 0; a < Q; ++a) acc[a][r] += qv[a] * kv;
+      if (L2) sq[r] += kv * kv;
+    }
+  }
+  float norm[R];
+  for (int r = 0; r < R; ++r) {
+    norm[r] = L2 ? hsum(sq[r]) : 0.f;
+    for (int a = 0; a < Q; ++a) s[a][r] = hsum(acc[a][r]);
+  }
+  for (; i < d; ++i) {  // d not a multiple of 16
+    for (int r = 0; r < R; ++r) {
+      const float x = to_float(rows[r * d + i]);
+      if (L2) norm[r] += x * x;
+      for (int a = 0; a < Q; ++a) s[a][r] += q[a * d + i] * x;
+    }
+  }
+  if (L2)
+    for (int a = 0; a < Q; ++a)
+      for (int r = 0; r < R; ++r) s[a][r] = 2.f * s[a][r] - norm[r];
+}
+
+// Rows [j, j + R) offered to queries [b, b + Q): nearly every score costs one compare
+// with its query's running threshold (the heap's floor); the heap sees only the few
+// that beat it.
+template <int Q, int R, bool L2, typename KT>
+inline void scan_block(const float* q, const KT* keys, int64_t d, int64_t j, int64_t b, std::vector<TopK>& tk,
+                       const int64_t* ids, const Exclusions& ex) {
+  float s[Q][R];
+  block_scores<Q, R, L2>(q + b * d, keys + j * d, d, s);
+  for (int a = 0; a < Q; ++a)
+    for (int r = 0; r < R; ++r) offer(tk[b + a], s[a][r], j + r, ids, ex, b + a);
+}
+
+// Rows [j, j + R) for every query, in groups of up to four (the block's keys stay in
+// L1 from one group to the next).
+template <int R, bool L2, typename KT>
+inline void scan_rows(const float* q, const KT* keys, int64_t d, int64_t j, int64_t B, std::vector<TopK>& tk,
+                      const int64_t* ids, const Exclusions& ex) {
+  for (int64_t b = 0; b < B; b += 4) {
+    switch (std::min<int64_t>(4, B - b)) {
+      case 4: scan_block<4, R, L2>(q, keys, d, j, b, tk, ids, ex); break;
+      case 3: scan_block<3, R, L2>(q, keys, d, j, b, tk, ids, ex); break;
+      case 2: scan_block<2, R, L2>(q, keys, d, j, b, tk, ids, ex); break;
+      default: scan_block<1, R, L2>(q, keys, d, j, b, tk, ids, ex); break;
+    }
+  }
+}
+
+// One thread's rows [lo, hi): blocks of 8 rows for one query (8 accumulators), else 4.
+template <bool L2, typename KT>
+void scan_range(const float* q, const KT* keys, int64_t d, int64_t lo, int64_t hi, int64_t B, std::vector<TopK>& tk,
+                const int64_t* ids, const Exclusions& ex) {
+  int64_t j = lo;
+  if (B == 1)
+    for (; j + 8 <= hi; j += 8) scan_block<1, 8, L2>(q, keys, d, j, 0, tk, ids, ex);
+  for (; j + 4 <= hi; j += 4) scan_rows<4, L2>(q, keys, d, j, B, tk, ids, ex);
+  for (; j < hi; ++j) scan_rows<1, L2>(q, keys, d, j, B, tk, ids, ex);
+}
+
 template <typename KT>
 void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B, int64_t N, int64_t d, int64_t k,
                    bool l2, const Exclusions& ex, const Result& out) {
@@ -71,17 +144,12 @@ void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B
     std::vector<TopK> tk;
     tk.reserve(B);
     for (int64_t b = 0; b < B; ++b) tk.emplace_back(heaps.data() + (t * B + b) * k, k);
-    for (int64_t j = lo; j < hi; ++j) {
-      if (ids[j] < 0) continue;
-      const KT* row = keys + j * d;
-      const float norm = l2 ? sq_norm(row, d) : 0.f;
-      float s[4];
-      for (int64_t b = 0; b < B; b += 4) {
-        const int64_t group = std::min<int64_t>(4, B - b);
-        dot4(q + b * d, d, group, row, d, s);
-        for (int64_t i = 0; i < group; ++i) offer(tk[b + i], l2 ? 2.f * s[i] - norm : s[i], j, ids, ex, b + i);
-      }
-    }
+    // Dead rows are scored too (a branch per row would cost more than the few dead
+    // rows do); offer() drops them, and only if they would have entered the heap.
+    if (l2)
+      scan_range<true>(q, keys, d, lo, hi, B, tk, ids, ex);
+    else
+      scan_range<false>(q, keys, d, lo, hi, B, tk, ids, ex);
   }
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> lists(threads * k);

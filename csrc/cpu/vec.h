@@ -25,24 +25,39 @@ inline float dot(const float* a, const T* b, int64_t n) {
   return acc;
 }
 
-// out[i] = q_i . b for `count` (<= 4) queries q_i = q + i * stride: independent
-// accumulators for one row read, where separate dot() calls would wait on each other.
-template <typename T>
-inline void dot4(const float* q, int64_t stride, int64_t count, const T* b, int64_t n, float* out) {
-  const float* q0 = q;
-  const float* q1 = count > 1 ? q + stride : q;
-  const float* q2 = count > 2 ? q + 2 * stride : q;
-  const float* q3 = count > 3 ? q + 3 * stride : q;
-  float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = to_float(b[i]);
-    a0 += q0[i] * x;
-    a1 += q1[i] * x;
-    a2 += q2[i] * x;
-    a3 += q3[i] * x;
-  }
-  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
+// Sixteen floats as one GCC vector: one zmm register under AVX-512, two ymm under AVX2
+// (the build's -march decides), without intrinsics for either.
+typedef float f32x16 __attribute__((vector_size(64)));
+
+inline f32x16 load16(const float* p) {
+  f32x16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline f32x16 load16(const at::BFloat16* p) {
+  typedef uint16_t u16x16 __attribute__((vector_size(32)));
+  typedef uint32_t u32x16 __attribute__((vector_size(64)));
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  const u32x16 bits = __builtin_convertvector(h, u32x16) << 16;  // bf16 is float32's high half
+  f32x16 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline f32x16 load16(const at::Half* p) {
+  typedef _Float16 f16x16 __attribute__((vector_size(32)));
+  f16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, f32x16);
+}
+
+inline float hsum(f32x16 v) {
+  typedef float f32x8 __attribute__((vector_size(32)));
+  typedef float f32x4 __attribute__((vector_size(16)));
+  const f32x8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                  __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const f32x4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
 template <typename T>
