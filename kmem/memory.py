@@ -374,9 +374,16 @@ class KeyMemory:
             scores, slots = ops.run_search(
                 ops.SearchInputs(queries, keys, slot_ids, exclude_ids, k, self.metric), self.backend
             )
-            # The whole slot_ids buffer (never empty) so an empty memory indexes safely.
-            ids = self._slot_ids.take(slots.clamp(min=0)).masked_fill_(slots < 0, -1)
+            ids = self._ids_of(slots)
         return scores, ids
+
+    def _ids_of(self, slots: torch.Tensor) -> torch.Tensor:
+        """The ids in ``slots`` (any shape), -1 for slot -1. ``take`` reads index -1 as the
+        buffer's last slot, which is unused, so -1, unless the buffer is full: one op
+        instead of four on a small read's path."""
+        if self._used < self.capacity:
+            return self._slot_ids.take(slots)
+        return self._slot_ids.take(slots.clamp(min=0)).masked_fill_(slots < 0, -1)
 
     def get(self, ids: IdsLike) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies ``(keys [n, key_dim], values)`` of the live rows ``ids``, in that order.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import torch
 
@@ -57,10 +58,11 @@ def test_reads_see_each_mutation_wholly_or_not_at_all(tmp_path):
     live = set(range(200))
     mem.add(torch.arange(200), *_rows(range(200)))
     states = {mem.version: frozenset(live)}  # version -> live ids, recorded by the writer
-    records, errors, deletes = [], [], 0
+    records, errors, deletes, done = [], [], 0, 0
+    finished = threading.Event()
 
     def writer():
-        nonlocal deletes
+        nonlocal deletes, done
         rng, next_id = random.Random(1), 200
         for _ in range(MUTATIONS):
             before, op = mem.version, rng.random()
@@ -78,11 +80,16 @@ def test_reads_see_each_mutation_wholly_or_not_at_all(tmp_path):
                 mem.compact()
             for v in range(before + 1, mem.version + 1):  # a delete may also compact: two versions
                 states[v] = frozenset(live)
+            done += 1
 
     def reader(seed):
         rng = random.Random(seed)
         gen = torch.Generator().manual_seed(seed)
         for i in range(READS_PER_THREAD):
+            # Paced to the writer, so the reads spread over its whole run however fast
+            # either side is (the interleaving is what this test is about).
+            while done < i * MUTATIONS // READS_PER_THREAD and not finished.is_set():
+                time.sleep(0)
             queries = torch.randint(-3, 4, (2, KEY_DIM), generator=gen).float()
             v0 = mem.version
             if i % 100 == 99 and seed == 0:
@@ -99,6 +106,9 @@ def test_reads_see_each_mutation_wholly_or_not_at_all(tmp_path):
             fn(*args)
         except BaseException as err:  # surfaced below: a thread's exception is otherwise lost
             errors.append(err)
+        finally:
+            if fn is writer:
+                finished.set()  # readers never wait on a writer that died
 
     threads = [threading.Thread(target=guarded, args=(writer,))]
     threads += [threading.Thread(target=guarded, args=(reader, s)) for s in range(READERS)]

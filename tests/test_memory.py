@@ -152,10 +152,14 @@ def test_empty_memory_reads():
         assert len(mem) == 0 and mem.compact() == 0
 
 
-def test_k_larger_than_live_rows():
-    mem, *_ = filled_memory(5)
+@pytest.mark.parametrize("capacity", [5, 6, 64])
+def test_k_larger_than_live_rows(capacity):
+    # Capacity 5: the buffer is full, so slot -1 cannot be read as its (live) last slot.
+    mem, *_ = filled_memory(5, capacity=capacity)
+    assert mem.capacity == capacity
     scores, ids = mem.search(torch.randn(2, 8), 9)
-    assert ids.shape == (2, 9) and bool((ids[:, 5:] == -1).all()) and bool((ids[:, :5] >= 0).all())
+    assert ids.shape == (2, 9) and bool((ids[:, 5:] == -1).all())
+    assert sorted(ids[0, :5].tolist()) == list(range(5)) and sorted(ids[1, :5].tolist()) == list(range(5))
     assert bool(torch.isneginf(scores[:, 5:]).all())
     q = torch.randn(2, 8)
     torch.testing.assert_close(mem.attend(q, k=9), mem.attend(q, k=None))

@@ -3,8 +3,9 @@ its CUDA kernels, which take the same arguments under two prefixes (``cuda_searc
 the CUDA twin of ``search``).
 
 What each kernel serves is declared in :mod:`kmem.ops.backends`; nothing here hands a
-call to another backend. Tensors are passed detached: the kernels compute their own
-gradients (:mod:`kmem.ops.custom`).
+call to another backend. Tensors are passed as they are, not detached: the kernels
+run under a custom op or with no gradient needed (:mod:`kmem.ops.custom`), so nothing
+here is recorded by autograd, and a detach is ~0.4 us of a ~20 us small read.
 """
 
 from __future__ import annotations
@@ -35,31 +36,29 @@ class Extension:
         return getattr(_ext.compiled(), self.prefix + name)
 
     def search(self, s: SearchInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._fn("search")(s.queries.detach(), s.keys.detach(), s.slot_ids, s.k, s.l2, s.exclude_ids)
+        return self._fn("search")(s.queries, s.keys, s.slot_ids, s.k, s.l2, s.exclude_ids)
 
     def attend_forward(self, a: AttendInputs, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._fn("attend_forward")(
-            a.queries.detach(), a.keys.detach(), a.values.detach(), slots, a.scale, a.l2, a.num_classes
-        )
+        return self._fn("attend_forward")(a.queries, a.keys, a.values, slots, a.scale, a.l2, a.num_classes)
 
     def attend_backward(self, g: AttendGrads) -> Grads:
         a = g.inputs
         return self._fn("attend_backward")(
-            g.grad_out.detach(), a.queries.detach(), a.keys.detach(), a.values.detach(), g.slots, g.weights.detach(),
+            g.grad_out, a.queries, a.keys, a.values, g.slots, g.weights,
             a.scale, a.l2, a.num_classes, g.needs_keys, g.needs_values,
         )  # fmt: skip
 
     def dense_forward(self, d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
         return self._fn("dense_forward")(
-            d.queries.detach(), d.keys.detach(), d.values.detach(), d.slot_ids, d.exclude_ids,
+            d.queries, d.keys, d.values, d.slot_ids, d.exclude_ids,
             d.scale, d.l2, d.num_classes,
         )  # fmt: skip
 
     def dense_backward(self, g: DenseGrads) -> Grads:
         d = g.inputs
         return self._fn("dense_backward")(
-            g.grad_out.detach(), d.queries.detach(), d.keys.detach(), d.values.detach(), d.slot_ids, d.exclude_ids,
-            g.out.detach(), g.lse.detach(), g.grad_lse.detach(), d.scale, d.l2, d.num_classes,
+            g.grad_out, d.queries, d.keys, d.values, d.slot_ids, d.exclude_ids,
+            g.out, g.lse, g.grad_lse, d.scale, d.l2, d.num_classes,
             g.needs_keys, g.needs_values,
         )  # fmt: skip
 
