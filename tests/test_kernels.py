@@ -161,13 +161,16 @@ def test_search_matches_brute_force_with_ties(kernel, metric, n, k, batch, exclu
 @pytest.mark.parametrize("dtype", [F32, *LOW])
 @pytest.mark.parametrize("query_dtype", [F32, F64])
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize(("n", "batch"), [(31, 9), (33, 9), (3001, 3), (3001, 17), (3001, 70)])
-def test_search_low_precision_keys_exact_on_integers(kernel, dtype, query_dtype, metric, n, batch):
-    """Small integers are exact in every dtype, so every path (the C++ bf16 kernel from
-    batch 9 up at even d, streaming, BLAS tiles) must give the exact answer."""
+@pytest.mark.parametrize(
+    ("n", "batch", "dim"), [(31, 9, 20), (33, 9, 72), (3001, 3, 20), (3001, 17, 72), (3001, 70, 20)]
+)
+def test_search_low_precision_keys_exact_on_integers(kernel, dtype, query_dtype, metric, n, batch, dim):
+    """Small integers are exact in every dtype, so every path (the C++ bf16 kernels from
+    batch 9 up at even d, streaming and tiled; fp32 streaming and BLAS tiles; d past a
+    whole number of SIMD steps) must give the exact answer."""
     kernel.fits(n, batch)
-    keys, slot_ids = buffers(n, 20, dead_every=5, data=integer_data)
-    q = integer_data(batch, 20).to(query_dtype)
+    keys, slot_ids = buffers(n, dim, dead_every=5, data=integer_data)
+    q = integer_data(batch, dim).to(query_dtype)
     _, slots = kernel.search(q, keys.to(dtype), slot_ids, 25, metric)
     assert torch.equal(slots, brute_topk(q, keys, slot_ids, 25, metric))
 
