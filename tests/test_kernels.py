@@ -165,8 +165,8 @@ def test_search_matches_brute_force_with_ties(kernel, metric, n, k, batch, exclu
     ("n", "batch", "dim"), [(31, 9, 20), (33, 9, 72), (3001, 3, 20), (3001, 17, 72), (3001, 70, 20)]
 )
 def test_search_low_precision_keys_exact_on_integers(kernel, dtype, query_dtype, metric, n, batch, dim):
-    """Small integers are exact in every dtype, so every path (the C++ bf16 kernels from
-    batch 9 up at even d, streaming and tiled; fp32 streaming and BLAS tiles; d past a
+    """Small integers are exact in every dtype, so every path (the C++ streaming scan on
+    any key dtype, its bf16 tile kernel above batch 64 at even d, BLAS tiles; d past a
     whole number of SIMD steps) must give the exact answer."""
     kernel.fits(n, batch)
     keys, slot_ids = buffers(n, dim, dead_every=5, data=integer_data)

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 #include "topk.h"
@@ -59,48 +60,22 @@ void write_best(const int64_t* heaps, int64_t lists, int64_t k, const Result& ou
   }
 }
 
-// How the scan's dot products advance, `width` dimensions a step: keys of any dtype
-// read as float32 against float32 queries, by FMA.
-template <typename Key>
-struct FmaStep {
-  using QT = float;
-  using KT = Key;
-  static constexpr int width = 16;
-  static f32x16 load_q(const float* p) { return load16(p); }
-  static f32x16 load_k(const KT* p) { return load16(p); }
-  static f32x16 mac(f32x16 acc, f32x16 q, f32x16 k) { return acc + q * k; }
-};
-
-#if defined(__AVX512BF16__)
-// bfloat16 keys against queries rounded to bfloat16: vdpbf16ps multiplies bf16 pairs
-// and accumulates in float32, twice the FMA's products per instruction with keys read
-// at half the bytes (worth it where the scan is compute-bound, from kBf16MinBatch).
-struct Bf16Step {
-  using QT = at::BFloat16;
-  using KT = at::BFloat16;
-  static constexpr int width = 32;
-  static __m512bh load_q(const QT* p) { return (__m512bh)_mm512_loadu_si512(p); }
-  static __m512bh load_k(const KT* p) { return (__m512bh)_mm512_loadu_si512(p); }
-  static f32x16 mac(f32x16 acc, __m512bh q, __m512bh k) { return (f32x16)_mm512_dpbf16_ps((__m512)acc, q, k); }
-};
-#endif
-
 // Ranking scores of R consecutive rows for Q queries (q_i = q + i * d) in one pass over
-// the rows: R x Q independent vector accumulators, so neither one accumulator's
+// the rows: R x Q independent vector accumulators, so neither one accumulator's FMA
 // latency chain nor the horizontal sums bound the scan (at Q x R = 16 they are one
 // transposing reduction); at small B the memory does.
-template <typename Step, int Q, int R, bool L2>
-inline void block_scores(const typename Step::QT* q, const typename Step::KT* rows, int64_t d, float (&s)[Q][R]) {
+template <int Q, int R, bool L2, typename KT>
+inline void block_scores(const float* q, const KT* rows, int64_t d, float (&s)[Q][R]) {
   f32x16 acc[Q * R] = {};
   f32x16 sq[R] = {};
   int64_t i = 0;
-  for (; i + Step::width <= d; i += Step::width) {
-    decltype(Step::load_q(q)) qv[Q];
-    for (int a = 0; a < Q; ++a) qv[a] = Step::load_q(q + a * d + i);
+  for (; i + 16 <= d; i += 16) {
+    f32x16 qv[Q];
+    for (int a = 0; a < Q; ++a) qv[a] = load16(q + a * d + i);
     for (int r = 0; r < R; ++r) {
-      const auto kv = Step::load_k(rows + r * d + i);
-      for (int a = 0; a < Q; ++a) acc[a * R + r] = Step::mac(acc[a * R + r], qv[a], kv);
-      if (L2) sq[r] = Step::mac(sq[r], kv, kv);
+      const f32x16 kv = load16(rows + r * d + i);
+      for (int a = 0; a < Q; ++a) acc[a * R + r] += qv[a] * kv;
+      if (L2) sq[r] += kv * kv;
     }
   }
   if constexpr (Q * R == 16) {
@@ -112,11 +87,11 @@ inline void block_scores(const typename Step::QT* q, const typename Step::KT* ro
   }
   float norm[R];
   for (int r = 0; r < R; ++r) norm[r] = L2 ? hsum(sq[r]) : 0.f;
-  for (; i < d; ++i) {  // d not a multiple of the step
+  for (; i < d; ++i) {  // d not a multiple of 16
     for (int r = 0; r < R; ++r) {
       const float x = to_float(rows[r * d + i]);
       if (L2) norm[r] += x * x;
-      for (int a = 0; a < Q; ++a) s[a][r] += to_float(q[a * d + i]) * x;
+      for (int a = 0; a < Q; ++a) s[a][r] += q[a * d + i] * x;
     }
   }
   if (L2)
@@ -124,58 +99,69 @@ inline void block_scores(const typename Step::QT* q, const typename Step::KT* ro
       for (int r = 0; r < R; ++r) s[a][r] = 2.f * s[a][r] - norm[r];
 }
 
-// What one thread's scan reads and where it offers: queries [B, d] and keys [N, d] in
-// the step's dtypes, each query's heap, the tombstones and the exclusions.
-template <typename Step>
+// What one thread's scan offers to: queries [B, d] float32, each query's heap, the
+// tombstones and the exclusions.
 struct Scan {
-  const typename Step::QT* q;
-  const typename Step::KT* keys;
+  const float* q;
   int64_t d, B;
   std::vector<TopK>& tk;
   const int64_t* ids;
   const Exclusions& ex;
 };
 
-// Rows [j, j + R) offered to queries [b, b + Q): nearly every score costs one compare
-// with its query's running threshold (the heap's floor); the heap sees only the few
-// that beat it.
-template <typename Step, int Q, int R, bool L2>
-inline void scan_block(const Scan<Step>& sc, int64_t j, int64_t b) {
+// Rows [j, j + R) (their keys at `rows`) offered to queries [b, b + Q): nearly every
+// score costs one compare with its query's running threshold (the heap's floor); the
+// heap sees only the few that beat it.
+template <int Q, int R, bool L2, typename KT>
+inline void scan_block(const Scan& sc, const KT* rows, int64_t j, int64_t b) {
   float s[Q][R];
-  block_scores<Step, Q, R, L2>(sc.q + b * sc.d, sc.keys + j * sc.d, sc.d, s);
+  block_scores<Q, R, L2>(sc.q + b * sc.d, rows, sc.d, s);
   for (int a = 0; a < Q; ++a)
     for (int r = 0; r < R; ++r) offer(sc.tk[b + a], s[a][r], j + r, sc.ids, sc.ex, b + a);
 }
 
-// Q queries [b, b + Q) against the 16 rows [j, j + 16), as Q x R = 16 blocks (the 16
-// rows' keys stay in L1 from one block and one group of queries to the next).
-template <typename Step, int Q, bool L2>
-inline void scan_16(const Scan<Step>& sc, int64_t j, int64_t b) {
+// Q queries [b, b + Q) against the 16 rows [j, j + 16) (float32 keys at `rows`), as
+// Q x R = 16 blocks; the 16 rows stay in L1 from one group of queries to the next.
+template <int Q, bool L2>
+inline void scan_16(const Scan& sc, const float* rows, int64_t j, int64_t b) {
   constexpr int R = 16 / Q;
-  for (int64_t r = 0; r < 16; r += R) scan_block<Step, Q, R, L2>(sc, j + r, b);
+  for (int64_t r = 0; r < 16; r += R) scan_block<Q, R, L2>(sc, rows + r * sc.d, j + r, b);
 }
 
-// Rows [lo, hi): blocks of 16 rows for groups of 4, 2 and 1 queries; the last < 16
-// rows one at a time.
-template <typename Step, bool L2>
-void scan_range(const Scan<Step>& sc, int64_t lo, int64_t hi) {
+// Rows [lo, hi): blocks of 16 rows for groups of 4, 2 and 1 queries, keys stored
+// narrower than float32 converted once per block (not once per group of queries: that
+// made bf16 keys slower than float32 at B = 64); the last < 16 rows one at a time.
+template <bool L2, typename KT>
+void scan_range(const Scan& sc, const KT* keys, int64_t lo, int64_t hi) {
+  const int64_t d = sc.d;
+  std::vector<float> tile(std::is_same_v<KT, float> ? 0 : 16 * d);
   int64_t j = lo;
   for (; j + 16 <= hi; j += 16) {
+    const float* rows;
+    if constexpr (std::is_same_v<KT, float>) {
+      rows = keys + j * d;
+    } else {
+      for (int64_t i = 0; i < 16 * d; i += 16) {
+        const f32x16 v = load16(keys + j * d + i);
+        std::memcpy(tile.data() + i, &v, sizeof v);
+      }
+      rows = tile.data();
+    }
     int64_t b = 0;
-    for (; b + 4 <= sc.B; b += 4) scan_16<Step, 4, L2>(sc, j, b);
+    for (; b + 4 <= sc.B; b += 4) scan_16<4, L2>(sc, rows, j, b);
     if (b + 2 <= sc.B) {
-      scan_16<Step, 2, L2>(sc, j, b);
+      scan_16<2, L2>(sc, rows, j, b);
       b += 2;
     }
-    if (b < sc.B) scan_16<Step, 1, L2>(sc, j, b);
+    if (b < sc.B) scan_16<1, L2>(sc, rows, j, b);
   }
   for (; j < hi; ++j)
-    for (int64_t b = 0; b < sc.B; ++b) scan_block<Step, 1, 1, L2>(sc, j, b);
+    for (int64_t b = 0; b < sc.B; ++b) scan_block<1, 1, L2>(sc, keys + j * d, j, b);
 }
 
-template <typename Step>
-void stream_search(const typename Step::QT* q, const typename Step::KT* keys, const int64_t* ids, int64_t B, int64_t N,
-                   int64_t d, int64_t k, bool l2, const Exclusions& ex, const Result& out) {
+template <typename KT>
+void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B, int64_t N, int64_t d, int64_t k,
+                   bool l2, const Exclusions& ex, const Result& out) {
   const int threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 1024 + 1));
   std::vector<int64_t> heaps(threads * B * k);
 #pragma omp parallel num_threads(threads)
@@ -187,11 +173,11 @@ void stream_search(const typename Step::QT* q, const typename Step::KT* keys, co
     for (int64_t b = 0; b < B; ++b) tk.emplace_back(heaps.data() + (t * B + b) * k, k);
     // Dead rows are scored too (a branch per row would cost more than the few dead
     // rows do); offer() drops them, and only if they would have entered the heap.
-    const Scan<Step> sc{q, keys, d, B, tk, ids, ex};
+    const Scan sc{q, d, B, tk, ids, ex};
     if (l2)
-      scan_range<Step, true>(sc, lo, hi);
+      scan_range<true>(sc, keys, lo, hi);
     else
-      scan_range<Step, false>(sc, lo, hi);
+      scan_range<false>(sc, keys, lo, hi);
   }
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> lists(threads * k);
@@ -338,12 +324,9 @@ std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& queries, const at::T
   if (B == 0) return {scores, slots};
   const int64_t* idp = ids.data_ptr<int64_t>();
 #if defined(__AVX512BF16__)
-  if (kc.scalar_type() == at::kBFloat16 && d % 2 == 0 && B >= kBf16MinBatch) {
+  if (kc.scalar_type() == at::kBFloat16 && d % 2 == 0 && B > kStreamMaxBatch) {
     const at::Tensor qb = q.to(at::kBFloat16).contiguous();
-    if (B > kStreamMaxBatch)
-      tiled_search(B, N, k, l2, idp, ex, bf16_scorer(qb, kc), out);
-    else
-      stream_search<Bf16Step>(qb.data_ptr<at::BFloat16>(), kc.data_ptr<at::BFloat16>(), idp, B, N, d, k, l2, ex, out);
+    tiled_search(B, N, k, l2, idp, ex, bf16_scorer(qb, kc), out);
     return {scores, slots};
   }
 #endif
@@ -353,9 +336,9 @@ std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& queries, const at::T
   }
   const float* qp = q.data_ptr<float>();
   AT_DISPATCH_SWITCH(kc.scalar_type(), "kmem_search",
-      AT_DISPATCH_CASE(at::kFloat, [&] { stream_search<FmaStep<float>>(qp, kc.data_ptr<float>(), idp, B, N, d, k, l2, ex, out); })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] { stream_search<FmaStep<at::BFloat16>>(qp, kc.data_ptr<at::BFloat16>(), idp, B, N, d, k, l2, ex, out); })
-      AT_DISPATCH_CASE(at::kHalf, [&] { stream_search<FmaStep<at::Half>>(qp, kc.data_ptr<at::Half>(), idp, B, N, d, k, l2, ex, out); }));
+      AT_DISPATCH_CASE(at::kFloat, [&] { stream_search(qp, kc.data_ptr<float>(), idp, B, N, d, k, l2, ex, out); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { stream_search(qp, kc.data_ptr<at::BFloat16>(), idp, B, N, d, k, l2, ex, out); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { stream_search(qp, kc.data_ptr<at::Half>(), idp, B, N, d, k, l2, ex, out); }));
   return {scores, slots};
 }
 

@@ -6,10 +6,9 @@ namespace kmem {
 // How a batch is scored (measured at 1.28M x 256 on a 2-core AVX-512 machine): up to
 // kStreamMaxBatch queries stream over the keys once with SIMD dot products, reading
 // each key row once for all of them; larger batches score key tiles with BLAS.
-// bfloat16 keys (even d) from kBf16MinBatch queries up are scored with AVX512-BF16
-// dot products (queries rounded to bf16): streaming up to kStreamMaxBatch, tiles above.
+// Above kStreamMaxBatch, bfloat16 keys (even d) are scored by the AVX512-BF16 tile
+// kernel (queries rounded to bf16).
 constexpr int64_t kStreamMaxBatch = 64;
-constexpr int64_t kBf16MinBatch = 9;
 
 // The top-k live rows per query: (scores [B, k] float32, slots [B, k] int64), best
 // first, -inf and -1 past the qualifying rows. Each score is the one the row was ranked
