@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 namespace kmem {
 
@@ -60,31 +61,30 @@ inline float hsum(f32x16 v) {
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
+// The source lane (x: 0-15, y: 16-31) of lane `out` of a fold of `width`-lane groups:
+// the first (hi = false) or second half of each group, x's groups then y's.
+constexpr int fold_lane(int out, int width, bool hi) {
+  const int half = width / 2, o = out % 8;
+  return (out < 8 ? 0 : 16) + (o / half) * width + o % half + (hi ? half : 0);
+}
+template <int W, std::size_t... I>
+inline f32x16 fold(f32x16 x, f32x16 y, std::index_sequence<I...>) {
+  return __builtin_shufflevector(x, y, fold_lane(I, W, false)...) +
+         __builtin_shufflevector(x, y, fold_lane(I, W, true)...);
+}
+template <int W>
+inline f32x16 fold(f32x16 x, f32x16 y) {
+  return fold<W>(x, y, std::make_index_sequence<16>{});
+}
 // Lane i of the result = the sum of v[i]'s lanes, for sixteen vectors: a tree of folds
 // (15 adds and 30 shuffles for sixteen sums, where sixteen hsum() calls take ~100
 // instructions). Each fold halves every vector's partial sums and packs two vectors
 // into one, x's sums before y's, so the order of v is kept.
-inline f32x16 fold16(f32x16 x, f32x16 y) {
-  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-         __builtin_shufflevector(x, y, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-}
-inline f32x16 fold8(f32x16 x, f32x16 y) {
-  return __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-         __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-}
-inline f32x16 fold4(f32x16 x, f32x16 y) {
-  return __builtin_shufflevector(x, y, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-         __builtin_shufflevector(x, y, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-}
-inline f32x16 fold2(f32x16 x, f32x16 y) {
-  return __builtin_shufflevector(x, y, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         __builtin_shufflevector(x, y, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
 inline f32x16 reduce16(const f32x16* v) {
   f32x16 a[8], b[4];
-  for (int i = 0; i < 8; ++i) a[i] = fold16(v[2 * i], v[2 * i + 1]);
-  for (int i = 0; i < 4; ++i) b[i] = fold8(a[2 * i], a[2 * i + 1]);
-  return fold2(fold4(b[0], b[1]), fold4(b[2], b[3]));
+  for (int i = 0; i < 8; ++i) a[i] = fold<16>(v[2 * i], v[2 * i + 1]);
+  for (int i = 0; i < 4; ++i) b[i] = fold<8>(a[2 * i], a[2 * i + 1]);
+  return fold<2>(fold<4>(b[0], b[1]), fold<4>(b[2], b[3]));
 }
 
 template <typename T>
