@@ -5,8 +5,8 @@
 // pass is bound by memory bandwidth, so each key row is read once for all queries), or
 // a tiled GEMM into a bounded [B, tile] buffer followed by a parallel scan per query
 // (large batches: bound by compute, where BLAS is fastest). Both feed per-query TopK
-// heaps; dead rows and excluded ids are checked only for rows that beat the heap's
-// floor, which after the first few tiles is almost none.
+// buffers; dead rows and excluded ids are checked only for rows that beat a query's
+// running threshold, which after the first few tiles is almost none.
 #include "search.h"
 
 #include <ATen/Parallel.h>
@@ -37,9 +37,9 @@ struct Exclusions {
   }
 };
 
-// Offer row `slot` with score `s` to query b's heap, if it is live and not excluded.
-inline void offer(TopK& heap, float s, int64_t slot, const int64_t* ids, const Exclusions& ex, int64_t b) {
-  if (s > heap.floor() && ids[slot] >= 0 && !ex.contains(b, ids[slot])) heap.push(pack(s, slot));
+// Offer row `slot` with score `s` to query b's top-k, if it is live and not excluded.
+inline void offer(TopK& top, float s, int64_t slot, const int64_t* ids, const Exclusions& ex, int64_t b) {
+  if (s > top.floor() && ids[slot] >= 0 && !ex.contains(b, ids[slot])) top.push(pack(s, slot));
 }
 
 // Where a search writes one query's result: its k ranking scores and slots.
@@ -110,8 +110,8 @@ struct Scan {
 };
 
 // Rows [j, j + R) (their keys at `rows`) offered to queries [b, b + Q): nearly every
-// score costs one compare with its query's running threshold (the heap's floor); the
-// heap sees only the few that beat it.
+// score costs one compare with its query's running threshold (the k-th best so far); the
+// top-k buffer sees only the few that beat it.
 template <int Q, int R, bool L2, typename KT>
 inline void scan_block(const Scan& sc, const KT* rows, int64_t j, int64_t b) {
   float s[Q][R];
@@ -178,6 +178,7 @@ void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B
       scan_range<true>(sc, keys, lo, hi);
     else
       scan_range<false>(sc, keys, lo, hi);
+    for (TopK& t : tk) t.finish();
   }
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     std::vector<int64_t> lists(threads * k);
@@ -215,7 +216,10 @@ void tiled_search(int64_t B, int64_t N, int64_t k, bool l2, const int64_t* ids, 
     });
   }
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) write_best(heaps.data() + b * k, 1, k, out, b);
+    for (int64_t b = b0; b < b1; ++b) {
+      tk[b].finish();
+      write_best(heaps.data() + b * k, 1, k, out, b);
+    }
   });
 }
 
