@@ -48,14 +48,13 @@ struct Result {
   int64_t* slots;
 };
 
-// The k largest keys among `lists` heaps of k entries each, best first, into row b of
+// The k largest keys among `lists` lists of k entries each, best first, into row b of
 // `out` (-inf and -1 past the qualifying rows).
-void write_best(const int64_t* heaps, int64_t lists, int64_t k, const Result& out, int64_t b) {
-  std::vector<int64_t> all(heaps, heaps + lists * k);
+void write_best(const int64_t* lists_of_k, int64_t lists, int64_t k, const Result& out, int64_t b) {
+  std::vector<int64_t> all(lists_of_k, lists_of_k + lists * k);
   std::partial_sort(all.begin(), all.begin() + k, all.end(), std::greater<int64_t>());
   for (int64_t i = 0; i < k; ++i) {
-    const bool none = all[i] == kNoRow;
-    out.scores[b * k + i] = none ? -std::numeric_limits<float>::infinity() : packed_score(all[i]);
+    out.scores[b * k + i] = packed_score(all[i]);
     out.slots[b * k + i] = packed_slot(all[i]);
   }
 }
@@ -99,7 +98,7 @@ inline void block_scores(const float* q, const KT* rows, int64_t d, float (&s)[Q
       for (int r = 0; r < R; ++r) s[a][r] = 2.f * s[a][r] - norm[r];
 }
 
-// What one thread's scan offers to: queries [B, d] float32, each query's heap, the
+// What one thread's scan offers to: queries [B, d] float32, each query's top-k, the
 // tombstones and the exclusions.
 struct Scan {
   const float* q;
@@ -163,16 +162,16 @@ template <typename KT>
 void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B, int64_t N, int64_t d, int64_t k,
                    bool l2, const Exclusions& ex, const Result& out) {
   const int threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 1024 + 1));
-  std::vector<int64_t> heaps(threads * B * k);
+  std::vector<int64_t> tops(threads * B * k);
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
     const int64_t lo = N * t / threads, hi = N * (t + 1) / threads;
     std::vector<TopK> tk;
     tk.reserve(B);
-    for (int64_t b = 0; b < B; ++b) tk.emplace_back(heaps.data() + (t * B + b) * k, k);
+    for (int64_t b = 0; b < B; ++b) tk.emplace_back(tops.data() + (t * B + b) * k, k);
     // Dead rows are scored too (a branch per row would cost more than the few dead
-    // rows do); offer() drops them, and only if they would have entered the heap.
+    // rows do); offer() drops them, and only if they would have entered the top-k.
     const Scan sc{q, d, B, tk, ids, ex};
     if (l2)
       scan_range<true>(sc, keys, lo, hi);
@@ -184,7 +183,7 @@ void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B
     std::vector<int64_t> lists(threads * k);
     for (int64_t b = b0; b < b1; ++b) {
       for (int t = 0; t < threads; ++t)
-        std::copy_n(heaps.data() + (t * B + b) * k, k, lists.data() + t * k);
+        std::copy_n(tops.data() + (t * B + b) * k, k, lists.data() + t * k);
       write_best(lists.data(), threads, k, out, b);
     }
   });
@@ -195,16 +194,16 @@ void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B
 using TileScorer = std::function<void(int64_t start, int64_t n, float* scores, int64_t ld, float* norms)>;
 
 // Scores tile after tile into a bounded buffer, then offers each query's row of it to
-// that query's heap (parallel over queries).
+// that query's top-k (parallel over queries).
 void tiled_search(int64_t B, int64_t N, int64_t k, bool l2, const int64_t* ids, const Exclusions& ex,
                   const TileScorer& score_tile, const Result& out) {
   // Bounded scratch: a [B, tile] score block of at most ~16 MiB.
   const int64_t tile = std::clamp<int64_t>((int64_t{4} << 20) / B, 256, 16384);
   std::vector<float> scores(B * tile), norms(l2 ? tile : 0);
-  std::vector<int64_t> heaps(B * k);
+  std::vector<int64_t> tops(B * k);
   std::vector<TopK> tk;
   tk.reserve(B);
-  for (int64_t b = 0; b < B; ++b) tk.emplace_back(heaps.data() + b * k, k);
+  for (int64_t b = 0; b < B; ++b) tk.emplace_back(tops.data() + b * k, k);
   for (int64_t start = 0; start < N; start += tile) {
     const int64_t n = std::min(tile, N - start);
     score_tile(start, n, scores.data(), tile, norms.data());
@@ -218,7 +217,7 @@ void tiled_search(int64_t B, int64_t N, int64_t k, bool l2, const int64_t* ids, 
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       tk[b].finish();
-      write_best(heaps.data() + b * k, 1, k, out, b);
+      write_best(tops.data() + b * k, 1, k, out, b);
     }
   });
 }

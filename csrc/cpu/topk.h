@@ -25,6 +25,7 @@ inline int64_t pack(float score, int64_t slot) {
 }
 
 inline float packed_score(int64_t key) {
+  if (key == kNoRow) return -std::numeric_limits<float>::infinity();
   int32_t bits = static_cast<int32_t>(key >> 32);
   bits = bits >= 0 ? bits : bits ^ 0x7FFFFFFF;
   float score;
