@@ -18,6 +18,7 @@ import kmem
 from kmem import ops
 from kmem.ops import reference
 from kmem.ops.backends import cuda
+from kmem.ops.inputs import DenseInputs
 
 DEVICE = "cuda"
 METRICS = ["ip", "l2"]
@@ -118,8 +119,8 @@ def test_auto_dense_float64_goes_past_the_cuda_kernels():
     with ops.trace() as ran:
         out = kmem.ops.topk_attention(q, keys, values, slot_ids, None)
     assert out.dtype == torch.float64 and not any(e.startswith("cuda") for e in ran)
-    want = reference.dense_attention(
-        q.cpu(), keys.cpu(), values.cpu(), slot_ids.cpu(), 6**-0.5, "ip", None, None
+    want, _ = reference.dense_attention(
+        DenseInputs(q.cpu(), keys.cpu(), values.cpu(), slot_ids.cpu(), None, 6**-0.5, "ip", 0)
     )
     torch.testing.assert_close(out.cpu(), want)
     with pytest.raises(kmem.ops.BackendUnavailable, match="float64"):

@@ -11,6 +11,7 @@ from _buffers import buffers
 import kmem
 from kmem import ops
 from kmem.ops import reference
+from kmem.ops.inputs import CompactInputs
 
 F64 = torch.float64
 
@@ -19,7 +20,7 @@ def test_compaction_reference_is_stable():
     src = torch.arange(30).reshape(10, 3)
     keep = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0, 0, 1], dtype=torch.bool)
     out = torch.full((12, 3), -7)
-    assert reference.compact_rows(src, keep, out) == 5
+    assert reference.compact_rows(CompactInputs(src, keep, out)) == 5
     assert torch.equal(out[:5], src[keep]) and bool((out[5:] == -7).all())
 
 

@@ -54,7 +54,7 @@ def test_attend_kernels_match_composite(device):
     keys, slot_ids = _memory(41, 5)
     q, values = torch.randn(4, 5, device=device), torch.randn(41, 2, device=device)
     keys, slot_ids = keys.to(device), slot_ids.to(device)
-    _, slots = reference.search(q, keys, slot_ids, 7, "l2")
+    _, slots = reference.search(SearchInputs(q, keys, slot_ids, None, 7, "l2"))
     slots[1, 3:] = -1  # a query with fewer rows than k
     a = AttendInputs(q, keys, values, slot_ids, None, 0.3, "l2", 0, k=7)
     got, want = triton_attend.attend_forward(a, slots), composite.attend_forward(a, slots)

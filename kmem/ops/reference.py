@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from .inputs import AttendInputs, CompactInputs, DenseInputs, ScrubInputs, SearchInputs
+
 _NONE = torch.iinfo(torch.int64).min  # packed key of "no row": below every real row
 _LOW32 = 0xFFFFFFFF
 
@@ -89,26 +91,22 @@ def _chunk_top(scores: torch.Tensor, start: int, m: int) -> torch.Tensor:
     return packed
 
 
-def search(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    slot_ids: torch.Tensor,
-    k: int,
-    metric: str = "ip",
-    exclude_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _sorted_exclusions(exclude_ids: torch.Tensor | None) -> torch.Tensor | None:
+    if exclude_ids is None or exclude_ids.shape[1] == 0:
+        return None
+    return exclude_ids.sort(dim=1).values
+
+
+def search(s: SearchInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-``k`` live rows per query, best first: ``(scores float32 [B, k], slots
     int64 [B, k])``, ``-inf`` / ``-1`` past the end; the scores are the ranking's (see
-    the module's conventions).
-
-    ``queries [B, d]``, ``keys [N, d]``, ``slot_ids [N]``. Not differentiable.
+    the module's conventions). Not differentiable.
     """
+    keys, slot_ids, k, metric = s.keys, s.slot_ids, s.k, s.metric
     with torch.no_grad():
-        q = queries.to(working_dtype(queries, keys))
+        q = s.queries.to(working_dtype(s.queries, keys))
         batch, n = q.shape[0], keys.shape[0]
-        exclude = None
-        if exclude_ids is not None and exclude_ids.shape[1] > 0:
-            exclude = exclude_ids.sort(dim=1).values
+        exclude = _sorted_exclusions(s.exclude_ids)
         # A chunk keeps k + E candidates: at most E of them can be excluded for a query.
         extra = 0 if exclude is None else exclude.shape[1]
         best = torch.full((batch, k), _NONE, dtype=torch.int64, device=q.device)
@@ -156,53 +154,32 @@ def masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, -1) * valid
 
 
-def topk_attention(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    slot_ids: torch.Tensor,
-    k: int,
-    scale: float,
-    metric: str = "ip",
-    exclude_ids: torch.Tensor | None = None,
-    num_classes: int | None = None,
-) -> torch.Tensor:
+def topk_attention(a: AttendInputs) -> torch.Tensor:
     """softmax(scale * score) over the top-k live rows, then the weighted sum of their values.
 
-    ``values`` is ``[N, V]`` (result ``[B, V]``) or int64 labels ``[N]`` with
-    ``num_classes`` (result: class probabilities ``[B, num_classes]``). Differentiable in
-    queries, keys and values; only the retrieved rows receive gradient.
+    Vector values ``[N, V]`` give ``[B, V]``; int64 labels ``[N]`` give class
+    probabilities ``[B, num_classes]``. Differentiable in queries, keys and values; only
+    the retrieved rows receive gradient.
     """
-    _, slots = search(queries, keys, slot_ids, k, metric, exclude_ids)
+    _, slots = search(a.search())
     valid = slots >= 0
-    weights = masked_softmax(scale * gather_scores(queries, keys, slots, metric), valid)
-    if num_classes is None:
-        return torch.einsum("bk,bkv->bv", weights, take_rows(values, slots).to(weights.dtype))
-    out = weights.new_zeros(weights.shape[0], num_classes)
-    return out.scatter_add(1, take_rows(values, slots), weights)
+    weights = masked_softmax(a.scale * gather_scores(a.queries, a.keys, slots, a.metric), valid)
+    if not a.labels:
+        return torch.einsum("bk,bkv->bv", weights, take_rows(a.values, slots).to(weights.dtype))
+    out = weights.new_zeros(weights.shape[0], a.num_classes)
+    return out.scatter_add(1, take_rows(a.values, slots), weights)
 
 
-def dense_attention(
-    queries: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    slot_ids: torch.Tensor,
-    scale: float,
-    metric: str = "ip",
-    exclude_ids: torch.Tensor | None = None,
-    num_classes: int | None = None,
-    return_lse: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """:func:`topk_attention` over every live row, by an online softmax over chunks;
-    with ``return_lse`` also the log-sum-exp ``[B]`` of ``scale * score`` over those
+def dense_attention(d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`topk_attention` over every live row, by an online softmax over chunks:
+    ``(out [B, W], lse [B])``, ``lse`` the log-sum-exp of ``scale * score`` over those
     rows (``-inf`` for a query with none)."""
-    dtype = working_dtype(queries, keys)
-    q = queries.to(dtype)
+    keys, values, slot_ids, scale, metric = d.keys, d.values, d.slot_ids, d.scale, d.metric
+    dtype = d.working_dtype
+    q = d.queries.to(dtype)
     batch, n = q.shape[0], keys.shape[0]
-    width = values.shape[1] if num_classes is None else num_classes
-    exclude = None
-    if exclude_ids is not None and exclude_ids.shape[1] > 0:
-        exclude = exclude_ids.sort(dim=1).values
+    width = d.width
+    exclude = _sorted_exclusions(d.exclude_ids)
     run_max = torch.full((batch, 1), float("-inf"), dtype=dtype, device=q.device)
     total = q.new_zeros(batch, 1)
     acc = q.new_zeros(batch, width)
@@ -221,7 +198,7 @@ def dense_attention(
         shift = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
         p = torch.exp(s - shift)
         rescale = torch.exp(run_max - shift)
-        if num_classes is None:
+        if not d.labels:
             contrib = p @ values[start:stop].to(dtype)
         else:
             contrib = p.new_zeros(batch, width).index_add(1, values[start:stop], p)
@@ -230,18 +207,16 @@ def dense_attention(
         run_max = new_max
     has = total > 0
     out = acc / torch.where(has, total, torch.ones_like(total))
-    if not return_lse:
-        return out
     return out, torch.where(has, run_max + total.log(), float("-inf")).squeeze(1)
 
 
-def compact_rows(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> int:
+def compact_rows(c: CompactInputs) -> int:
     """Stable compaction: the rows of ``src [N, ...]`` where ``keep [N]`` go, in order, to ``out[:n]``."""
-    kept = src[keep]
-    out[: kept.shape[0]] = kept
+    kept = c.src[c.keep]
+    c.out[: kept.shape[0]] = kept
     return kept.shape[0]
 
 
-def zero_rows(dst: torch.Tensor, rows: torch.Tensor) -> None:
+def zero_rows(z: ScrubInputs) -> None:
     """Zero the rows ``rows`` (int64 ``[n]``) of ``dst [N, ...]`` in place."""
-    dst.index_fill_(0, rows, 0)
+    z.dst.index_fill_(0, z.rows, 0)

@@ -108,16 +108,11 @@ REGISTRY.register(
             "zero_rows": _rows(ANY),
         },
         {
-            "search": lambda s: reference.search(s.queries, s.keys, s.slot_ids, s.k, s.metric, s.exclude_ids),
-            "topk_attention": lambda a: reference.topk_attention(
-                a.queries, a.keys, a.values, a.slot_ids, a.k, a.scale, a.metric, a.exclude_ids, a.num_classes or None
-            ),
-            "dense_attention": lambda d: reference.dense_attention(
-                d.queries, d.keys, d.values, d.slot_ids, d.scale, d.metric, d.exclude_ids, d.num_classes or None,
-                return_lse=True,
-            ),
-            "compact_rows": lambda c: reference.compact_rows(c.src, c.keep, c.out),
-            "zero_rows": lambda z: reference.zero_rows(z.dst, z.rows),
+            "search": reference.search,
+            "topk_attention": reference.topk_attention,
+            "dense_attention": reference.dense_attention,
+            "compact_rows": reference.compact_rows,
+            "zero_rows": reference.zero_rows,
         },
     )
-)  # fmt: skip
+)
