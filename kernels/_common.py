@@ -32,6 +32,28 @@ def tl_dtype(dtype: torch.dtype) -> tl.dtype:
 
 
 @triton.jit
+def load_rows(ptr, rows, row_ok, width, cols, col_ok):
+    """Columns ``cols`` of rows ``rows`` of a row-major ``[*, width]`` matrix:
+    ``[len(rows), len(cols)]``, 0 where a row or column is masked off."""
+    offsets = rows.to(tl.int64)[:, None] * width + cols[None, :]
+    return tl.load(ptr + offsets, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+
+
+@triton.jit
+def store_rows(ptr, rows, row_ok, width, cols, col_ok, x):
+    """Write ``x [len(rows), len(cols)]`` where :func:`load_rows` reads."""
+    offsets = rows.to(tl.int64)[:, None] * width + cols[None, :]
+    tl.store(ptr + offsets, x, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def span(start, n, BLOCK: tl.constexpr):
+    """Indices ``start .. start + BLOCK`` and which of them are below ``n``."""
+    idx = start + tl.arange(0, BLOCK)
+    return idx, idx < n
+
+
+@triton.jit
 def excluded(ex_ptr, rows, row_ok, ids, E, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr):
     """bool ``[BLOCK_B, BLOCK_N]``: row id ``ids[j]`` is listed in ``exclude[rows[i], :E]``."""
     hit = tl.zeros([BLOCK_B, BLOCK_N], tl.int1)

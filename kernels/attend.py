@@ -15,7 +15,7 @@ import triton.language as tl
 
 from kmem.ops.inputs import AttendGrads, AttendInputs, Grads
 
-from ._common import launch, pow2, tl_dtype
+from ._common import launch, load_rows, pow2, tl_dtype
 
 _BLOCK_K = 64  # slots per step
 _BLOCK_D = 32  # key columns per step
@@ -47,10 +47,7 @@ def _slot_logits(
         dc = d0 + tl.arange(0, BLOCK_D)
         d_ok = dc < D
         q = tl.load(q_ptr + b * D + dc, mask=d_ok, other=0.0)
-        rows = tl.load(
-            k_ptr + slot[:, None] * D + dc[None, :], mask=valid[:, None] & d_ok[None, :], other=0.0
-        )
-        rows = rows.to(DT)
+        rows = load_rows(k_ptr, slot, valid, D, dc, d_ok).to(DT)
         if L2:
             diff = q[None, :] - rows
             s -= tl.sum(diff * diff, 1)
@@ -124,9 +121,7 @@ def _weighted_values_kernel(
     acc = tl.zeros([BLOCK_V], DT)
     for k0 in range(0, K, BLOCK_K):
         slot, w, valid = _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K)
-        vals = tl.load(
-            v_ptr + slot[:, None] * V + vc[None, :], mask=valid[:, None] & v_ok[None, :], other=0.0
-        )
+        vals = load_rows(v_ptr, slot, valid, V, vc, v_ok)
         acc += tl.sum(w[:, None] * vals.to(DT), 0)
     tl.store(out_ptr + b * V + vc, acc, mask=v_ok)
 
@@ -217,9 +212,7 @@ def _slot_dw(
             vc = v0 + tl.arange(0, BLOCK_V)
             v_ok = vc < V
             g = tl.load(g_ptr + b * V + vc, mask=v_ok, other=0.0)
-            vals = tl.load(
-                v_ptr + slot[:, None] * V + vc[None, :], mask=valid[:, None] & v_ok[None, :], other=0.0
-            )
+            vals = load_rows(v_ptr, slot, valid, V, vc, v_ok)
             dw += tl.sum(g[None, :] * vals.to(DT), 1)
     return dw
 
@@ -282,7 +275,7 @@ def _dq_dkeys_kernel(
     for k0 in range(0, K, BLOCK_K):
         slot, ds, valid = _slot_block(slots_ptr, ds_ptr, b, k0, K, BLOCK_K)
         mask = valid[:, None] & d_ok[None, :]
-        rows = tl.load(k_ptr + slot[:, None] * D + dc[None, :], mask=mask, other=0.0).to(DT)
+        rows = load_rows(k_ptr, slot, valid, D, dc, d_ok).to(DT)
         if L2:
             diff = q[None, :] - rows
             dq -= 2.0 * tl.sum(ds[:, None] * diff, 0)

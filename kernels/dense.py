@@ -16,7 +16,7 @@ import triton.language as tl
 
 from kmem.ops.inputs import DenseGrads, DenseInputs, Grads
 
-from ._common import MIN_DOT, launch, live_mask, pow2, tl_dtype
+from ._common import MIN_DOT, launch, live_mask, load_rows, pow2, span, store_rows, tl_dtype
 
 _BLOCK_B = 16  # queries per block
 _BLOCK_N = 32  # key rows per tile
@@ -25,9 +25,15 @@ _BLOCK_N = 32  # key rows per tile
 @triton.jit
 def _load_rows(ptr, idx, idx_ok, width, DT: tl.constexpr, BLOCK_W: tl.constexpr):
     """Rows ``idx`` of a row-major ``[*, width]`` matrix as ``[len(idx), BLOCK_W]`` in ``DT``, zero-padded."""
-    wc = tl.arange(0, BLOCK_W)
-    mask = idx_ok[:, None] & (wc < width)[None, :]
-    return tl.load(ptr + idx.to(tl.int64)[:, None] * width + wc[None, :], mask=mask, other=0.0).to(DT)
+    wc, wc_ok = span(0, width, BLOCK_W)
+    return load_rows(ptr, idx, idx_ok, width, wc, wc_ok).to(DT)
+
+
+@triton.jit
+def _query_block(q_ptr, B, D, DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's query rows ``[BLOCK_B]``, their mask, and the queries ``[BLOCK_B, BLOCK_D]`` in ``DT``."""
+    rows, row_ok = span(tl.program_id(0) * BLOCK_B, B, BLOCK_B)
+    return rows, row_ok, _load_rows(q_ptr, rows, row_ok, D, DT, BLOCK_D)
 
 
 @triton.jit
@@ -51,37 +57,17 @@ def _logits(q, kt, keep, scale, L2: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit
 def _dense_fwd_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    ids_ptr,
-    ex_ptr,
-    out_ptr,
-    lse_ptr,
-    scale,
-    B,
-    N,
-    D,
-    W,
-    E,
-    L2: tl.constexpr,
-    LABELS: tl.constexpr,
-    DT: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):
+    q_ptr, k_ptr, v_ptr, ids_ptr, ex_ptr, out_ptr, lse_ptr, scale, B, N, D, W, E,
+    L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
     """``out [B, W]`` and ``lse [B]`` for one block of queries, by an online softmax over key tiles."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    q = _load_rows(q_ptr, rows, row_ok, D, DT, BLOCK_D)
+    rows, row_ok, q = _query_block(q_ptr, B, D, DT, BLOCK_B, BLOCK_D)
     m = tl.full([BLOCK_B], float("-inf"), DT)
     total = tl.zeros([BLOCK_B], DT)
     acc = tl.zeros([BLOCK_B, BLOCK_W], DT)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
+        cols, col_ok = span(n0, N, BLOCK_N)
         keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, N, E, BLOCK_B, BLOCK_N)
         z = _logits(q, _load_rows(k_ptr, cols, col_ok, D, DT, BLOCK_D), keep, scale, L2, DT)
         m_new = tl.maximum(m, tl.max(z, 1))
@@ -93,10 +79,8 @@ def _dense_fwd_kernel(
         acc = acc * rescale[:, None] + tl.dot(p, vals, out_dtype=DT, input_precision="ieee")
         m = m_new
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    wc = tl.arange(0, BLOCK_W)
-    tl.store(
-        out_ptr + rows.to(tl.int64)[:, None] * W + wc[None, :], out, mask=row_ok[:, None] & (wc < W)[None, :]
-    )
+    wc, wc_ok = span(0, W, BLOCK_W)
+    store_rows(out_ptr, rows, row_ok, W, wc, wc_ok, out)
     lse = tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
     tl.store(lse_ptr + rows, lse, mask=row_ok)
 
@@ -114,41 +98,19 @@ def _tile_dlogits(q, kt, vals, g, lse, delta, keep, scale, L2: tl.constexpr, DT:
 
 @triton.jit
 def _dense_dq_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    ids_ptr,
-    ex_ptr,
-    g_ptr,
-    lse_ptr,
-    delta_ptr,
-    dq_ptr,
-    scale,
-    B,
-    N,
-    D,
-    W,
-    E,
-    L2: tl.constexpr,
-    LABELS: tl.constexpr,
-    DT: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-):
+    q_ptr, k_ptr, v_ptr, ids_ptr, ex_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr, scale, B, N, D, W, E,
+    L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+):  # fmt: skip
     """``dq`` of one query block: ip ``sum_j ds_j k_j``; l2 ``-2 sum_j ds_j (q - k_j)``."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    row_ok = rows < B
-    q = _load_rows(q_ptr, rows, row_ok, D, DT, BLOCK_D)
+    rows, row_ok, q = _query_block(q_ptr, B, D, DT, BLOCK_B, BLOCK_D)
     g = _load_rows(g_ptr, rows, row_ok, W, DT, BLOCK_W)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
     ds_k = tl.zeros([BLOCK_B, BLOCK_D], DT)
     ds_sum = tl.zeros([BLOCK_B], DT)
     for n0 in range(0, N, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < N
+        cols, col_ok = span(n0, N, BLOCK_N)
         keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, N, E, BLOCK_B, BLOCK_N)
         kt = _load_rows(k_ptr, cols, col_ok, D, DT, BLOCK_D)
         vals = _value_rows(v_ptr, cols, col_ok, W, LABELS, DT, BLOCK_W)
@@ -156,52 +118,27 @@ def _dense_dq_kernel(
         ds_k += tl.dot(ds, kt, out_dtype=DT, input_precision="ieee")
         ds_sum += tl.sum(ds, 1)
     dq = -2.0 * (ds_sum[:, None] * q - ds_k) if L2 else ds_k
-    dc = tl.arange(0, BLOCK_D)
-    tl.store(
-        dq_ptr + rows.to(tl.int64)[:, None] * D + dc[None, :], dq, mask=row_ok[:, None] & (dc < D)[None, :]
-    )
+    dc, dc_ok = span(0, D, BLOCK_D)
+    store_rows(dq_ptr, rows, row_ok, D, dc, dc_ok, dq)
 
 
 @triton.jit
 def _dense_dkv_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    ids_ptr,
-    ex_ptr,
-    g_ptr,
-    lse_ptr,
-    delta_ptr,
-    dk_ptr,
-    dv_ptr,
-    scale,
-    B,
-    N,
-    D,
-    W,
-    E,
-    L2: tl.constexpr,
-    LABELS: tl.constexpr,
-    DT: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_W: tl.constexpr,
-    KEYS: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, ids_ptr, ex_ptr, g_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, scale, B, N, D, W, E,
+    L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, KEYS: tl.constexpr,
     VALUES: tl.constexpr,
-):
+):  # fmt: skip
     """``dkeys`` (if ``KEYS``) and ``dvalues`` (if ``VALUES``) of one key tile over all queries: ip ``dk_j = sum_b ds_bj q_b``;
     l2 ``dk_j = 2 sum_b ds_bj (q_b - k_j)``; ``dv_j = sum_b p_bj g_b``."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
+    cols, col_ok = span(tl.program_id(0) * BLOCK_N, N, BLOCK_N)
     kt = _load_rows(k_ptr, cols, col_ok, D, DT, BLOCK_D)
     vals = _value_rows(v_ptr, cols, col_ok, W, LABELS, DT, BLOCK_W)
     ds_q = tl.zeros([BLOCK_N, BLOCK_D], DT)
     ds_sum = tl.zeros([BLOCK_N], DT)
     p_g = tl.zeros([BLOCK_N, BLOCK_W], DT)
     for b0 in range(0, B, BLOCK_B):
-        rows = b0 + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
+        rows, row_ok = span(b0, B, BLOCK_B)
         keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, N, E, BLOCK_B, BLOCK_N)
         q = _load_rows(q_ptr, rows, row_ok, D, DT, BLOCK_D)
         g = _load_rows(g_ptr, rows, row_ok, W, DT, BLOCK_W)
@@ -214,13 +151,11 @@ def _dense_dkv_kernel(
             p_g += tl.dot(tl.trans(p), g, out_dtype=DT, input_precision="ieee")
     if KEYS:
         dk = 2.0 * (ds_q - ds_sum[:, None] * kt) if L2 else ds_q
-        dc = tl.arange(0, BLOCK_D)
-        dk_mask = col_ok[:, None] & (dc < D)[None, :]
-        tl.store(dk_ptr + cols.to(tl.int64)[:, None] * D + dc[None, :], dk, mask=dk_mask)
+        dc, dc_ok = span(0, D, BLOCK_D)
+        store_rows(dk_ptr, cols, col_ok, D, dc, dc_ok, dk)
     if VALUES:
-        wc = tl.arange(0, BLOCK_W)
-        dv_mask = col_ok[:, None] & (wc < W)[None, :]
-        tl.store(dv_ptr + cols.to(tl.int64)[:, None] * W + wc[None, :], p_g, mask=dv_mask)
+        wc, wc_ok = span(0, W, BLOCK_W)
+        store_rows(dv_ptr, cols, col_ok, W, wc, wc_ok, p_g)
 
 
 def _setup(d: DenseInputs) -> tuple[tuple, dict]:
