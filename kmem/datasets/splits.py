@@ -15,8 +15,9 @@ these ids.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar, Self
 
 import numpy as np
 import torch
@@ -53,8 +54,25 @@ def as_index(index: int | slice | torch.Tensor | list[int]) -> slice | torch.Ten
     return index if isinstance(index, slice) else torch.as_tensor(index).reshape(-1)
 
 
+class SampleRows:
+    """Indexing for a frozen dataclass that holds one row per sample in each of its
+    tensor fields ``per_sample`` (labels and ids among them)."""
+
+    per_sample: ClassVar[tuple[str, ...]]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int | slice | torch.Tensor | list[int]) -> Self:
+        """The samples at ``index`` (a slice, int64 indices or a bool mask; an int gives a
+        one-sample set), ids kept."""
+        index = as_index(index)
+        return replace(self, **{name: getattr(self, name)[index] for name in self.per_sample})
+
+
 @dataclass(frozen=True)
-class Split:
+class Split(SampleRows):
     """One split of a dataset.
 
     Attributes:
@@ -64,6 +82,7 @@ class Split:
         name: ``"<dataset>/<split>"``, e.g. ``"digits/train"``; names the feature cache.
     """
 
+    per_sample = ("images", "labels", "ids")
     images: torch.Tensor
     labels: torch.Tensor
     ids: torch.Tensor
@@ -76,15 +95,6 @@ class Split:
                 f"images must be float32 [n, C, H, W], got {self.images.dtype} {list(self.images.shape)}"
             )
         check_labels_and_ids(n, self.labels, self.ids)
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int | slice | torch.Tensor | list[int]) -> Split:
-        """The samples at ``index`` (a slice, int64 indices or a bool mask; an int gives a
-        one-sample split), ids kept."""
-        index = as_index(index)
-        return Split(self.images[index], self.labels[index], self.ids[index], self.name)
 
 
 @dataclass(frozen=True)

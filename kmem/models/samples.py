@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from ..datasets.features import encode
-from ..datasets.splits import Split, as_index, check_labels_and_ids
+from ..datasets.splits import SampleRows, Split, check_labels_and_ids
 
 INPUTS = ("features", "images")
 
 
 @dataclass(frozen=True)
-class Samples:
+class Samples(SampleRows):
     """Model inputs with their labels and stable sample ids.
 
     Attributes:
@@ -23,6 +23,7 @@ class Samples:
         ids: int64 ``[n]`` distinct sample ids: the ids memory rows and forget requests use.
     """
 
+    per_sample = ("inputs", "labels", "ids")
     inputs: torch.Tensor
     labels: torch.Tensor
     ids: torch.Tensor
@@ -34,15 +35,6 @@ class Samples:
                 f"inputs must be float32 [n, ...], got {self.inputs.dtype} {list(self.inputs.shape)}"
             )
         check_labels_and_ids(n, self.labels, self.ids)
-
-    def __len__(self) -> int:
-        return self.inputs.shape[0]
-
-    def __getitem__(self, index: int | slice | torch.Tensor | list[int]) -> Samples:
-        """The samples at ``index`` (slice, int64 indices or bool mask; an int gives one
-        sample), ids kept."""
-        index = as_index(index)
-        return Samples(self.inputs[index], self.labels[index], self.ids[index])
 
     def without(self, ids: torch.Tensor | list[int]) -> Samples:
         """These samples minus those whose id is in ``ids`` (order kept; unknown ids ignored)."""
