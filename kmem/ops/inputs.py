@@ -37,7 +37,8 @@ class Signature(NamedTuple):
 
 @dataclass(frozen=True)
 class SearchInputs:
-    """Top-``k`` rows per query: ``search(inputs) -> slots [B, k]`` int64."""
+    """Top-``k`` rows per query: a backend's ``search(inputs)`` returns ``(scores
+    float32 [B, k], slots int64 [B, k])``, best first, ``-inf`` / ``-1`` past the end."""
 
     op: ClassVar[str] = "search"
     queries: torch.Tensor
