@@ -114,6 +114,7 @@ class KeyMemory:
         # Resolved through an allocation so "cuda" becomes "cuda:0" (the current device):
         # tensors report an indexed device, and the device checks compare equal.
         self.device = torch.empty(0, device=device).device
+        self._on_cpu = self.device.type == "cpu"
         self.compact_threshold = compact_threshold
         self.backend = backend
         self.ledger = ledger
@@ -378,12 +379,10 @@ class KeyMemory:
         return scores, ids
 
     def _ids_of(self, slots: torch.Tensor) -> torch.Tensor:
-        """The ids in ``slots`` (any shape), -1 for slot -1. ``take`` reads index -1 as the
-        buffer's last slot, which is unused, so -1, unless the buffer is full: one op
-        instead of four on a small read's path."""
-        if self._used < self.capacity:
-            return self._slot_ids.take(slots)
-        return self._slot_ids.take(slots.clamp(min=0)).masked_fill_(slots < 0, -1)
+        """The ids in ``slots`` (any shape), -1 for slot -1: ``take`` reads index -1 as
+        the entry past the last slot, which is always -1 -- one op instead of three on a
+        small read's path."""
+        return self._slot_id_lookup.take(slots)
 
     def get(self, ids: IdsLike) -> tuple[torch.Tensor, torch.Tensor]:
         """Copies ``(keys [n, key_dim], values)`` of the live rows ``ids``, in that order.
@@ -568,12 +567,15 @@ class KeyMemory:
 
     # -------------------------------------------------------------- internals
     def _allocate(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Zeroed ``keys [capacity, key_dim]`` and ``values``, and ``slot_ids [capacity + 1]``
+        all -1 (:meth:`_set_buffers` keeps the extra entry out of sight)."""
         keys = torch.zeros(capacity, self.key_dim, dtype=self.dtype, device=self.device)
         if self.is_labels:
             values = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         else:
             values = torch.zeros(capacity, self.value_dim, dtype=self.dtype, device=self.device)
-        slot_ids = torch.full((capacity,), -1, dtype=torch.int64, device=self.device)
+        # One slot past the end that is always -1: see _ids_of.
+        slot_ids = torch.full((capacity + 1,), -1, dtype=torch.int64, device=self.device)
         return keys, values, slot_ids
 
     def _reserve(self, slots: int) -> None:
@@ -587,8 +589,10 @@ class KeyMemory:
         self._set_buffers(new)
 
     def _set_buffers(self, buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        """Install new ``(keys, values, slot_ids)`` buffers and drop the views of the old."""
-        self._keys, self._values, self._slot_ids = buffers
+        """Install new ``(keys, values, slot_ids)`` buffers of :meth:`_allocate` and drop
+        the views of the old."""
+        self._keys, self._values, self._slot_id_lookup = buffers
+        self._slot_ids = self._slot_id_lookup[:-1]
         self._views: tuple[int, tuple[torch.Tensor, ...]] = (-1, ())
 
     def _check_new_ids(self, ids: object) -> list[int]:
@@ -612,8 +616,10 @@ class KeyMemory:
     def _check_queries(self, queries: object) -> None:
         """The one check of a read's queries (the ops are handed valid records)."""
         _checks.floating("queries", queries)
-        _checks.shape("queries", queries, (None, self.key_dim))
-        _checks.device("queries", queries, self.device)
+        if queries.dim() != 2 or queries.shape[1] != self.key_dim:  # the common case in one test
+            _checks.shape("queries", queries, (None, self.key_dim))
+        if not (queries.is_cpu and self._on_cpu):
+            _checks.device("queries", queries, self.device)
         _checks.finite("queries", queries)
 
     def _check_exclusions(self, exclude_ids: object, queries: torch.Tensor) -> torch.Tensor | None:

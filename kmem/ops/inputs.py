@@ -5,7 +5,9 @@ A record holds one call's tensors and settings, mirroring the ``*Args`` structs 
 backend, the custom ops (:mod:`kmem.ops.custom`) are generated from its fields, and every
 backend's kernels take it whole. :meth:`checked` constructors validate user input and
 name the offending argument; code that already holds valid buffers (the memory)
-builds records directly.
+builds records directly. Records are not changed once built (``dataclasses.replace``
+makes a new one); they are not frozen because a frozen dataclass's construction costs
+~3x, a visible part of a small read.
 
 Shapes: ``queries [B, d]`` floating, ``keys [N, d]`` floating, ``slot_ids [N]`` int64
 (``-1`` = an empty or deleted slot), ``values [N, V]`` floating or ``[N]`` int64 labels
@@ -35,7 +37,7 @@ class Signature(NamedTuple):
     grads: bool
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class SearchInputs:
     """Top-``k`` rows per query: a backend's ``search(inputs)`` returns ``(scores
     float32 [B, k], slots int64 [B, k])``, best first, ``-inf`` / ``-1`` past the end."""
@@ -63,11 +65,11 @@ class SearchInputs:
 
     def signature(self) -> Signature:
         return Signature(
-            self.queries.device.type, self.queries.dtype, self.keys.dtype, None, False, self.k, False
+            _device(self.queries), self.queries.dtype, self.keys.dtype, None, False, self.k, False
         )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _RowsInputs:
     """What top-k and dense attention share: the memory, its values and the softmax scale."""
 
@@ -108,7 +110,7 @@ class _RowsInputs:
 
     def signature(self) -> Signature:
         return Signature(
-            self.queries.device.type,
+            _device(self.queries),
             self.queries.dtype,
             self.keys.dtype,
             None if self.labels else self.values.dtype,
@@ -118,7 +120,7 @@ class _RowsInputs:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AttendInputs(_RowsInputs):
     """Softmax attention over each query's top-``k`` live rows."""
 
@@ -130,7 +132,7 @@ class AttendInputs(_RowsInputs):
         return SearchInputs(self.queries, self.keys, self.slot_ids, self.exclude_ids, self.k, self.metric)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DenseInputs(_RowsInputs):
     """Softmax attention over every live, non-excluded row."""
 
@@ -140,7 +142,7 @@ class DenseInputs(_RowsInputs):
 Grads = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # (dq, dkeys, dvalues)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class AttendGrads:
     """What top-k attention's backward reads (the ``AttendBackwardArgs`` of the CUDA
     kernels): the forward's record, its chosen ``slots [B, k]`` and softmax ``weights
@@ -156,7 +158,7 @@ class AttendGrads:
     needs_values: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DenseGrads:
     """What dense attention's backward reads: the forward's record, its ``out [B, W]``
     and ``lse [B]``, the gradients reaching them (``grad_out``, ``grad_lse``), and which
@@ -207,7 +209,7 @@ def attention_inputs(
     return DenseInputs(*rows) if k is None else AttendInputs(*rows, k=k)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class CompactInputs:
     """Stable compaction: the rows of ``src [N, ...]`` where ``keep [N]`` (bool) go to ``out``."""
 
@@ -228,10 +230,10 @@ class CompactInputs:
         return cls(src.contiguous(), keep.contiguous(), out)
 
     def signature(self) -> Signature:
-        return Signature(self.src.device.type, None, self.src.dtype, None, False, None, False)
+        return Signature(_device(self.src), None, self.src.dtype, None, False, None, False)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ScrubInputs:
     """The scrub of deleted rows: zero rows ``rows [n]`` (int64) of the contiguous ``dst [N, ...]``."""
 
@@ -253,7 +255,12 @@ class ScrubInputs:
         return cls(dst, rows.contiguous())
 
     def signature(self) -> Signature:
-        return Signature(self.dst.device.type, None, self.dst.dtype, None, False, None, False)
+        return Signature(_device(self.dst), None, self.dst.dtype, None, False, None, False)
+
+
+def _device(t: torch.Tensor) -> str:
+    """``t.device.type``; ``is_cpu`` answers the common case without making a device object."""
+    return "cpu" if t.is_cpu else t.device.type
 
 
 def default_scale(queries: torch.Tensor) -> float:

@@ -147,7 +147,8 @@ class Registry:
         chosen = self._chosen.get((op, backend, sig))
         if chosen is None:
             chosen = self._chosen[op, backend, sig] = self._select(op, sig, backend)
-        _record(f"{op}:{chosen.name}")
+        if _TRACES:
+            _record(f"{op}:{chosen.name}")
         return chosen
 
     def _select(self, op: str, sig: Signature, backend: str) -> Backend:

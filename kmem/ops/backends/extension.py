@@ -31,9 +31,13 @@ class Extension:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        self._fns: dict[str, object] = {}
 
     def _fn(self, name: str):
-        return getattr(_ext.compiled(), self.prefix + name)
+        fn = self._fns.get(name)
+        if fn is None:  # looked up once: the extension module does not change
+            fn = self._fns[name] = getattr(_ext.compiled(), self.prefix + name)
+        return fn
 
     def search(self, s: SearchInputs) -> tuple[torch.Tensor, torch.Tensor]:
         return self._fn("search")(s.queries, s.keys, s.slot_ids, s.k, s.l2, s.exclude_ids)
