@@ -15,7 +15,7 @@ from kmem.unlearn import demo
 from kmem.unlearn.aggregate import aggregate
 from kmem.unlearn.evaluate import ORACLE_SEED_OFFSET, Setup
 from kmem.unlearn.report import table, verdicts, write_report
-from kmem.unlearn.results import KMEM, ORACLE_SEED, MethodResult
+from kmem.unlearn.results import KMEM, ORACLE, ORACLE_SEED, MethodResult
 from kmem.unlearn.stats import mean_ci
 
 
@@ -47,6 +47,8 @@ def test_results_json_has_a_row_per_request_seed_family_method(tmp_path):
     row = saved["rows"][2]
     assert (row["request"], row["family"], row["method"]) == ("random-10%", "munkey", KMEM)
     assert row["scores"]["avg_gap"] == 0.4 and saved["selected"]["FT"]["lr"] == 1e-3
+    oracle = next(r for r in saved["rows"] if (r["family"], r["method"]) == ("munkey", ORACLE))
+    assert oracle["scores"]["seconds"] == 40.0  # its retraining time
     assert saved["aggregate"][0]["rows"][2]["scores"]["avg_gap"] == pytest.approx(0.5)
     assert "0.50 ± " in (tmp_path / "report.md").read_text()
 

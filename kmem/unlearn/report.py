@@ -475,6 +475,14 @@ def write_report(
     return path
 
 
+def _json_scores(result: RequestResult, row: MethodResult) -> dict:
+    """A row's scores; the oracle's ``seconds`` is its retraining time."""
+    scores = row.scores.as_dict()
+    if row.method == ORACLE:
+        scores["seconds"] = result.retrain_seconds.get(row.family)
+    return scores
+
+
 def results_json(
     per_seed: Sequence[RequestResult], means: Sequence[RequestResult], selected: dict[str, dict] | None
 ) -> dict:
@@ -488,7 +496,7 @@ def results_json(
                 "seed": r.seed,
                 "family": row.family,
                 "method": row.method,
-                "scores": row.scores.as_dict(),
+                "scores": _json_scores(r, row),
             }
             for r in per_seed
             for row in r.rows
