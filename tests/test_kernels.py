@@ -162,12 +162,14 @@ def test_search_matches_brute_force_with_ties(kernel, metric, n, k, batch, exclu
 @pytest.mark.parametrize("query_dtype", [F32, F64])
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize(
-    ("n", "batch", "dim"), [(31, 9, 20), (33, 9, 72), (3001, 3, 20), (3001, 17, 72), (3001, 70, 20)]
+    ("n", "batch", "dim"),
+    [(31, 9, 20), (33, 9, 72), (3001, 3, 20), (3001, 17, 72), (3001, 70, 20), (3001, 33, 64)],
 )
 def test_search_low_precision_keys_exact_on_integers(kernel, dtype, query_dtype, metric, n, batch, dim):
     """Small integers are exact in every dtype, so every path (the C++ streaming scan on
-    any key dtype, its bf16 tile kernel above batch 64 at even d, BLAS tiles; d past a
-    whole number of SIMD steps) must give the exact answer."""
+    any key dtype, its AMX tiles for bf16 keys at d a multiple of 32, its bf16 tile
+    kernel above batch 64 at even d, BLAS tiles; d past a whole number of SIMD steps)
+    must give the exact answer."""
     kernel.fits(n, batch)
     keys, slot_ids = buffers(n, dim, dead_every=5, data=integer_data)
     q = integer_data(batch, dim).to(query_dtype)
@@ -190,6 +192,29 @@ def test_search_random_floats_is_exact_topk(kernel, metric, batch):
         assert bool((scores[:, :-1] >= scores[:, 1:]).all())
     torch.testing.assert_close(scores.double(), torch.gather(full, 1, slots), rtol=1e-5, atol=1e-4)
     assert bool((scores[:, :-1] >= scores[:, 1:] - 1e-4).all())
+    torch.testing.assert_close(full.topk(20).values.float(), scores, rtol=1e-5, atol=1e-4)
+
+
+@backends(ALL)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("batch", [1, 16, 37, 64])
+def test_search_bf16_keys_rank_by_float32_queries(kernel, metric, batch):
+    """bf16 keys at d a multiple of 32 (the C++ backend's AMX tiles, where the CPU has
+    them): scores within float32 summation error of the exact scores of the float32
+    queries -- a bf16 rounding of the queries would be ~1e-3 off -- with dead rows,
+    exclusions and a last block of fewer than 16 rows."""
+    kernel.fits(3001, batch)
+    n = kernel.rows(3001)
+    keys, slot_ids = buffers(n, 64, dead_every=3)
+    keys = keys.bfloat16()
+    q = torch.randn(batch, 64)
+    full = brute_scores(q, keys.float(), metric).masked_fill(slot_ids < 0, float("-inf"))
+    exclude = slot_ids[full.topk(3).indices]  # each query's three best rows' ids ...
+    exclude[:, 1] = -1  # ... but one: -1 pads a row of exclusions
+    scores, slots = kernel.search(q, keys, slot_ids, 20, metric, exclude_ids=exclude)
+    full = full.masked_fill((slot_ids[None, :, None] == exclude[:, None, :]).any(-1), float("-inf"))
+    assert bool((slot_ids[slots] >= 0).all())
+    torch.testing.assert_close(scores.double(), torch.gather(full, 1, slots), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(full.topk(20).values.float(), scores, rtol=1e-5, atol=1e-4)
 
 

@@ -17,9 +17,12 @@
 #include <algorithm>
 #include <cstdlib>
 #include <functional>
+#include <limits>
+#include <optional>
 #include <type_traits>
 #include <vector>
 
+#include "amx.h"
 #include "topk.h"
 #include "vec.h"
 
@@ -158,11 +161,74 @@ void scan_range(const Scan& sc, const KT* keys, int64_t lo, int64_t hi) {
     for (int64_t b = 0; b < sc.B; ++b) scan_block<1, 1, L2>(sc, keys + j * d, j, b);
 }
 
+#ifdef KMEM_AMX
+// Rows [lo, hi) of bfloat16 keys scored by AMX tiles (amx.h), 32 rows at a time, the
+// last < 32 through a zero-padded copy. As in scan_range, nearly every score costs one
+// compare with its query's running threshold -- here 16 queries' in one instruction.
+template <bool L2>
+void amx_scan_range(const Scan& sc, const amx::Queries& qs, const at::BFloat16* keys, int64_t lo, int64_t hi) {
+  constexpr int64_t kBlock = 2 * amx::kRows;
+  const amx::Tiles tiles;
+  const int64_t d = sc.d;
+  alignas(64) float s[kBlock][amx::kMaxGroups * 16];
+  alignas(64) float floors[amx::kMaxGroups * 16];
+  alignas(64) float passed[16];
+  std::fill_n(floors, amx::kMaxGroups * 16, std::numeric_limits<float>::infinity());
+  for (int64_t b = 0; b < sc.B; ++b) floors[b] = sc.tk[b].floor();
+  std::vector<at::BFloat16> tail;
+  for (int64_t j = lo; j < hi; j += kBlock) {
+    const int64_t rows = std::min<int64_t>(kBlock, hi - j);
+    const at::BFloat16* block = keys + j * d;
+    if (rows < kBlock) {
+      tail.assign(kBlock * d, at::BFloat16(0.f));
+      std::copy_n(block, rows * d, tail.begin());
+      block = tail.data();
+    }
+    amx::scores32(qs, block, d, &s[0][0]);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 norm = _mm512_set1_ps(L2 ? sq_norm(block + r * d, d) : 0.f);
+      for (int64_t g = 0; g < qs.groups(); ++g) {
+        __m512 v = _mm512_load_ps(&s[r][g * 16]);
+        if (L2) v = _mm512_sub_ps(_mm512_add_ps(v, v), norm);
+        // Queries past B sit in the last group: masked off.
+        const int64_t live = std::min<int64_t>(16, sc.B - g * 16);
+        __mmask16 m = _mm512_mask_cmp_ps_mask((1u << live) - 1, v, _mm512_load_ps(floors + g * 16), _CMP_GT_OQ);
+        if (!m) continue;
+        _mm512_store_ps(passed, v);
+        for (; m; m &= m - 1) {
+          const int i = __builtin_ctz(m);
+          const int64_t b = g * 16 + i;
+          offer(sc.tk[b], passed[i], j + r, sc.ids, sc.ex, b);
+          floors[b] = sc.tk[b].floor();
+        }
+      }
+    }
+  }
+}
+#endif
+
+// One thread's rows [lo, hi): by AMX tiles when `packed` holds the queries (bfloat16
+// keys on a CPU with AMX), else by the vector scan.
+template <bool L2, typename KT>
+void scan_rows(const Scan& sc, const amx::Queries* packed, const KT* keys, int64_t lo, int64_t hi) {
+#ifdef KMEM_AMX
+  if constexpr (std::is_same_v<KT, at::BFloat16>) {
+    if (packed) return amx_scan_range<L2>(sc, *packed, keys, lo, hi);
+  }
+#endif
+  scan_range<L2>(sc, keys, lo, hi);
+}
+
 template <typename KT>
 void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B, int64_t N, int64_t d, int64_t k,
                    bool l2, const Exclusions& ex, const Result& out) {
   const int threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 1024 + 1));
   std::vector<int64_t> tops(threads * B * k);
+  std::optional<amx::Queries> amx_queries;
+#ifdef KMEM_AMX
+  if constexpr (std::is_same_v<KT, at::BFloat16>)
+    if (d % amx::kDims == 0 && amx::available()) amx_queries.emplace(q, B, d);
+#endif
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
@@ -173,10 +239,11 @@ void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B
     // Dead rows are scored too (a branch per row would cost more than the few dead
     // rows do); offer() drops them, and only if they would have entered the top-k.
     const Scan sc{q, d, B, tk, ids, ex};
+    const amx::Queries* packed = amx_queries ? &*amx_queries : nullptr;
     if (l2)
-      scan_range<true>(sc, keys, lo, hi);
+      scan_rows<true>(sc, packed, keys, lo, hi);
     else
-      scan_range<false>(sc, keys, lo, hi);
+      scan_rows<false>(sc, packed, keys, lo, hi);
     for (TopK& t : tk) t.finish();
   }
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
