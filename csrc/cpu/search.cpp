@@ -122,6 +122,24 @@ inline void scan_block(const Scan& sc, const KT* rows, int64_t j, int64_t b) {
     for (int r = 0; r < R; ++r) offer(sc.tk[b + a], s[a][r], j + r, sc.ids, sc.ex, b + a);
 }
 
+// Row `slot`'s scores `v` for the 16 queries [b0, b0 + 16), offered where they beat the
+// queries' running thresholds `floors` (kept in step with their top-k; +inf for a lane
+// past B); one compare answers all 16 for nearly every row.
+inline void offer16(const Scan& sc, f32x16 v, float* floors, int64_t b0, int64_t slot) {
+  for (uint32_t m = greater_mask(v, load16(floors + b0)); m; m &= m - 1) {
+    const int64_t b = b0 + __builtin_ctz(m);
+    offer(sc.tk[b], v[b - b0], slot, sc.ids, sc.ex, b);
+    floors[b] = sc.tk[b].floor();
+  }
+}
+
+// Every query's running threshold, for offer16: [B rounded up to 16], +inf past B.
+std::vector<float> thresholds(const Scan& sc) {
+  std::vector<float> floors((sc.B + 15) / 16 * 16, std::numeric_limits<float>::infinity());
+  for (int64_t b = 0; b < sc.B; ++b) floors[b] = sc.tk[b].floor();
+  return floors;
+}
+
 // Q queries [b, b + Q) against the 16 rows [j, j + 16) (float32 keys at `rows`), as
 // Q x R = 16 blocks; the 16 rows stay in L1 from one group of queries to the next.
 template <int Q, bool L2>
@@ -171,10 +189,7 @@ void amx_scan_range(const Scan& sc, const amx::Queries& qs, const at::BFloat16* 
   const amx::Tiles tiles;
   const int64_t d = sc.d;
   alignas(64) float s[kBlock][amx::kMaxGroups * 16];
-  alignas(64) float floors[amx::kMaxGroups * 16];
-  alignas(64) float passed[16];
-  std::fill_n(floors, amx::kMaxGroups * 16, std::numeric_limits<float>::infinity());
-  for (int64_t b = 0; b < sc.B; ++b) floors[b] = sc.tk[b].floor();
+  std::vector<float> floors = thresholds(sc);
   std::vector<at::BFloat16> tail;
   for (int64_t j = lo; j < hi; j += kBlock) {
     const int64_t rows = std::min<int64_t>(kBlock, hi - j);
@@ -186,21 +201,10 @@ void amx_scan_range(const Scan& sc, const amx::Queries& qs, const at::BFloat16* 
     }
     amx::scores32(qs, block, d, &s[0][0]);
     for (int64_t r = 0; r < rows; ++r) {
-      const __m512 norm = _mm512_set1_ps(L2 ? sq_norm(block + r * d, d) : 0.f);
+      const float norm = L2 ? sq_norm(block + r * d, d) : 0.f;
       for (int64_t g = 0; g < qs.groups(); ++g) {
-        __m512 v = _mm512_load_ps(&s[r][g * 16]);
-        if (L2) v = _mm512_sub_ps(_mm512_add_ps(v, v), norm);
-        // Queries past B sit in the last group: masked off.
-        const int64_t live = std::min<int64_t>(16, sc.B - g * 16);
-        __mmask16 m = _mm512_mask_cmp_ps_mask((1u << live) - 1, v, _mm512_load_ps(floors + g * 16), _CMP_GT_OQ);
-        if (!m) continue;
-        _mm512_store_ps(passed, v);
-        for (; m; m &= m - 1) {
-          const int i = __builtin_ctz(m);
-          const int64_t b = g * 16 + i;
-          offer(sc.tk[b], passed[i], j + r, sc.ids, sc.ex, b);
-          floors[b] = sc.tk[b].floor();
-        }
+        const f32x16 v = load16(&s[r][g * 16]);
+        offer16(sc, L2 ? 2.f * v - norm : v, floors.data(), g * 16, j + r);
       }
     }
   }

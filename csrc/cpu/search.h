@@ -4,10 +4,10 @@
 namespace kmem {
 
 // How a batch is scored (measured at 1.28M x 256 on a 2-core AVX-512 machine): up to
-// kStreamMaxBatch queries stream over the keys once with SIMD dot products, reading
-// each key row once for all of them; larger batches score key tiles with BLAS.
-// Above kStreamMaxBatch, bfloat16 keys (even d) are scored by the AVX512-BF16 tile
-// kernel (queries rounded to bf16).
+// kStreamMaxBatch queries stream over the keys once with SIMD dot products (bfloat16
+// keys, d a multiple of 32: AMX tiles where the CPU has them), reading each key row once
+// for all of them; larger batches score key tiles with BLAS, bfloat16 keys (even d) by
+// the AVX512-BF16 tile kernel (queries rounded to bf16).
 constexpr int64_t kStreamMaxBatch = 64;
 
 // The top-k live rows per query: (scores [B, k] float32, slots [B, k] int64), best

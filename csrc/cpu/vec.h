@@ -2,6 +2,7 @@
 // Row arithmetic shared by the CPU kernels: loops the compiler vectorises (-O3, omp
 // simd), with keys and values read as float32 whatever their storage dtype.
 #include <ATen/ATen.h>
+#include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
@@ -85,6 +86,17 @@ inline f32x16 reduce16(const f32x16* v) {
   for (int i = 0; i < 8; ++i) a[i] = fold<16>(v[2 * i], v[2 * i + 1]);
   for (int i = 0; i < 4; ++i) b[i] = fold<8>(a[2 * i], a[2 * i + 1]);
   return fold<2>(fold<4>(b[0], b[1]), fold<4>(b[2], b[3]));
+}
+
+// Bit l set where a[l] > b[l] (NaN never passes).
+inline uint32_t greater_mask(f32x16 a, f32x16 b) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GT_OQ);
+#else
+  uint32_t m = 0;
+  for (int l = 0; l < 16; ++l) m |= static_cast<uint32_t>(a[l] > b[l]) << l;
+  return m;
+#endif
 }
 
 template <typename T>
