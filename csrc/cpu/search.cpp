@@ -101,43 +101,72 @@ inline void block_scores(const float* q, const KT* rows, int64_t d, float (&s)[Q
       for (int r = 0; r < R; ++r) s[a][r] = 2.f * s[a][r] - norm[r];
 }
 
-// What one thread's scan offers to: queries [B, d] float32, each query's top-k, the
-// tombstones and the exclusions.
+// What one thread's scan offers to: queries [B, d] float32, each query's top-k with its
+// running threshold (floors[b] == tk[b].floor(), kept in step; +inf past B: see
+// thresholds()), the tombstones and the exclusions.
 struct Scan {
   const float* q;
   int64_t d, B;
   std::vector<TopK>& tk;
+  float* floors;
   const int64_t* ids;
   const Exclusions& ex;
 };
 
+// Every query's running threshold, as Scan::floors wants them (16 more entries, so a
+// vector load at any b < B stays inside).
+std::vector<float> thresholds(const std::vector<TopK>& tk) {
+  std::vector<float> floors((tk.size() + 15) / 16 * 16 + 16, std::numeric_limits<float>::infinity());
+  for (size_t b = 0; b < tk.size(); ++b) floors[b] = tk[b].floor();
+  return floors;
+}
+
+// Offer row `slot` with score `s` to query b if it beats b's threshold, keeping that in step.
+inline void offer_to(const Scan& sc, int64_t b, float s, int64_t slot) {
+  if (s <= sc.floors[b]) return;
+  offer(sc.tk[b], s, slot, sc.ids, sc.ex, b);
+  sc.floors[b] = sc.tk[b].floor();
+}
+
+// The thresholds of queries [b, b + Q) laid out as a Q x R block's scores: lane a R + r
+// holds query b + a's.
+template <int Q, int R, std::size_t... I>
+inline f32x16 block_floors(const float* floors, std::index_sequence<I...>) {
+  f32x16 f;
+  std::memcpy(&f, floors, sizeof f);
+  return __builtin_shufflevector(f, f, static_cast<int>(I / R)...);
+}
+
 // Rows [j, j + R) (their keys at `rows`) offered to queries [b, b + Q): nearly every
-// score costs one compare with its query's running threshold (the k-th best so far); the
-// top-k buffer sees only the few that beat it.
+// score costs one compare with its query's running threshold (the k-th best so far),
+// all sixteen of a Q x R = 16 block in one vector compare -- at k = 4096, where many
+// scores still pass, a branch per score mispredicted often enough to cost ~1/3 of the
+// scan; the top-k buffer sees only the few that beat it.
 template <int Q, int R, bool L2, typename KT>
 inline void scan_block(const Scan& sc, const KT* rows, int64_t j, int64_t b) {
   float s[Q][R];
   block_scores<Q, R, L2>(sc.q + b * sc.d, rows, sc.d, s);
-  for (int a = 0; a < Q; ++a)
-    for (int r = 0; r < R; ++r) offer(sc.tk[b + a], s[a][r], j + r, sc.ids, sc.ex, b + a);
-}
-
-// Row `slot`'s scores `v` for the 16 queries [b0, b0 + 16), offered where they beat the
-// queries' running thresholds `floors` (kept in step with their top-k; +inf for a lane
-// past B); one compare answers all 16 for nearly every row.
-inline void offer16(const Scan& sc, f32x16 v, float* floors, int64_t b0, int64_t slot) {
-  for (uint32_t m = greater_mask(v, load16(floors + b0)); m; m &= m - 1) {
-    const int64_t b = b0 + __builtin_ctz(m);
-    offer(sc.tk[b], v[b - b0], slot, sc.ids, sc.ex, b);
-    floors[b] = sc.tk[b].floor();
+  if constexpr (Q * R == 16) {
+    f32x16 v;
+    std::memcpy(&v, s, sizeof v);
+    const f32x16 f = block_floors<Q, R>(sc.floors + b, std::make_index_sequence<16>{});
+    for (uint32_t m = greater_mask(v, f); m; m &= m - 1) {
+      const int i = __builtin_ctz(m);
+      offer_to(sc, b + i / R, v[i], j + i % R);
+    }
+  } else {
+    for (int a = 0; a < Q; ++a)
+      for (int r = 0; r < R; ++r) offer_to(sc, b + a, s[a][r], j + r);
   }
 }
 
-// Every query's running threshold, for offer16: [B rounded up to 16], +inf past B.
-std::vector<float> thresholds(const Scan& sc) {
-  std::vector<float> floors((sc.B + 15) / 16 * 16, std::numeric_limits<float>::infinity());
-  for (int64_t b = 0; b < sc.B; ++b) floors[b] = sc.tk[b].floor();
-  return floors;
+// Row `slot`'s scores `v` for the 16 queries [b0, b0 + 16), offered where they beat
+// their running thresholds; one compare answers all 16 for nearly every row.
+inline void offer16(const Scan& sc, f32x16 v, int64_t b0, int64_t slot) {
+  for (uint32_t m = greater_mask(v, load16(sc.floors + b0)); m; m &= m - 1) {
+    const int i = __builtin_ctz(m);
+    offer_to(sc, b0 + i, v[i], slot);
+  }
 }
 
 // Q queries [b, b + Q) against the 16 rows [j, j + 16) (float32 keys at `rows`), as
@@ -198,7 +227,6 @@ void amx_scan_range(const Scan& sc, const amx::Queries& qs, const at::BFloat16* 
   const amx::Tiles tiles;
   const int64_t d = sc.d;
   alignas(64) float s[kBlock][amx::kMaxGroups * 16];
-  std::vector<float> floors = thresholds(sc);
   std::vector<at::BFloat16> tail;
   for (int64_t j = lo; j < hi; j += kBlock) {
     const int64_t rows = std::min<int64_t>(kBlock, hi - j);
@@ -213,7 +241,7 @@ void amx_scan_range(const Scan& sc, const amx::Queries& qs, const at::BFloat16* 
       const float norm = L2 ? sq_norm(block + r * d, d) : 0.f;
       for (int64_t g = 0; g < qs.groups(); ++g) {
         const f32x16 v = load16(&s[r][g * 16]);
-        offer16(sc, L2 ? 2.f * v - norm : v, floors.data(), g * 16, j + r);
+        offer16(sc, L2 ? 2.f * v - norm : v, g * 16, j + r);
       }
     }
   }
@@ -251,7 +279,8 @@ void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B
     for (int64_t b = 0; b < B; ++b) tk.emplace_back(tops.data() + (t * B + b) * k, k);
     // Dead rows are scored too (a branch per row would cost more than the few dead
     // rows do); offer() drops them, and only if they would have entered the top-k.
-    const Scan sc{q, d, B, tk, ids, ex};
+    std::vector<float> floors = thresholds(tk);
+    const Scan sc{q, d, B, tk, floors.data(), ids, ex};
     const amx::Queries* packed = amx_queries ? &*amx_queries : nullptr;
     if (l2)
       scan_rows<true>(sc, packed, keys, lo, hi);
