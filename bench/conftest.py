@@ -44,4 +44,8 @@ def make_memory(rows: int, dim: int, value_dim: int = 16, **kw) -> kmem.KeyMemor
 
 @pytest.fixture(scope="session")
 def large_memory(sizes):
-    return make_memory(sizes["rows"], sizes["dim"])
+    """The targets' memory: every tenth row deleted (tombstones, scrubbed, not compacted
+    away), as issue 18 measures."""
+    mem = make_memory(sizes["rows"], sizes["dim"], compact_threshold=None)
+    mem.delete(torch.arange(0, sizes["rows"], 10))
+    return mem
