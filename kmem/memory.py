@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from . import _checks, compiled_reads, ops, snapshot
-from ._pages import empty_on_huge_pages
 from .ledger import Ledger
 from .rows import DTYPES, SNAPSHOT_KEYS, IdsLike, cast, id_tensor
 from .slot_index import SlotIndex, repeats
@@ -570,13 +569,11 @@ class KeyMemory:
     def _allocate(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Zeroed ``keys [capacity, key_dim]`` and ``values``, and ``slot_ids [capacity + 1]``
         all -1 (:meth:`_set_buffers` keeps the extra entry out of sight)."""
-        keys = empty_on_huge_pages(capacity, self.key_dim, dtype=self.dtype, device=self.device).zero_()
+        keys = torch.zeros(capacity, self.key_dim, dtype=self.dtype, device=self.device)
         if self.is_labels:
             values = torch.zeros(capacity, dtype=torch.int64, device=self.device)
         else:
-            values = empty_on_huge_pages(
-                capacity, self.value_dim, dtype=self.dtype, device=self.device
-            ).zero_()
+            values = torch.zeros(capacity, self.value_dim, dtype=self.dtype, device=self.device)
         # One slot past the end that is always -1: see _ids_of.
         slot_ids = torch.full((capacity + 1,), -1, dtype=torch.int64, device=self.device)
         return keys, values, slot_ids
