@@ -15,6 +15,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <functional>
 #include <limits>
@@ -55,7 +57,9 @@ struct Result {
 // `out` (-inf and -1 past the qualifying rows).
 void write_best(const int64_t* lists_of_k, int64_t lists, int64_t k, const Result& out, int64_t b) {
   std::vector<int64_t> all(lists_of_k, lists_of_k + lists * k);
-  std::partial_sort(all.begin(), all.begin() + k, all.end(), std::greater<int64_t>());
+  // Select, then sort the k: partial_sort's heap costs twice as much at k = 4096.
+  std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), std::greater<int64_t>());
+  std::sort(all.begin(), all.begin() + k, std::greater<int64_t>());
   for (int64_t i = 0; i < k; ++i) {
     out.scores[b * k + i] = packed_score(all[i]);
     out.slots[b * k + i] = packed_slot(all[i]);
@@ -111,6 +115,7 @@ struct Scan {
   float* floors;
   const int64_t* ids;
   const Exclusions& ex;
+  std::atomic<float>* shared;  // [B]: the highest floor any thread has reached, or null
 };
 
 // Every query's running threshold, as Scan::floors wants them (16 more entries, so a
@@ -121,11 +126,24 @@ std::vector<float> thresholds(const std::vector<TopK>& tk) {
   return floors;
 }
 
-// Offer row `slot` with score `s` to query b if it beats b's threshold, keeping that in step.
+// Offer row `slot` with score `s` to query b if it beats b's threshold, keeping that in
+// step. The threshold is this thread's k-th best so far, or just below another thread's
+// if that is higher: a row below another thread's k-th best cannot be among the k best
+// overall (one equal to it still can, if its slot is lower, so it passes). Threads trade
+// their floors only when one rises, every few thousand pushes at large k.
 inline void offer_to(const Scan& sc, int64_t b, float s, int64_t slot) {
   if (s <= sc.floors[b]) return;
-  offer(sc.tk[b], s, slot, sc.ids, sc.ex, b);
-  sc.floors[b] = sc.tk[b].floor();
+  TopK& top = sc.tk[b];
+  const float before = top.floor();
+  offer(top, s, slot, sc.ids, sc.ex, b);
+  float floor = top.floor();
+  if (sc.shared && floor != before) {
+    float seen = sc.shared[b].load(std::memory_order_relaxed);
+    while (seen < floor && !sc.shared[b].compare_exchange_weak(seen, floor, std::memory_order_relaxed)) {
+    }
+    if (seen > floor) floor = std::nextafter(seen, -std::numeric_limits<float>::infinity());
+  }
+  sc.floors[b] = std::max(sc.floors[b], floor);
 }
 
 // The thresholds of queries [b, b + Q) laid out as a Q x R block's scores: lane a R + r
@@ -265,6 +283,8 @@ void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B
                    bool l2, const Exclusions& ex, const Result& out) {
   const int threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), N / 1024 + 1));
   std::vector<int64_t> tops(threads * B * k);
+  std::vector<std::atomic<float>> shared(threads > 1 ? B : 0);
+  for (auto& f : shared) f.store(-std::numeric_limits<float>::infinity(), std::memory_order_relaxed);
   std::optional<amx::Queries> amx_queries;
 #ifdef KMEM_AMX
   if constexpr (std::is_same_v<KT, at::BFloat16>)
@@ -280,7 +300,7 @@ void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B
     // Dead rows are scored too (a branch per row would cost more than the few dead
     // rows do); offer() drops them, and only if they would have entered the top-k.
     std::vector<float> floors = thresholds(tk);
-    const Scan sc{q, d, B, tk, floors.data(), ids, ex};
+    const Scan sc{q, d, B, tk, floors.data(), ids, ex, shared.empty() ? nullptr : shared.data()};
     const amx::Queries* packed = amx_queries ? &*amx_queries : nullptr;
     if (l2)
       scan_rows<true>(sc, packed, keys, lo, hi);
