@@ -19,8 +19,9 @@
 #include <unistd.h>
 
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "vec.h"
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
 #define KMEM_AMX 1
@@ -64,19 +65,6 @@ struct Tiles {
   Tiles& operator=(const Tiles&) = delete;
 };
 
-inline uint16_t to_bf16(float x) {  // round to nearest even (finite inputs)
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  return static_cast<uint16_t>((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-}
-
-inline float from_bf16(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
 // Queries [B <= 64, d] (d a multiple of 32) as right-hand tiles: for query group g, part
 // p and dimension chunk c, tile(g, p, c) is 16 rows (dimension pairs) x 16 queries of
 // packed bf16 pairs; queries past B are zeros.
@@ -88,10 +76,10 @@ class Queries {
       for (int64_t i = 0; i < d; ++i) {
         float rest = q[b * d + i];
         for (int p = 0; p < kParts; ++p) {
-          const uint16_t h = to_bf16(rest);
-          rest -= from_bf16(h);
+          const at::BFloat16 h(rest);  // rounded to nearest even
+          rest -= to_float(h);
           uint32_t& pair = pack_[offset(b / kCols, p, i / kDims) + (i % kDims) / 2 * kCols + b % kCols];
-          pair |= static_cast<uint32_t>(h) << (16 * (i % 2));
+          pair |= static_cast<uint32_t>(h.x) << (16 * (i % 2));
         }
       }
     }
