@@ -196,28 +196,38 @@ inline void scan_16(const Scan& sc, const float* rows, int64_t j, int64_t b) {
   for (int64_t r = 0; r < 16; r += 4) scan_block<Q, 4, L2>(sc, rows + r * sc.d, j + r, b);
 }
 
-// Requests every cache line of `n` elements at `p` at once, ahead of a scan block's
-// reads: those alone reach the memory a few lines at a time, stalling at each 4 KB page
-// (where the hardware prefetcher stops and a TLB miss starts). At 1.28M x 256: float32
-// keys B = 4 99 -> 75 ms, B = 64 274 -> 252 ms; bf16 on AMX B = 64 120 -> 95 ms. Not at
-// B = 1, whose four interleaved row streams the hardware prefetcher already keeps ahead
-// of (66 -> 68-71 ms with it).
-template <typename T>
-inline void prefetch(const T* p, int64_t n) {
-  const char* bytes = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < n * int64_t{sizeof(T)}; b += 64) _mm_prefetch(bytes + b, _MM_HINT_T0);
+// Requests every cache line of `bytes` at `p` (a no-op for bytes <= 0): a scan block's
+// reads alone reach the memory a few lines at a time, stalling at each 4 KB page (where
+// the hardware prefetcher stops and a TLB miss starts).
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
 }
+
+// From this many queries on, the scan requests the next block's lines spread over its
+// groups of queries, so they arrive under the arithmetic; fewer leave too little
+// arithmetic to spread over and request the current block's at once (whose 64 requests
+// stall on the line-fill buffers, but less than the reads would alone). Not at B = 1:
+// four interleaved row streams the hardware prefetcher keeps ahead of. At 1.28M x 256
+// float32: B = 1 66 ms either way (68-71 at once), B = 4 99 -> 75 ms at once, B = 16
+// 130 -> 112 at once (118 spread), B = 48 207 -> 180 spread, B = 64 274 -> 252 at once,
+// -> 222 spread.
+constexpr int64_t kSpreadPrefetchBatch = 32;
 
 // Rows [lo, hi): blocks of 16 rows for groups of 4, 2 and 1 queries, keys stored
 // narrower than float32 converted once per block (not once per group of queries: that
 // made bf16 keys slower than float32 at B = 64); the last < 16 rows one at a time.
 template <bool L2, typename KT>
 void scan_range(const Scan& sc, const KT* keys, int64_t lo, int64_t hi) {
-  const int64_t d = sc.d;
+  const int64_t d = sc.d, block_bytes = 16 * d * int64_t{sizeof(KT)};
+  const bool spread = sc.B >= kSpreadPrefetchBatch;
+  const int64_t groups = std::max<int64_t>(1, sc.B / 4);
+  const int64_t share = (block_bytes / 64 + groups - 1) / groups * 64;  // bytes per group of queries
   std::vector<float> tile(std::is_same_v<KT, float> ? 0 : 16 * d);
   int64_t j = lo;
   for (; j + 16 <= hi; j += 16) {
-    if (sc.B > 1) prefetch(keys + j * d, 16 * d);
+    if (sc.B > 1 && (!spread || j == lo)) prefetch(keys + j * d, block_bytes);
+    const char* next = spread && j + 32 <= hi ? reinterpret_cast<const char*>(keys + (j + 16) * d) : nullptr;
     const float* rows;
     if constexpr (std::is_same_v<KT, float>) {
       rows = keys + j * d;
@@ -229,7 +239,10 @@ void scan_range(const Scan& sc, const KT* keys, int64_t lo, int64_t hi) {
       rows = tile.data();
     }
     int64_t b = 0;
-    for (; b + 4 <= sc.B; b += 4) scan_16<4, L2>(sc, rows, j, b);
+    for (int64_t g = 0; b + 4 <= sc.B; b += 4, ++g) {
+      if (next) prefetch(next + g * share, std::min(share, block_bytes - g * share));
+      scan_16<4, L2>(sc, rows, j, b);
+    }
     if (b + 2 <= sc.B) {
       scan_16<2, L2>(sc, rows, j, b);
       b += 2;
@@ -259,7 +272,7 @@ void amx_scan_range(const Scan& sc, const amx::Queries& qs, const at::BFloat16* 
       std::copy_n(block, rows * d, tail.begin());
       block = tail.data();
     }
-    prefetch(block, kBlock * d);
+    prefetch(block, kBlock * d * int64_t{sizeof(at::BFloat16)});  // bf16 B = 64: 120 -> 95 ms
     amx::scores32(qs, block, d, &s[0][0]);
     for (int64_t r = 0; r < rows; ++r) {
       const float norm = L2 ? sq_norm(block + r * d, d) : 0.f;
