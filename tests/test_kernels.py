@@ -179,7 +179,7 @@ def test_search_low_precision_keys_exact_on_integers(kernel, dtype, query_dtype,
 
 @backends(ALL)
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("batch", [1, 9])
+@pytest.mark.parametrize("batch", [1, 9, 41])  # 41: the C++ scan's prefetch spread over groups of queries
 def test_search_random_floats_is_exact_topk(kernel, metric, batch):
     n = kernel.rows(3001)
     keys, slot_ids = buffers(n, 16, dead_every=3)
