@@ -28,6 +28,37 @@ void check_cpu(std::initializer_list<const at::Tensor*> ts, const char* op) {
 }
 
 // ---------------------------------------------------------------------- top-k
+// Scaled scores of query `qb` [d] against rows `sb` [k] of the keys (-1: no row, -inf)
+// into wb [k]; returns the largest. Four gathered rows at a time: one at a time, each
+// row's reads waited on the last's (k = 4096, B = 64 at 1.28M x 256: 45 -> 27 ms).
+template <typename KT>
+float gathered_scores(const float* qb, const KT* keys, const int64_t* sb, int64_t k, int64_t d, float scale, bool l2,
+                      float* wb) {
+  constexpr int R = 4;
+  float top = kNegInf;
+  for (int64_t j0 = 0; j0 < k; j0 += R) {
+    const int n = static_cast<int>(std::min<int64_t>(R, k - j0));
+    const KT* rows[R] = {};
+    const KT* any = nullptr;
+    for (int r = 0; r < n; ++r)
+      if (sb[j0 + r] >= 0) any = rows[r] = keys + sb[j0 + r] * d;
+    float s[R] = {};
+    if (any) {
+      for (const KT*& row : rows) row = row ? row : any;  // a stand-in, its score unused
+      if (l2)
+        row_scores<R, true>(qb, rows, d, s);
+      else
+        row_scores<R, false>(qb, rows, d, s);
+    }
+    for (int r = 0; r < n; ++r) {
+      float& wj = wb[j0 + r];
+      wj = sb[j0 + r] < 0 ? kNegInf : scale * (l2 ? -s[r] : s[r]);
+      top = std::max(top, wj);
+    }
+  }
+  return top;
+}
+
 template <typename KT, typename VT>
 void topk_forward(const float* q, const KT* keys, const VT* values, const int64_t* labels, const int64_t* slots,
                   int64_t B, int64_t d, int64_t k, int64_t W, float scale, bool l2, float* out, float* w) {
@@ -36,16 +67,7 @@ void topk_forward(const float* q, const KT* keys, const VT* values, const int64_
       const float* qb = q + b * d;
       const int64_t* sb = slots + b * k;
       float* wb = w + b * k;
-      float top = kNegInf;
-      for (int64_t j = 0; j < k; ++j) {
-        if (sb[j] < 0) {
-          wb[j] = kNegInf;
-          continue;
-        }
-        const KT* row = keys + sb[j] * d;
-        wb[j] = scale * (l2 ? -sq_dist(qb, row, d) : dot(qb, row, d));
-        top = std::max(top, wb[j]);
-      }
+      const float top = gathered_scores(qb, keys, sb, k, d, scale, l2, wb);
       float* ob = out + b * W;
       if (top == kNegInf) {  // no row: zero weights, zero output
         std::fill_n(wb, k, 0.f);

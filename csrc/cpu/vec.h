@@ -110,15 +110,33 @@ inline float sq_norm(const T* a, int64_t n) {
   return acc;
 }
 
-template <typename T>
-inline float sq_dist(const float* a, const T* b, int64_t n) {
-  float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = a[i] - to_float(b[i]);
-    acc += x * x;
+// Dot products of `a` [n] with R gathered rows (L2: their squared distances from `a`),
+// each row with its own accumulator and the same operations in the same order, so a
+// row's result never depends on the rows beside it.
+template <int R, bool L2, typename T>
+inline void row_scores(const float* a, const T* const (&rows)[R], int64_t n, float (&out)[R]) {
+  f32x16 acc[R] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const f32x16 av = load16(a + i);
+    for (int r = 0; r < R; ++r) {
+      const f32x16 x = load16(rows[r] + i);
+      if constexpr (L2) {
+        const f32x16 t = av - x;
+        acc[r] += t * t;
+      } else {
+        acc[r] += av * x;
+      }
+    }
   }
-  return acc;
+  for (int r = 0; r < R; ++r) {
+    float s = hsum(acc[r]);
+    for (int64_t m = i; m < n; ++m) {
+      const float x = to_float(rows[r][m]);
+      s += L2 ? (a[m] - x) * (a[m] - x) : a[m] * x;
+    }
+    out[r] = s;
+  }
 }
 
 // y += a * x
