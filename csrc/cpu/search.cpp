@@ -58,7 +58,7 @@ struct Result {
 void write_best(const int64_t* lists_of_k, int64_t lists, int64_t k, const Result& out, int64_t b) {
   std::vector<int64_t> all(lists_of_k, lists_of_k + lists * k);
   // Select, then sort the k: partial_sort's heap costs twice as much at k = 4096.
-  std::nth_element(all.begin(), all.begin() + (k - 1), all.end(), std::greater<int64_t>());
+  select_top(all.data(), lists * k, k);
   std::sort(all.begin(), all.begin() + k, std::greater<int64_t>());
   for (int64_t i = 0; i < k; ++i) {
     out.scores[b * k + i] = packed_score(all[i]);

@@ -5,6 +5,8 @@
 // as signed integers, in the high word, and (0xFFFFFFFF - slot) in the low word. Keys
 // then order by (score desc, slot asc) -- the tie rule of every kmem backend -- and
 // the smallest int64 means "no row".
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -35,6 +37,46 @@ inline float packed_score(int64_t key) {
 
 inline int64_t packed_slot(int64_t key) { return key == kNoRow ? -1 : 0xFFFFFFFFLL - (key & 0xFFFFFFFFLL); }
 
+// Moves the k largest of the n keys v[0, n) to v[0, k), in no order. A
+// quickselect (pivot: median of three) whose partition writes each side eight keys at a
+// time with AVX-512 compress into a thread's scratch and copies them back: the branch
+// per key of std::nth_element's partition mispredicts on half of them, and was most of
+// what keeping the k = 4096 best cost.
+inline void select_top(int64_t* v, int64_t n, int64_t k) {
+  if (n <= k) return;
+  int64_t lo = 0, hi = n;  // v[0, lo) are among the k largest, v[hi, n) are not
+#if defined(__AVX512F__)
+  thread_local std::vector<int64_t> scratch;
+  if (static_cast<int64_t>(scratch.size()) < 2 * (n + 8)) scratch.resize(2 * (n + 8));
+  int64_t* above = scratch.data();
+  int64_t* rest = above + n + 8;
+  while (hi - lo > 64) {
+    const int64_t a = v[lo], b = v[lo + (hi - lo) / 2], c = v[hi - 1];
+    const int64_t pivot = std::max(std::min(a, b), std::min(std::max(a, b), c));
+    const __m512i p = _mm512_set1_epi64(pivot);
+    int64_t na = 0, nr = 0, i = lo;
+    for (; i + 8 <= hi; i += 8) {
+      const __m512i x = _mm512_loadu_si512(v + i);
+      const __mmask8 m = _mm512_cmpgt_epi64_mask(x, p);
+      _mm512_storeu_si512(above + na, _mm512_maskz_compress_epi64(m, x));
+      _mm512_storeu_si512(rest + nr, _mm512_maskz_compress_epi64(static_cast<__mmask8>(~m), x));
+      na += __builtin_popcount(m);
+      nr += 8 - __builtin_popcount(m);
+    }
+    for (; i < hi; ++i) (v[i] > pivot ? above[na++] : rest[nr++]) = v[i];
+    std::copy_n(above, na, v + lo);
+    std::copy_n(rest, nr, v + lo + na);
+    if (na == 0) break;  // the pivot was the largest key, repeated (kNoRow padding)
+    if (lo + na == k) return;
+    if (lo + na > k)
+      hi = lo + na;
+    else
+      lo += na;
+  }
+#endif
+  std::nth_element(v + lo, v + (k - 1), v + hi, std::greater<int64_t>());
+}
+
 // The k best packed keys among those pushed, for rows offered in increasing slot order
 // with a score above floor() (which keeps the tie rule exact: a later row with the
 // floor's score has a higher slot and loses). Keys are appended to a buffer of 2k; when
@@ -59,9 +101,9 @@ class TopK {
 
  private:
   void keep_best() {
-    std::nth_element(buf_.begin(), buf_.begin() + (k_ - 1), buf_.end(), std::greater<int64_t>());
+    select_top(buf_.data(), static_cast<int64_t>(buf_.size()), k_);
     buf_.resize(k_);
-    floor_ = packed_score(buf_[k_ - 1]);
+    floor_ = packed_score(*std::min_element(buf_.begin(), buf_.end()));
   }
   int64_t* out_;
   int64_t k_;
