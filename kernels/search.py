@@ -160,15 +160,21 @@ def _search_kernel(
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     best = tl.full([BLOCK_B, KP], _NONE_TL, tl.int64)
+    floor = tl.full([BLOCK_B], _NONE_TL, tl.int64)  # each query's KP-th best so far
     for t in range(split, n_tiles, SPLITS):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         scores = _tile_scores(q_ptr, k_ptr, rows, row_ok, cols, B, N, D, L2, BLOCK_B, BLOCK_N, BLOCK_D)
         keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, N, E, BLOCK_B, BLOCK_N)
         packed = tl.where(keep, _pack(scores, cols), _NONE_TL)
-        top = _top(packed, BLOCK_B, BLOCK_N, KP, False)
-        # best descending, top ascending: their elementwise max holds the KP largest of
-        # both as a bitonic sequence; merge it back into descending order.
-        best = _bitonic_merge(tl.maximum(best, top), BLOCK_B, KP, KP, True)
+        # The running threshold: a tile with no key above its query's KP-th best so far
+        # cannot change `best` (keys are distinct), so it skips the sort and the merge --
+        # once the floors settle, nearly every tile of scores in random order.
+        if tl.max((packed > floor[:, None]).to(tl.int32)) > 0:
+            top = _top(packed, BLOCK_B, BLOCK_N, KP, False)
+            # best descending, top ascending: their elementwise max holds the KP largest
+            # of both as a bitonic sequence; merge it back into descending order.
+            best = _bitonic_merge(tl.maximum(best, top), BLOCK_B, KP, KP, True)
+            floor = tl.min(best, 1)
     ks = tl.arange(0, KP)
     out = cand_ptr + (rows.to(tl.int64)[:, None] * SPLITS + split) * KP + ks[None, :]
     tl.store(out, best, mask=row_ok[:, None])

@@ -50,6 +50,34 @@ def test_search_splits_loop_over_several_tiles(device, monkeypatch):
         assert scores.dtype == torch.float32 and bool((scores[:, :-1] >= scores[:, 1:]).all())
 
 
+@pytest.mark.parametrize("order", ["ascending", "descending"])
+def test_search_skips_tiles_below_the_running_threshold(device, monkeypatch, order):
+    """Rows sorted by score: descending, every tile after a program's first falls
+    below its running k-th best and skips the sort; ascending (the adversarial order),
+    none does. Both return the exact top-k."""
+    monkeypatch.setattr(triton_search, "_CANDIDATES", 16)  # one program walks many tiles
+    n = 301
+    keys = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3)
+    if order == "descending":
+        keys = keys.flip(0)
+    slot_ids = torch.arange(n)
+    slot_ids[::7] = -1
+    q = torch.ones(2, 3)
+    sorts = []
+    if device == "cpu":  # the interpreter runs the kernel as Python: count the sorts
+        top = triton_search._top
+        monkeypatch.setattr(triton_search, "_top", lambda *a, **kw: sorts.append(1) or top(*a, **kw))
+    on = [t.to(device) for t in (q, keys, slot_ids)]
+    for k in (1, 8):
+        _, slots = triton_search.search(SearchInputs(*on, None, k, "ip"))
+        assert torch.equal(slots.cpu(), brute_topk(q, keys, slot_ids, k))
+    if device == "cpu":
+        # k = 1: one tile per program, each sorted; k = 8: two programs over five tiles,
+        # each sorting its first only (descending) or every one (ascending).
+        assert [triton_search._grid_shape(2, n, k) for k in (1, 8)] == [(1, 64, 5), (8, 64, 2)]
+        assert len(sorts) == 5 + (2 if order == "descending" else 5)
+
+
 def test_attend_kernels_match_composite(device):
     keys, slot_ids = _memory(41, 5)
     q, values = torch.randn(4, 5, device=device), torch.randn(41, 2, device=device)

@@ -86,8 +86,8 @@ _register(
 _register(
     "triton",
     {
-        "search": (Serves(triton.devices()),),
-        "topk_attention": (Serves(triton.devices()),),
+        "search": (Serves(triton.devices(), k=(1, triton.MAX_K)),),
+        "topk_attention": (Serves(triton.devices(), k=(1, triton.MAX_K)),),
         "dense_attention": (Serves(triton.devices(), slower=_DENSE_GPU.format(350)),),
         "compact_rows": _rows(triton.devices()),
     },

@@ -15,6 +15,12 @@ from types import SimpleNamespace
 
 _MISSING = None if importlib.util.find_spec("triton") else "triton is not installed (pip install triton)"
 
+# The largest k the search kernel serves on a GPU: it keeps pow2(k) candidates per query
+# in tiles of as many rows, and compiled for sm_90 (scripts/check-triton-compile) it
+# needs 139,520 bytes of shared memory at k = 256 but 532,480 at k = 1,024, past the
+# 232,448 a block may use on an H100 or H200 (166,912 on an A100).
+MAX_K = 256
+
 
 def devices() -> frozenset[str]:
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
