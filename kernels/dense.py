@@ -1,7 +1,8 @@
 """Triton dense attention: softmax over every live, non-excluded row, flash-attention style.
 
-The forward keeps a running max, sum and rescaled accumulator per query over key tiles
-and returns the log-sum-exp, from which the backward recomputes each tile's
+The forward keeps a running max, sum and rescaled accumulator per query over the key
+tiles of one split of the rows (program axis 1), the splits' results combined by their
+log-sum-exps, and returns the log-sum-exp, from which the backward recomputes each tile's
 probabilities: one kernel per query block for ``dq``, one per key tile for ``dkeys``
 and ``dvalues`` (so no atomics). Key and value widths are held whole in a block (padded
 to a power of two). Labels are handled as one-hot value rows. The working dtype is
@@ -57,18 +58,23 @@ def _logits(q, kt, keep, scale, L2: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit
 def _dense_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, ids_ptr, ex_ptr, out_ptr, lse_ptr, scale, B, N, D, W, E,
+    q_ptr, k_ptr, v_ptr, ids_ptr, ex_ptr, out_ptr, lse_ptr, scale, B, N, D, W, E, SPAN,
     L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
-    """``out [B, W]`` and ``lse [B]`` for one block of queries, by an online softmax over key tiles."""
+    """``out [splits, B, W]`` and ``lse [splits, B]`` of one block of queries (program axis
+    0) over the key rows of one split (axis 1: rows ``[split * SPAN, (split + 1) * SPAN)``),
+    by an online softmax over key tiles."""
     rows, row_ok, q = _query_block(q_ptr, B, D, DT, BLOCK_B, BLOCK_D)
+    split = tl.program_id(1).to(tl.int64)
+    start = split * SPAN
+    end = tl.minimum(N, start + SPAN)
     m = tl.full([BLOCK_B], float("-inf"), DT)
     total = tl.zeros([BLOCK_B], DT)
     acc = tl.zeros([BLOCK_B, BLOCK_W], DT)
-    for n0 in range(0, N, BLOCK_N):
-        cols, col_ok = span(n0, N, BLOCK_N)
-        keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, N, E, BLOCK_B, BLOCK_N)
+    for n0 in range(start, end, BLOCK_N):
+        cols, col_ok = span(n0, end, BLOCK_N)
+        keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, end, E, BLOCK_B, BLOCK_N)
         z = _logits(q, _load_rows(k_ptr, cols, col_ok, D, DT, BLOCK_D), keep, scale, L2, DT)
         m_new = tl.maximum(m, tl.max(z, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no row yet: avoid inf - inf
@@ -80,9 +86,9 @@ def _dense_fwd_kernel(
         m = m_new
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     wc, wc_ok = span(0, W, BLOCK_W)
-    store_rows(out_ptr, rows, row_ok, W, wc, wc_ok, out)
+    store_rows(out_ptr + split * B * W, rows, row_ok, W, wc, wc_ok, out)
     lse = tl.where(total > 0, m + tl.log(tl.where(total > 0, total, 1.0)), float("-inf"))
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(lse_ptr + split * B + rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -182,16 +188,40 @@ def _setup(d: DenseInputs) -> tuple[tuple, dict]:
     return operands + sizes, meta
 
 
+def _split_rows(batch: int, n: int, device: torch.device) -> int:
+    """Key rows per split of the forward (a multiple of the tile): enough splits that
+    query blocks x splits fill the GPU twice over -- with one program per query block,
+    B = 64 ran 4 programs on 132 SMs, each over all N -- and a few under the interpreter,
+    so that the split path is what the tests run."""
+    programs = (
+        2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    )
+    tiles = max(1, triton.cdiv(n, _BLOCK_N))
+    splits = min(tiles, max(1, triton.cdiv(programs, triton.cdiv(batch, _BLOCK_B))))
+    return triton.cdiv(tiles, splits) * _BLOCK_N
+
+
 def dense_forward(d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, W], lse [B])``: attention over every live, non-excluded row; ``lse`` is
-    the log-sum-exp of ``scale * score`` (-inf and ``out = 0`` for a query with no row)."""
+    the log-sum-exp of ``scale * score`` (-inf and ``out = 0`` for a query with no row).
+
+    Each split of the rows gives its own ``(out, lse)``; they combine exactly as softmax
+    pieces do (flash-decoding): ``lse = logsumexp_s lse_s``, ``out = sum_s e^(lse_s - lse) out_s``.
+    """
     (q, k, v, ids, ex, batch, n, dim, width, e), meta = _setup(d)
-    out = torch.empty((batch, width), dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, dtype=q.dtype, device=q.device)
+    rows = _split_rows(batch, n, q.device)
+    splits = max(1, triton.cdiv(n, rows))
+    outs = torch.empty((splits, batch, width), dtype=q.dtype, device=q.device)
+    lses = torch.empty((splits, batch), dtype=q.dtype, device=q.device)
     if batch:
-        grid = (triton.cdiv(batch, _BLOCK_B),)
-        launch(_dense_fwd_kernel, grid, q, k, v, ids, ex, out, lse, d.scale, batch, n, dim, width, e, **meta)
-    return out, lse
+        grid = (triton.cdiv(batch, _BLOCK_B), splits)
+        args = (q, k, v, ids, ex, outs, lses, d.scale, batch, n, dim, width, e, rows)
+        launch(_dense_fwd_kernel, grid, *args, **meta)
+    if splits == 1:
+        return outs[0], lses[0]
+    lse = torch.logsumexp(lses, 0)
+    share = torch.exp(lses - torch.where(lse == float("-inf"), 0.0, lse))  # 0 where a split has no row
+    return (share[:, :, None] * outs).sum(0), lse
 
 
 def dense_backward(grads: DenseGrads) -> Grads:

@@ -18,10 +18,11 @@ from conftest import brute_topk, integer_data
 
 import kmem
 from kmem.kernels import attend as triton_attend
+from kmem.kernels import dense as triton_dense
 from kmem.kernels import search as triton_search
 from kmem.kernels._common import LAUNCHES
 from kmem.ops import composite, reference
-from kmem.ops.inputs import AttendGrads, AttendInputs, SearchInputs
+from kmem.ops.inputs import AttendGrads, AttendInputs, DenseInputs, SearchInputs
 
 
 @pytest.fixture(params=["cuda" if torch.cuda.is_available() else "cpu"])
@@ -76,6 +77,25 @@ def test_search_skips_tiles_below_the_running_threshold(device, monkeypatch, ord
         # each sorting its first only (descending) or every one (ascending).
         assert [triton_search._grid_shape(2, n, k) for k in (1, 8)] == [(1, 64, 5), (8, 64, 2)]
         assert len(sorts) == 5 + (2 if order == "descending" else 5)
+
+
+def test_dense_splits_combine_by_log_sum_exp(device):
+    """Dense forward over several splits of the rows, the first all dead and one query
+    with no row at all: out and lse as the reference's."""
+    keys, slot_ids = _memory(200, 5)
+    slot_ids[:100] = -1
+    q, values = torch.randn(3, 5), torch.randn(200, 2)
+    exclude = torch.full((3, 200), -1)
+    exclude[2] = slot_ids  # query 2 excludes every row's id
+    assert triton.cdiv(200, triton_dense._split_rows(3, 200, torch.device(device))) > 1
+    d = DenseInputs(q, keys, values, slot_ids, exclude, 0.3, "ip", 0)
+    want_out, want_lse = reference.dense_attention(d)
+    got_out, got_lse = triton_dense.dense_forward(
+        DenseInputs(*(t.to(device) for t in (q, keys, values, slot_ids, exclude)), 0.3, "ip", 0)
+    )
+    _close(got_out, want_out)
+    _close(got_lse, want_lse)
+    assert got_lse[2] == float("-inf") and bool((got_out[2] == 0).all())
 
 
 def test_attend_kernels_match_composite(device):
