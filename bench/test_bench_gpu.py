@@ -2,9 +2,13 @@
 
 Needs a CUDA GPU and a CUDA build of kmem._C (``KMEM_CUDA=1``); without them every
 benchmark here skips and says why. Each timed call ends with a device synchronisation,
-so the figures are wall time of finished work. The floors: one read of the key bytes
-(``keys.sum()``, memory bandwidth) and the bare ``queries @ keys.T`` (fp32 FMA, TF32 off),
-timed in the same run. BENCHMARKS.md holds the model these are compared with.
+so pytest-benchmark's figures are wall time of finished work; CUDA events around each
+call give the device time too (``extra_info["event_ms"]``, per round), which
+``bench/gpu_table.py`` turns into the issue's ratio table. The memory has every tenth row
+deleted and each query excludes 16 ids. The floors: one read of the key bytes
+(``keys.sum()``, memory bandwidth) and the bare ``queries @ keys.T`` (fp32 FMA, TF32 off;
+bf16 for bf16 keys), timed in the same run. BENCHMARKS.md holds the model these are
+compared with.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from kmem.ops.backends import cuda, triton
 K = 32
 GPU_BACKENDS = ["cuda", "triton", "reference"]
 ROUNDS = {"rounds": 10, "warmup_rounds": 2}
+EXCLUDED = 16  # ids each query excludes
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available(), reason=f"needs a CUDA GPU ({cuda.missing() or 'torch sees none'})"
@@ -32,13 +37,27 @@ def _skip_unavailable(backend: str) -> None:
         pytest.skip(f"{backend} backend unavailable: {reason}")
 
 
-def _timed(fn):
+def _timed(benchmark, fn):
+    """``fn`` as a benchmark target that ends synchronised and logs its CUDA-event time."""
+    events: list[float] = []
+    benchmark.extra_info["event_ms"] = events
+
     def run():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         out = fn()
+        end.record()
         torch.cuda.synchronize()
+        events.append(start.elapsed_time(end))
         return out
 
     return run
+
+
+def _exclusions(batch: int, slot_ids: torch.Tensor) -> torch.Tensor:
+    """``[batch, EXCLUDED]`` live ids, drawn at random for each query."""
+    live = slot_ids[slot_ids >= 0]
+    return live[torch.randint(0, live.numel(), (batch, EXCLUDED), device=live.device)]
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +71,12 @@ def _bench_attend(benchmark, group: str, buffers, batch: int, k: int | None, bac
     ``(keys, values, slot_ids)`` (``k=None``: dense) in benchmark group ``group``."""
     keys, values, slot_ids = buffers
     q = torch.randn(batch, keys.shape[1], device="cuda")
+    ex = _exclusions(batch, slot_ids)
     benchmark.group = group
-    benchmark.pedantic(
-        _timed(lambda: ops.topk_attention(q, keys, values, slot_ids, k, backend=backend)), **ROUNDS
+    run = _timed(
+        benchmark, lambda: ops.topk_attention(q, keys, values, slot_ids, k, exclude_ids=ex, backend=backend)
     )
+    benchmark.pedantic(run, **ROUNDS)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -70,24 +91,38 @@ def test_floor_gemm(benchmark, gpu_buffers, batch):
     keys = gpu_buffers[0]
     q = torch.randn(batch, keys.shape[1], device="cuda")
     benchmark.group = f"gpu attend B={batch}"
-    benchmark.pedantic(_timed(lambda: q @ keys.T), **ROUNDS)
+    benchmark.pedantic(_timed(benchmark, lambda: q @ keys.T), **ROUNDS)
 
 
 def test_floor_stream(benchmark, gpu_buffers):
     keys = gpu_buffers[0]
     benchmark.group = "gpu attend B=1"
-    benchmark.pedantic(_timed(keys.sum), **ROUNDS)
+    benchmark.pedantic(_timed(benchmark, keys.sum), **ROUNDS)
 
 
-@pytest.mark.parametrize("backend", ["cuda", "triton", "reference-fp32"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("k", [1, 32, 256, 4096])
+def test_attend_k_sweep(benchmark, gpu_buffers, backend, k):
+    _skip_unavailable(backend)
+    if backend == "triton" and k > triton.MAX_K:
+        pytest.skip(f"the Triton backend serves k <= {triton.MAX_K} (shared memory)")
+    _bench_attend(benchmark, "gpu attend B=64, k sweep", gpu_buffers, 64, k, backend)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton", "reference-fp32", "bf16-gemm"])
 def test_attend_bf16_keys(benchmark, gpu_buffers, backend):
     keys, values, slot_ids = gpu_buffers
+    group = "gpu attend B=64, bf16 keys"
+    if backend == "bf16-gemm":
+        q, keys16 = torch.randn(64, keys.shape[1], device="cuda").bfloat16(), keys.bfloat16()
+        benchmark.group = group
+        benchmark.pedantic(_timed(benchmark, lambda: q @ keys16.T), **ROUNDS)
+        return
     if backend == "reference-fp32":
         backend = "reference"
     else:
         _skip_unavailable(backend)
         keys, values = keys.bfloat16(), values.bfloat16()
-    group = "gpu attend B=64, bf16 keys vs fp32 reference"
     _bench_attend(benchmark, group, (keys, values, slot_ids), 64, K, backend)
 
 
@@ -115,7 +150,7 @@ def test_training_step(benchmark, sizes, backend):
         opt.step()
 
     benchmark.group = f"gpu training step, N={rows}, B=256"
-    benchmark.pedantic(_timed(step), **ROUNDS)
+    benchmark.pedantic(_timed(benchmark, step), **ROUNDS)
 
 
 @pytest.mark.parametrize("backend", [*GPU_BACKENDS, "copy-of-live-bytes"])
@@ -127,7 +162,7 @@ def test_compact_quarter_dead(benchmark, sizes, backend):
     benchmark.group = "gpu compaction (25% dead)"
     if backend == "copy-of-live-bytes":
         live = src[: int(keep.sum())]
-        benchmark.pedantic(_timed(lambda: out[: live.shape[0]].copy_(live)), **ROUNDS)
+        benchmark.pedantic(_timed(benchmark, lambda: out[: live.shape[0]].copy_(live)), **ROUNDS)
         return
     _skip_unavailable(backend)
-    benchmark.pedantic(_timed(lambda: ops.compact_rows(src, keep, out, backend=backend)), **ROUNDS)
+    benchmark.pedantic(_timed(benchmark, lambda: ops.compact_rows(src, keep, out, backend=backend)), **ROUNDS)
