@@ -15,7 +15,7 @@ from triton.runtime.jit import constexpr_function
 from kmem.ops.inputs import SearchInputs
 from kmem.ops.reference import unpack
 
-from ._common import MIN_DOT, launch, live_mask, pow2
+from ._common import MIN_DOT, excluded, launch, pow2
 
 _NONE = torch.iinfo(torch.int64).min
 _NONE_TL: tl.constexpr = tl.constexpr(_NONE)
@@ -164,12 +164,14 @@ def _search_kernel(
     for t in range(split, n_tiles, SPLITS):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         scores = _tile_scores(q_ptr, k_ptr, rows, row_ok, cols, B, N, D, L2, BLOCK_B, BLOCK_N, BLOCK_D)
-        keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, N, E, BLOCK_B, BLOCK_N)
-        packed = tl.where(keep, _pack(scores, cols), _NONE_TL)
-        # The running threshold: a tile with no key above its query's KP-th best so far
-        # cannot change `best` (keys are distinct), so it skips the sort and the merge --
-        # once the floors settle, nearly every tile of scores in random order.
+        ids = tl.load(ids_ptr + cols, mask=cols < N, other=-1)
+        packed = tl.where((ids >= 0)[None, :] & row_ok[:, None], _pack(scores, cols), _NONE_TL)
+        # The running threshold: a tile with no live key above its query's KP-th best so
+        # far cannot change `best` (keys are distinct), so it skips the exclusions, the
+        # sort and the merge -- once the floors settle, nearly every tile of scores in
+        # random order.
         if tl.max((packed > floor[:, None]).to(tl.int32)) > 0:
+            packed = tl.where(excluded(ex_ptr, rows, row_ok, ids, E, BLOCK_B, BLOCK_N), _NONE_TL, packed)
             top = _top(packed, BLOCK_B, BLOCK_N, KP, False)
             # best descending, top ascending: their elementwise max holds the KP largest
             # of both as a bitonic sequence; merge it back into descending order.

@@ -49,6 +49,12 @@ def test_search_splits_loop_over_several_tiles(device, monkeypatch):
         scores, slots = triton_search.search(SearchInputs(*on, None, k, "ip"))
         assert torch.equal(slots.cpu(), brute_topk(q, keys, slot_ids, k))
         assert scores.dtype == torch.float32 and bool((scores[:, :-1] >= scores[:, 1:]).all())
+    # Exclusions, checked only in tiles that pass the running threshold: each query
+    # excludes its own 8 best ids, so they would pass it.
+    best = brute_topk(q, keys, slot_ids, 8)
+    ex = slot_ids[best.clamp(min=0)]
+    _, slots = triton_search.search(SearchInputs(*on, ex.to(device), 8, "ip"))
+    assert torch.equal(slots.cpu(), brute_topk(q, keys, slot_ids, 8, "ip", ex))
 
 
 @pytest.mark.parametrize("order", ["ascending", "descending"])
