@@ -47,10 +47,19 @@ inline f32x16 load16(const at::BFloat16* p) {
   return v;
 }
 inline f32x16 load16(const at::Half* p) {
+#if defined(__AVX512F__)
+  // GCC turns __builtin_convertvector on _Float16 into sixteen scalar converts: fp16 keys
+  // were scanned at a quarter of bf16's speed (B = 1, 400k x 256: 94 vs 14 ms).
+  const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  f32x16 out;
+  std::memcpy(&out, &v, sizeof out);
+  return out;
+#else
   typedef _Float16 f16x16 __attribute__((vector_size(32)));
   f16x16 h;
   std::memcpy(&h, p, sizeof h);
   return __builtin_convertvector(h, f32x16);
+#endif
 }
 
 inline float hsum(f32x16 v) {
