@@ -11,6 +11,9 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "topk_attention.cuh"
 
@@ -113,12 +116,29 @@ __device__ __forceinline__ bool live(const int64_t* ids, const Exclusions& ex, i
   return ids[row] >= 0 && !excluded(ex, b, ids[row]);
 }
 
+// Lets `kernel` use `smem` bytes of dynamic shared memory on the current device, asking
+// the driver once per (device, kernel) and larger size: cudaFuncSetAttribute had been
+// called on every launch past the default 48 KB.
+template <typename... Params>
+cudaError_t opt_in(void (*kernel)(Params...), size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, size_t> granted;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& have = granted[{device, reinterpret_cast<const void*>(kernel)}];
+  if (smem <= have) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err == cudaSuccess) have = smem;
+  return err;
+}
+
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                    Args... args) {
   if (smem > 48 * 1024) {  // beyond the default limit a kernel must opt in
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    const cudaError_t err = opt_in(kernel, smem);
     if (err != cudaSuccess) return err;
   }
   kernel<<<grid, block, smem, stream>>>(args...);
