@@ -188,17 +188,18 @@ def _setup(d: DenseInputs) -> tuple[tuple, dict]:
     return operands + sizes, meta
 
 
-def _split_rows(batch: int, n: int, device: torch.device) -> int:
-    """Key rows per split of the forward (a multiple of the tile): enough splits that
-    query blocks x splits fill the GPU twice over -- with one program per query block,
-    B = 64 ran 4 programs on 132 SMs, each over all N -- and a few under the interpreter,
-    so that the split path is what the tests run."""
+def _splits(batch: int, n: int, device: torch.device) -> tuple[int, int]:
+    """``(key rows per split, splits)`` of the forward, the rows a multiple of the tile:
+    enough splits that query blocks x splits fill the GPU twice over -- with one program
+    per query block, B = 64 ran 4 programs on 132 SMs, each over all N -- and a few under
+    the interpreter, so that the split path is what the tests run."""
     programs = (
         2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     )
     tiles = max(1, triton.cdiv(n, _BLOCK_N))
-    splits = min(tiles, max(1, triton.cdiv(programs, triton.cdiv(batch, _BLOCK_B))))
-    return triton.cdiv(tiles, splits) * _BLOCK_N
+    wanted = min(tiles, max(1, triton.cdiv(programs, triton.cdiv(batch, _BLOCK_B))))
+    rows = triton.cdiv(tiles, wanted) * _BLOCK_N
+    return rows, max(1, triton.cdiv(n, rows))
 
 
 def dense_forward(d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,8 +210,7 @@ def dense_forward(d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
     pieces do (flash-decoding): ``lse = logsumexp_s lse_s``, ``out = sum_s e^(lse_s - lse) out_s``.
     """
     (q, k, v, ids, ex, batch, n, dim, width, e), meta = _setup(d)
-    rows = _split_rows(batch, n, q.device)
-    splits = max(1, triton.cdiv(n, rows))
+    rows, splits = _splits(batch, n, q.device)
     outs = torch.empty((splits, batch, width), dtype=q.dtype, device=q.device)
     lses = torch.empty((splits, batch), dtype=q.dtype, device=q.device)
     if batch:
