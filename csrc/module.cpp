@@ -14,8 +14,8 @@ void register_cuda(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "kmem compiled kernels";
-  m.def("compact_rows", &kmem::compact_rows, "Stable compaction of the kept rows of src into out",
-        py::arg("src"), py::arg("keep"), py::arg("out"));
+  m.def("compact_rows", &kmem::compact_rows, "Stable compaction of the kept rows of each src buffer into its out",
+        py::arg("srcs"), py::arg("keep"), py::arg("outs"));
   m.def("zero_rows", &kmem::zero_rows, "Overwrite the bytes of rows `rows` of dst with zeros", py::arg("dst"),
         py::arg("rows"));
   m.def("search", &kmem::search, "Fused top-k search: (scores, slots) [B, k] of the best live rows per query",

@@ -1,4 +1,4 @@
-"""Triton stable compaction: the kept rows of a buffer, in order, to the front of another.
+"""Triton stable compaction: the kept rows of buffers, in order, to the front of others.
 
 Two launches over blocks of rows: one counts each block's kept rows, then (after an
 exclusive cumsum of those few counts on the host side of the graph) one gives every
@@ -8,6 +8,8 @@ size that divides the row, so one kernel serves keys, values and ids of any dtyp
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -51,33 +53,36 @@ def _as_words(t: torch.Tensor) -> torch.Tensor:
     raise AssertionError("unreachable: uint8 divides every row")
 
 
-def compact_rows(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> int:
-    """Copy the rows of ``src [N, ...]`` where ``keep [N]`` (bool) holds, in order, to
-    ``out[:n]`` (same dtype and row shape); returns ``n``."""
-    n = src.shape[0]
+def compact_rows(srcs: Sequence[torch.Tensor], keep: torch.Tensor, outs: Sequence[torch.Tensor]) -> int:
+    """Copy the rows of each ``srcs[i] [N, ...]`` where ``keep [N]`` (bool) holds, in order,
+    to ``outs[i][:n]`` (same dtype and row shape); returns ``n``. The keep flags are
+    counted once for every buffer, and ``n`` read to the host once."""
+    n = keep.shape[0]
     if n == 0:
         return 0
     blocks = triton.cdiv(n, _BLOCK_ROWS)
     keep8 = keep.to(torch.int8)
-    counts = torch.empty(blocks, dtype=torch.int32, device=src.device)
+    counts = torch.empty(blocks, dtype=torch.int32, device=keep.device)
     launch(_count_kernel, (blocks,), keep8, counts, n, BLOCK_ROWS=_BLOCK_ROWS)
     totals = counts.to(torch.int64).cumsum(0)
     kept = int(totals[-1])
-    if out.shape[0] < kept:
-        raise ValueError(f"out holds {out.shape[0]} rows but {kept} are kept")
+    for out in outs:
+        if out.shape[0] < kept:
+            raise ValueError(f"out holds {out.shape[0]} rows but {kept} are kept")
     offsets = totals - counts
-    src_words, out_words = _as_words(src.contiguous()), _as_words(out)
-    width = src_words.shape[1]
-    launch(
-        _scatter_kernel,
-        (blocks,),
-        src_words,
-        keep8,
-        offsets,
-        out_words,
-        n,
-        width,
-        BLOCK_ROWS=_BLOCK_ROWS,
-        BLOCK_WORDS=min(_BLOCK_WORDS, pow2(width)),
-    )
+    for src, out in zip(srcs, outs, strict=True):
+        src_words, out_words = _as_words(src.contiguous()), _as_words(out)
+        width = src_words.shape[1]
+        launch(
+            _scatter_kernel,
+            (blocks,),
+            src_words,
+            keep8,
+            offsets,
+            out_words,
+            n,
+            width,
+            BLOCK_ROWS=_BLOCK_ROWS,
+            BLOCK_WORDS=min(_BLOCK_WORDS, pow2(width)),
+        )
     return kept

@@ -341,9 +341,9 @@ class KeyMemory:
                 return 0
             keep = self._slot_ids[: self._used] >= 0
             new = self._allocate(self.capacity)
-            for src, dst in zip((self._keys, self._values, self._slot_ids), new, strict=True):
-                # A byte copy: every backend gives the same bits.
-                ops.compact_rows(src[: self._used], keep, dst)
+            # A byte copy (every backend gives the same bits), one scan of keep for all three.
+            old = (self._keys, self._values, self._slot_ids)
+            ops.compact_rows(tuple(src[: self._used] for src in old), keep, new)
             self._set_buffers(new)
             self._used = self._rows
             self._index.rebuild(self._slot_ids)

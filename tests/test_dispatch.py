@@ -20,7 +20,7 @@ def test_compaction_reference_is_stable():
     src = torch.arange(30).reshape(10, 3)
     keep = torch.tensor([1, 0, 0, 1, 1, 0, 1, 0, 0, 1], dtype=torch.bool)
     out = torch.full((12, 3), -7)
-    assert reference.compact_rows(CompactInputs(src, keep, out)) == 5
+    assert reference.compact_rows(CompactInputs((src,), keep, (out,))) == 5
     assert torch.equal(out[:5], src[keep]) and bool((out[5:] == -7).all())
 
 

@@ -624,3 +624,33 @@ def test_compaction_matches_reference(kernel, dtype, rows, row_shape, density):
         assert ops.compact_rows(src, keep, out, backend=kernel.name) == n_want
     assert torch.equal(out.cpu(), want)
     assert kernel.name == "reference" or ran == [f"compact_rows:{kernel.name}", f"{kernel.name}.compact_rows"]
+
+
+@backends(declaring("compact_rows"))
+@pytest.mark.parametrize("rows", [0, 1, 300, 4099])
+def test_compaction_of_several_buffers_at_once(kernel, rows):
+    """A memory's keys, values and ids -- three dtypes and row shapes -- in one call."""
+    rows = kernel.rows(rows)
+    keep = torch.rand(rows) < 0.7
+    srcs = [torch.randn(rows, 5, dtype=torch.bfloat16), torch.randn(rows, 3, 2), torch.randperm(rows)]
+    outs = [torch.full((rows + 2, *s.shape[1:]), 9).to(s.dtype) for s in srcs]
+    wants = [o.clone() for o in outs]
+    n = int(keep.sum())
+    for s, w in zip(srcs, wants, strict=True):
+        w[:n] = s[keep]
+    srcs, outs = kernel.on(*srcs), kernel.on(*outs)
+    with ops.trace() as ran:
+        assert ops.compact_rows(srcs, kernel.on(keep)[0], outs, backend=kernel.name) == n
+    for o, w in zip(outs, wants, strict=True):
+        assert torch.equal(o.cpu(), w)
+    assert kernel.name == "reference" or ran == [f"compact_rows:{kernel.name}", f"{kernel.name}.compact_rows"]
+
+
+@backends(declaring("compact_rows"))
+def test_compaction_checks_every_output_before_writing_any(kernel):
+    keep = torch.ones(6, dtype=torch.bool)
+    srcs = kernel.on(torch.randn(6, 2), torch.arange(6))
+    outs = kernel.on(torch.zeros(6, 2), torch.zeros(5, dtype=torch.int64))  # the second is one row short
+    with pytest.raises((RuntimeError, ValueError), match="are kept"):
+        ops.compact_rows(srcs, kernel.on(keep)[0], outs, backend=kernel.name)
+    assert not bool(outs[0].any())

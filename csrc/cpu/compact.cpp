@@ -1,9 +1,10 @@
 // Byte-level row edits of a memory's buffers: stable compaction (copy the kept rows of
-// `src` to the front of `out`, in order) and the scrub of deleted rows.
+// each source buffer to the front of its output, in order) and the scrub of deleted rows.
 //
 // Rows are moved as raw bytes, so one kernel serves keys, values and ids of any
-// dtype. Compaction: Two passes over the (cheap) keep mask -- count per block, exclusive scan --
-// then every thread copies its block's runs of kept rows with one memcpy per run.
+// dtype. Compaction: two passes over the (cheap) keep mask -- count per block, exclusive scan --
+// then every thread copies its block's runs of kept rows with one memcpy per run and
+// buffer, so one scan serves a memory's keys, values and ids together.
 #include "compact.h"
 
 #include <ATen/Parallel.h>
@@ -14,24 +15,35 @@
 
 
 namespace kmem {
+namespace {
 
-int64_t compact_rows(const at::Tensor& src, const at::Tensor& keep, at::Tensor& out) {
-  TORCH_CHECK(src.device().is_cpu() && keep.device().is_cpu() && out.device().is_cpu(),
-              "compact_rows: all tensors must be on the CPU");
-  TORCH_CHECK(src.dim() >= 1, "compact_rows: src must have at least one dimension");
-  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.dim() == 1 && keep.size(0) == src.size(0),
-              "compact_rows: keep must be a bool vector with one entry per row of src");
-  TORCH_CHECK(out.scalar_type() == src.scalar_type(), "compact_rows: out dtype must match src");
-  TORCH_CHECK(out.dim() == src.dim() && out.sizes().slice(1) == src.sizes().slice(1),
-              "compact_rows: out rows must have the shape of src rows");
-  TORCH_CHECK(src.is_contiguous() && out.is_contiguous() && keep.is_contiguous(),
-              "compact_rows: tensors must be contiguous");
+struct Buffer {
+  const char* src;
+  char* out;
+  int64_t row_bytes, out_rows;
+};
 
-  const int64_t rows = src.size(0);
-  const int64_t row_bytes = rows ? src.numel() / rows * src.element_size() : 0;
+}  // namespace
+
+int64_t compact_rows(const std::vector<at::Tensor>& srcs, const at::Tensor& keep, const std::vector<at::Tensor>& outs) {
+  TORCH_CHECK(keep.device().is_cpu() && keep.scalar_type() == at::kBool && keep.dim() == 1 && keep.is_contiguous(),
+              "compact_rows: keep must be a contiguous bool vector on the CPU");
+  TORCH_CHECK(!srcs.empty() && srcs.size() == outs.size(), "compact_rows: src and out must list the same buffers");
+  const int64_t rows = keep.size(0);
+  std::vector<Buffer> buffers;
+  for (size_t b = 0; b < srcs.size(); ++b) {
+    const at::Tensor &src = srcs[b], &out = outs[b];
+    TORCH_CHECK(src.device().is_cpu() && out.device().is_cpu(), "compact_rows: all tensors must be on the CPU");
+    TORCH_CHECK(src.dim() >= 1 && src.size(0) == rows, "compact_rows: every src must have one row per entry of keep");
+    TORCH_CHECK(out.scalar_type() == src.scalar_type(), "compact_rows: out dtype must match src");
+    TORCH_CHECK(out.dim() == src.dim() && out.sizes().slice(1) == src.sizes().slice(1),
+                "compact_rows: out rows must have the shape of src rows");
+    TORCH_CHECK(src.is_contiguous() && out.is_contiguous(), "compact_rows: tensors must be contiguous");
+    const int64_t row_bytes = rows ? src.numel() / rows * src.element_size() : 0;
+    buffers.push_back({static_cast<const char*>(src.data_ptr()), static_cast<char*>(out.data_ptr()), row_bytes,
+                       out.size(0)});
+  }
   const bool* k = keep.data_ptr<bool>();
-  const char* s = static_cast<const char*>(src.data_ptr());
-  char* o = static_cast<char*>(out.data_ptr());
 
   const int threads = std::max(1, std::min<int>(at::get_num_threads(), static_cast<int>(rows / 4096 + 1)));
   const int64_t block = (rows + threads - 1) / threads;
@@ -45,7 +57,8 @@ int64_t compact_rows(const at::Tensor& src, const at::Tensor& keep, at::Tensor& 
   }
   for (int t = 0; t < threads; ++t) first[t + 1] += first[t];
   const int64_t kept = first[threads];
-  TORCH_CHECK(out.size(0) >= kept, "compact_rows: out holds ", out.size(0), " rows but ", kept, " are kept");
+  for (const Buffer& b : buffers)
+    TORCH_CHECK(b.out_rows >= kept, "compact_rows: out holds ", b.out_rows, " rows but ", kept, " are kept");
 
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int t = 0; t < threads; ++t) {
@@ -55,7 +68,7 @@ int64_t compact_rows(const at::Tensor& src, const at::Tensor& keep, at::Tensor& 
       if (!k[i]) { ++i; continue; }
       int64_t j = i;
       while (j < end && k[j]) ++j;
-      std::memcpy(o + dst * row_bytes, s + i * row_bytes, (j - i) * row_bytes);
+      for (const Buffer& b : buffers) std::memcpy(b.out + dst * b.row_bytes, b.src + i * b.row_bytes, (j - i) * b.row_bytes);
       dst += j - i;
       i = j;
     }

@@ -8,6 +8,7 @@
 
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "compact.cuh"
 #include "topk_attention.cuh"
@@ -233,32 +234,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_dense_backward(
   return {dq, dkeys, dvalues};
 }
 
-int64_t cuda_compact_rows(const at::Tensor& src, const at::Tensor& keep, at::Tensor& out) {
+int64_t cuda_compact_rows(const std::vector<at::Tensor>& srcs, const at::Tensor& keep,
+                          const std::vector<at::Tensor>& outs) {
   constexpr const char* op = "cuda_compact_rows";
-  check_device(src, src, op, "src");
-  check_device(keep, src, op, "keep");
-  check_device(out, src, op, "out");
-  TORCH_CHECK(src.dim() >= 1, op, ": src must have at least one dimension");
-  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.dim() == 1 && keep.size(0) == src.size(0), op,
-              ": keep must be a bool vector with one entry per row of src");
-  TORCH_CHECK(out.scalar_type() == src.scalar_type() && out.dim() == src.dim() &&
-                  out.sizes().slice(1) == src.sizes().slice(1),
-              op, ": out must have src's dtype and row shape");
-  TORCH_CHECK(src.is_contiguous() && keep.is_contiguous() && out.is_contiguous(), op,
-              ": tensors must be contiguous");
-  const c10::cuda::CUDAGuard guard(src.device());
-  const int64_t rows = src.size(0);
+  TORCH_CHECK(!srcs.empty() && srcs.size() == outs.size(), op, ": src and out must list the same buffers");
+  check_device(keep, keep, op, "keep");
+  TORCH_CHECK(keep.scalar_type() == at::kBool && keep.dim() == 1 && keep.is_contiguous(), op,
+              ": keep must be a contiguous bool vector");
+  const int64_t rows = keep.size(0);
+  for (size_t b = 0; b < srcs.size(); ++b) {
+    const at::Tensor &src = srcs[b], &out = outs[b];
+    check_device(src, keep, op, "src");
+    check_device(out, keep, op, "out");
+    TORCH_CHECK(src.dim() >= 1 && src.size(0) == rows, op, ": every src must have one row per entry of keep");
+    TORCH_CHECK(out.scalar_type() == src.scalar_type() && out.dim() == src.dim() &&
+                    out.sizes().slice(1) == src.sizes().slice(1),
+                op, ": out must have src's dtype and row shape");
+    TORCH_CHECK(src.is_contiguous() && out.is_contiguous(), op, ": tensors must be contiguous");
+  }
+  const c10::cuda::CUDAGuard guard(keep.device());
   if (rows == 0) return 0;
-  const int64_t row_bytes = src.numel() / rows * src.element_size();
-  at::Tensor positions = at::empty({rows}, src.options().dtype(at::kLong));
-  at::Tensor ws = workspace(cuda::compact_workspace_bytes(rows), src);
+  // One scan of keep serves every buffer, and one host sync (the size check) all of them.
+  at::Tensor positions = at::empty({rows}, keep.options().dtype(at::kLong));
+  at::Tensor ws = workspace(cuda::compact_workspace_bytes(rows), keep);
   check_launch(cuda::compact_scan(keep.data_ptr<bool>(), rows, positions.data_ptr<int64_t>(), ws.data_ptr(), stream()),
                op);
-  const int64_t kept = positions[rows - 1].item<int64_t>();  // synchronises: the size check needs it
-  TORCH_CHECK(out.size(0) >= kept, op, ": out holds ", out.size(0), " rows but ", kept, " are kept");
-  check_launch(cuda::compact_copy(src.data_ptr(), keep.data_ptr<bool>(), positions.data_ptr<int64_t>(), rows,
-                                  row_bytes, out.data_ptr(), stream()),
-               op);
+  const int64_t kept = positions[rows - 1].item<int64_t>();
+  for (const at::Tensor& out : outs)
+    TORCH_CHECK(out.size(0) >= kept, op, ": out holds ", out.size(0), " rows but ", kept, " are kept");
+  for (size_t b = 0; b < srcs.size(); ++b) {
+    const int64_t row_bytes = srcs[b].numel() / rows * srcs[b].element_size();
+    check_launch(cuda::compact_copy(srcs[b].data_ptr(), keep.data_ptr<bool>(), positions.data_ptr<int64_t>(), rows,
+                                    row_bytes, outs[b].data_ptr(), stream()),
+                 op);
+  }
   return kept;
 }
 
@@ -283,8 +292,9 @@ void register_cuda(pybind11::module& m) {
         py::arg("exclude_ids"), py::arg("out"), py::arg("lse"), py::arg("grad_lse"), py::arg("scale"),
         py::arg("l2"), py::arg("num_classes"), py::arg("needs_keys"), py::arg("needs_values"));
   m.def("cuda_compact_rows", &cuda_compact_rows,
-        "CUDA stable compaction: the kept rows of src, in order, to the front of out; returns their count",
-        py::arg("src"), py::arg("keep"), py::arg("out"));
+        "CUDA stable compaction: the kept rows of each src buffer, in order, to the front of its out; returns "
+        "their count",
+        py::arg("srcs"), py::arg("keep"), py::arg("outs"));
 }
 
 }  // namespace kmem

@@ -12,6 +12,8 @@ records what served the calls inside a block.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from . import backends as _backends  # noqa: F401  (registers every backend)
@@ -146,9 +148,18 @@ def topk_attention(
     return out
 
 
-def compact_rows(src: torch.Tensor, keep: torch.Tensor, out: torch.Tensor, *, backend: str = "auto") -> int:
+def compact_rows(
+    src: torch.Tensor | Sequence[torch.Tensor],
+    keep: torch.Tensor,
+    out: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    backend: str = "auto",
+) -> int:
     """Copy the rows of ``src [N, ...]`` where ``keep [N]`` (bool) is true, in order, to
-    ``out[:n]``; returns ``n``. ``out`` has ``src``'s dtype and row shape, ``>= n`` rows."""
+    ``out[:n]``; returns ``n``. ``out`` has ``src``'s dtype and row shape, ``>= n`` rows.
+
+    ``src`` and ``out`` may be equally long sequences of buffers (a memory's keys,
+    values and ids): ``keep`` is then scanned once for all of them."""
     return run(CompactInputs.checked(src, keep, out), backend)
 
 

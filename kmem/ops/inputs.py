@@ -211,26 +211,49 @@ def attention_inputs(
 
 @dataclass(slots=True)
 class CompactInputs:
-    """Stable compaction: the rows of ``src [N, ...]`` where ``keep [N]`` (bool) go to ``out``."""
+    """Stable compaction of several buffers at once: the rows where ``keep [N]`` (bool)
+    holds, of every ``srcs[i] [N, ...]``, go in order to the front of ``outs[i]`` (same
+    dtype and row shape, contiguous). One pass over ``keep`` serves every buffer."""
 
     op: ClassVar[str] = "compact_rows"
-    src: torch.Tensor
+    srcs: tuple[torch.Tensor, ...]
     keep: torch.Tensor
-    out: torch.Tensor
+    outs: tuple[torch.Tensor, ...]
 
     @classmethod
     def checked(cls, src, keep, out) -> CompactInputs:
-        for name, t in (("src", src), ("out", out), ("keep", keep)):
-            _checks.tensor(name, t)
+        """``src`` and ``out``: one tensor each, or equally long sequences of them."""
+        srcs, outs = _buffers("src", src), _buffers("out", out)
+        if len(srcs) != len(outs):
+            raise ValueError(f"src has {len(srcs)} buffers but out has {len(outs)}")
+        _checks.tensor("keep", keep)
         if keep.dtype != torch.bool:
             raise TypeError(f"keep must be bool, got {keep.dtype}")
-        _checks.shape("keep", keep, (src.shape[0],))
-        if out.dtype != src.dtype or out.shape[1:] != src.shape[1:]:
-            raise ValueError(f"out must have src's dtype and row shape, got {out.dtype} {list(out.shape)}")
-        return cls(src.contiguous(), keep.contiguous(), out)
+        _checks.shape("keep", keep, (None,))
+        for i, (s, o) in enumerate(zip(srcs, outs, strict=True)):
+            name = "src" if len(srcs) == 1 else f"src[{i}]"
+            if s.dim() < 1 or s.shape[0] != keep.shape[0]:
+                raise ValueError(f"{name} must have one row per entry of keep ({keep.shape[0]}), got {list(s.shape)}")
+            if o.dtype != s.dtype or o.shape[1:] != s.shape[1:]:
+                raise ValueError(f"out must have src's dtype and row shape, got {o.dtype} {list(o.shape)}")
+            if not o.is_contiguous():
+                raise ValueError("out must be contiguous: the rows are written into it")
+            for t in (o, keep):
+                if t.device != s.device:
+                    raise ValueError(f"every buffer and keep must be on one device: {t.device} and {s.device}")
+        return cls(tuple(s.contiguous() for s in srcs), keep.contiguous(), outs)
 
     def signature(self) -> Signature:
-        return Signature(_device(self.src), None, self.src.dtype, None, False, None, False)
+        return Signature(_device(self.keep), None, self.srcs[0].dtype, None, False, None, False)
+
+
+def _buffers(name: str, x) -> tuple[torch.Tensor, ...]:
+    """A tensor, or a non-empty sequence of tensors, as a tuple."""
+    if isinstance(x, torch.Tensor):
+        return (x,)
+    if not isinstance(x, list | tuple) or not x:
+        raise TypeError(f"{name} must be a torch.Tensor or a non-empty sequence of them, got {type(x).__name__}")
+    return tuple(_checks.tensor(f"{name}[{i}]", t) for i, t in enumerate(x))
 
 
 @dataclass(slots=True)

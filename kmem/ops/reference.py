@@ -211,10 +211,16 @@ def dense_attention(d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def compact_rows(c: CompactInputs) -> int:
-    """Stable compaction: the rows of ``src [N, ...]`` where ``keep [N]`` go, in order, to ``out[:n]``."""
-    kept = c.src[c.keep]
-    c.out[: kept.shape[0]] = kept
-    return kept.shape[0]
+    """Stable compaction: the rows of each ``srcs[i] [N, ...]`` where ``keep [N]`` holds go,
+    in order, to ``outs[i][:n]``."""
+    rows = c.keep.nonzero().squeeze(1)
+    n = rows.shape[0]
+    for out in c.outs:
+        if out.shape[0] < n:
+            raise ValueError(f"out holds {out.shape[0]} rows but {n} are kept")
+    for src, out in zip(c.srcs, c.outs, strict=True):
+        torch.index_select(src, 0, rows, out=out[:n])
+    return n
 
 
 def zero_rows(z: ScrubInputs) -> None:

@@ -67,8 +67,8 @@ class Extension:
         )  # fmt: skip
 
     def compact_rows(self, c: CompactInputs) -> int:
-        """Stable compaction of ``c.src``'s kept rows into ``c.out``; returns the rows kept."""
-        return self._fn("compact_rows")(c.src, c.keep, c.out)
+        """Stable compaction of every ``c.srcs`` buffer's kept rows into ``c.outs``; returns the rows kept."""
+        return self._fn("compact_rows")(list(c.srcs), c.keep, list(c.outs))
 
     def zero_rows(self, z: ScrubInputs) -> None:
         self._fn("zero_rows")(z.dst, z.rows)

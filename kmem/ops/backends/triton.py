@@ -42,5 +42,5 @@ def kernels() -> SimpleNamespace:
         attend_backward=attend.attend_backward,
         dense_forward=dense.dense_forward,
         dense_backward=dense.dense_backward,
-        compact_rows=lambda c: compact.compact_rows(c.src, c.keep, c.out),
+        compact_rows=lambda c: compact.compact_rows(c.srcs, c.keep, c.outs),
     )
