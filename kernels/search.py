@@ -24,6 +24,10 @@ _BLOCK_B = 16  # queries per program (the M side of tl.dot)
 _MIN_TILE = 64  # key rows per tile when k is small
 _MAX_BLOCK_D = 64  # the key dimension is streamed in chunks of this width
 _CANDIDATES = 1 << 16  # bound on per-query candidates left for the final merge
+# Above this many queries the keys' tiles are scored on tensor cores first (TF32, then
+# float32 only where a tile may reach a top-k); at or below it the kernel is bound by
+# reading the keys, and scores them in float32 once.
+TENSOR_CORE_BATCH = 16
 
 
 @triton.jit
@@ -66,6 +70,61 @@ def _tile_scores(
     if L2:
         acc = 2.0 * acc - sq[None, :]
     return acc
+
+
+@triton.jit
+def _tf32(x):
+    """``x`` (float32) with its mantissa cut to TF32's 10 bits: the operand a tensor-core
+    TF32 MMA reads, made explicit so the interpreter scores exactly as the GPU does."""
+    return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tile_scores_tf32(
+    q_ptr,
+    k_ptr,
+    rows,
+    row_ok,
+    cols,
+    B,
+    N,
+    D,
+    L2: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """:func:`_tile_scores` on tensor cores, TF32 operands: approximate scores ``[BLOCK_B,
+    BLOCK_N]`` and the keys' float32 norms ``[BLOCK_N]``, which bound the error."""
+    acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
+    sq = tl.zeros([BLOCK_N], tl.float32)
+    col_ok = cols < N
+    for d0 in range(0, D, BLOCK_D):
+        dc = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dc < D
+        q = tl.load(
+            q_ptr + rows.to(tl.int64)[:, None] * D + dc[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        kt = tl.load(
+            k_ptr + cols.to(tl.int64)[:, None] * D + dc[None, :],
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.dot(_tf32(q), tl.trans(_tf32(kt)), input_precision="tf32")
+        sq += tl.sum(kt * kt, 1)
+    if L2:
+        acc = 2.0 * acc - sq[None, :]
+    return acc, tl.sqrt(sq)
+
+
+@triton.jit
+def _floor_score(floor):
+    """The float32 score of packed keys ``floor`` (:func:`_pack`'s inverse); -inf for none."""
+    bits = (floor >> 32).to(tl.int32)
+    bits = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return tl.where(floor == _NONE_TL, float("-inf"), bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -146,7 +205,9 @@ def _search_kernel(
     D,
     E,
     n_tiles,
+    slack,
     L2: tl.constexpr,
+    TENSOR_CORES: tl.constexpr,
     SPLITS: tl.constexpr,
     KP: tl.constexpr,
     BLOCK_B: tl.constexpr,
@@ -154,32 +215,75 @@ def _search_kernel(
     BLOCK_D: tl.constexpr,
 ):
     """Program (query block, split) keeps the top ``KP`` packed keys of tiles
-    ``split, split + SPLITS, ...`` and writes them, best first, to ``cand [B, SPLITS, KP]``."""
+    ``split, split + SPLITS, ...`` and writes them, best first, to ``cand [B, SPLITS, KP]``.
+
+    With ``TENSOR_CORES`` a tile is first scored in TF32, and only a tile where some live
+    key's TF32 score comes within its error bound (``slack * ||q|| * ||k||``) of its
+    query's running threshold is scored again in float32 -- every score that is ranked
+    is the exact float32 one, so the result is the float32 kernel's, bit for bit.
+    """
     pid_b = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     best = tl.full([BLOCK_B, KP], _NONE_TL, tl.int64)
     floor = tl.full([BLOCK_B], _NONE_TL, tl.int64)  # each query's KP-th best so far
+    if TENSOR_CORES:
+        q_sq = tl.zeros([BLOCK_B], tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dc = d0 + tl.arange(0, BLOCK_D)
+            qc = tl.load(
+                q_ptr + rows.to(tl.int64)[:, None] * D + dc[None, :],
+                mask=row_ok[:, None] & (dc < D)[None, :],
+                other=0.0,
+            )
+            q_sq += tl.sum(qc * qc, 1)
+        q_slack = slack * tl.sqrt(q_sq)
     for t in range(split, n_tiles, SPLITS):
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        scores = _tile_scores(q_ptr, k_ptr, rows, row_ok, cols, B, N, D, L2, BLOCK_B, BLOCK_N, BLOCK_D)
         ids = tl.load(ids_ptr + cols, mask=cols < N, other=-1)
-        packed = tl.where((ids >= 0)[None, :] & row_ok[:, None], _pack(scores, cols), _NONE_TL)
-        # The running threshold: a tile with no live key above its query's KP-th best so
-        # far cannot change `best` (keys are distinct), so it skips the exclusions, the
-        # sort and the merge -- once the floors settle, nearly every tile of scores in
-        # random order.
-        if tl.max((packed > floor[:, None]).to(tl.int32)) > 0:
-            packed = tl.where(excluded(ex_ptr, rows, row_ok, ids, E, BLOCK_B, BLOCK_N), _NONE_TL, packed)
-            top = _top(packed, BLOCK_B, BLOCK_N, KP, False)
-            # best descending, top ascending: their elementwise max holds the KP largest
-            # of both as a bitonic sequence; merge it back into descending order.
-            best = _bitonic_merge(tl.maximum(best, top), BLOCK_B, KP, KP, True)
-            floor = tl.min(best, 1)
+        live = (ids >= 0)[None, :] & row_ok[:, None]
+        reach = True
+        if TENSOR_CORES:
+            approx, norms = _tile_scores_tf32(
+                q_ptr, k_ptr, rows, row_ok, cols, B, N, D, L2, BLOCK_B, BLOCK_N, BLOCK_D
+            )
+            # Written as "not below" so that a NaN bound counts as a reach (scored exactly).
+            # D * 2^-110: what products flushed to zero below float32's normal range may lose.
+            bound = q_slack[:, None] * norms[None, :] + D * 7.7e-34
+            below = approx + bound < _floor_score(floor)[:, None]
+            reach = tl.max((live & ~below).to(tl.int32)) > 0
+        if reach:
+            scores = _tile_scores(q_ptr, k_ptr, rows, row_ok, cols, B, N, D, L2, BLOCK_B, BLOCK_N, BLOCK_D)
+            packed = tl.where(live, _pack(scores, cols), _NONE_TL)
+            # The running threshold: a tile with no live key above its query's KP-th best
+            # so far cannot change `best` (keys are distinct), so it skips the exclusions,
+            # the sort and the merge -- once the floors settle, nearly every tile of
+            # scores in random order.
+            if tl.max((packed > floor[:, None]).to(tl.int32)) > 0:
+                packed = tl.where(excluded(ex_ptr, rows, row_ok, ids, E, BLOCK_B, BLOCK_N), _NONE_TL, packed)
+                top = _top(packed, BLOCK_B, BLOCK_N, KP, False)
+                # best descending, top ascending: their elementwise max holds the KP largest
+                # of both as a bitonic sequence; merge it back into descending order.
+                best = _bitonic_merge(tl.maximum(best, top), BLOCK_B, KP, KP, True)
+                floor = tl.min(best, 1)
     ks = tl.arange(0, KP)
     out = cand_ptr + (rows.to(tl.int64)[:, None] * SPLITS + split) * KP + ks[None, :]
     tl.store(out, best, mask=row_ok[:, None])
+
+
+def tf32_slack(d: int, l2: bool) -> float:
+    """``s`` such that ``|TF32 score - float32 score| <= s * ||q|| * ||k||`` for ``d``-wide rows.
+
+    TF32 keeps 10 of float32's 23 mantissa bits (cut, not rounded): each operand is off
+    by under 2^-10 of itself, a product by under 2^-9 of ``|q_i k_i|``, and a dot by under
+    2^-9 of ``sum |q_i k_i| <= ||q|| ||k||``. Each float32 sum of ``d`` terms adds under
+    ``d * 2^-24`` of that (two sums, and the norms' rounding: ``d * 2^-21`` covers them).
+    l2 ranks by ``2 q.k - ||k||^2``: twice the dot's error. The factor 2 is margin: a wider
+    bound rescores a few more tiles, never changes a result.
+    """
+    bound = 2.0 * (2.0**-9 + d * 2.0**-21)
+    return 2.0 * bound if l2 else bound
 
 
 def _grid_shape(batch: int, n: int, k: int) -> tuple[int, int, int]:
@@ -199,6 +303,7 @@ def search(s: SearchInputs) -> tuple[torch.Tensor, torch.Tensor]:
     by (l2: ``2 q . k - ||k||^2``).
 
     Queries are scored in float32; keys float32/16/bf16 (or float64, read as float32).
+    Above ``TENSOR_CORE_BATCH`` queries tiles are screened in TF32 first (same result).
     """
     queries, keys, slot_ids, k, metric, exclude_ids = (
         s.queries,
@@ -231,7 +336,9 @@ def search(s: SearchInputs) -> tuple[torch.Tensor, torch.Tensor]:
         d,
         width,
         triton.cdiv(n, tile),
+        tf32_slack(d, metric == "l2"),
         L2=metric == "l2",
+        TENSOR_CORES=batch > TENSOR_CORE_BATCH,
         SPLITS=splits,
         KP=kp,
         BLOCK_B=_BLOCK_B,

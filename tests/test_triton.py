@@ -85,6 +85,51 @@ def test_search_skips_tiles_below_the_running_threshold(device, monkeypatch, ord
         assert len(sorts) == 5 + (2 if order == "descending" else 5)
 
 
+def test_tf32_screen_rescores_what_tf32_cannot_tell_apart(device, monkeypatch):
+    """Rows A (first tile) and B (fourth) differ only below TF32's 10 mantissa bits: in
+    TF32 they tie, in float32 B wins. The screen must send B's tile to the float32
+    scorer: with the error bound set to 0 it does not, and A comes back instead."""
+    monkeypatch.setattr(triton_search, "TENSOR_CORE_BATCH", 0)
+    monkeypatch.setattr(triton_search, "_CANDIDATES", 1)  # one program walks the tiles in order
+    d, n = 16, 300
+    keys = -torch.ones(n, d)
+    keys[0] = 1.0
+    keys[200] = 1.0 + 2.0**-20
+    q = torch.full((2, d), 1.0 + 2.0**-15)
+    slot_ids = torch.arange(n)
+    on = [t.to(device) for t in (q, keys, slot_ids)]
+    exact = []
+    if device == "cpu":  # the interpreter runs the kernel as Python: count exact tile scorings
+        scorer = triton_search._tile_scores
+        monkeypatch.setattr(triton_search, "_tile_scores", lambda *a: exact.append(1) or scorer(*a))
+    _, slots = triton_search.search(SearchInputs(*on, None, 1, "ip"))
+    assert slots.cpu().flatten().tolist() == [200, 200]
+    assert device != "cpu" or len(exact) == 2  # of 5 tiles: A's (the first) and B's
+    monkeypatch.setattr(triton_search, "tf32_slack", lambda d, l2: 0.0)
+    _, slots = triton_search.search(SearchInputs(*on, None, 1, "ip"))
+    assert slots.cpu().flatten().tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tf32_screen_gives_the_float32_result_bit_for_bit(device, monkeypatch, metric, dtype):
+    """Random floats, dead rows, exclusions: the search through the TF32 screen returns
+    the very scores and slots of the float32-only kernel."""
+    monkeypatch.setattr(triton_search, "_CANDIDATES", 16)  # programs walk several tiles
+    keys, slot_ids = _memory(1200, 24)
+    keys = keys.to(dtype)
+    q = torch.randn(5, 24)
+    ex = slot_ids[torch.randint(0, 1200, (5, 6))]
+    on = [t.to(device) for t in (q, keys, slot_ids, ex)]
+    search = SearchInputs(*on[:3], on[3], 4, metric)
+    want = triton_search.search(search)
+    monkeypatch.setattr(triton_search, "TENSOR_CORE_BATCH", 0)
+    got = triton_search.search(search)
+    for x, y in zip(got, want, strict=True):
+        assert torch.equal(x, y)
+    assert torch.equal(got[1].cpu(), brute_topk(q, keys, slot_ids, 4, metric, ex))
+
+
 def test_dense_splits_combine_by_log_sum_exp(device):
     """Dense forward over several splits of the rows, the first all dead and one query
     with no row at all: out and lse as the reference's."""
