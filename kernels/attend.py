@@ -63,11 +63,12 @@ def _safe_shift(m):
 
 
 @triton.jit
-def _weights_kernel(
+def _softmax_weights(
     q_ptr,
     k_ptr,
     slots_ptr,
     w_ptr,
+    b,
     scale,
     K,
     D,
@@ -76,9 +77,9 @@ def _weights_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """``weights [B, K]``: softmax of the logits over the valid slots (all zero if none).
-    An online max/sum pass, then a second pass that recomputes the logits and normalises."""
-    b = tl.program_id(0).to(tl.int64)
+    """Row ``b`` of ``weights [B, K]``: softmax of the logits over the valid slots (all
+    zero if none). An online max/sum pass, then a second pass that recomputes the logits
+    and normalises."""
     m = tl.full([], float("-inf"), DT)
     total = tl.zeros([], DT)
     for k0 in range(0, K, BLOCK_K):
@@ -93,6 +94,25 @@ def _weights_kernel(
         z, _, _ = _slot_logits(q_ptr, k_ptr, slots_ptr, b, k0, scale, K, D, L2, DT, BLOCK_K, BLOCK_D)
         offs = k0 + tl.arange(0, BLOCK_K)
         tl.store(w_ptr + b * K + offs, tl.exp(z - shift) * inv, mask=offs < K)
+
+
+@triton.jit
+def _weights_kernel(
+    q_ptr,
+    k_ptr,
+    slots_ptr,
+    w_ptr,
+    scale,
+    K,
+    D,
+    L2: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``weights [B, K]``, one program per query."""
+    b = tl.program_id(0).to(tl.int64)
+    _softmax_weights(q_ptr, k_ptr, slots_ptr, w_ptr, b, scale, K, D, L2, DT, BLOCK_K, BLOCK_D)
 
 
 @triton.jit
@@ -113,28 +133,52 @@ def _query_columns(V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _weighted_values_kernel(
-    v_ptr, slots_ptr, w_ptr, out_ptr, K, V, DT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr
+def _values_block(
+    v_ptr,
+    slots_ptr,
+    w_ptr,
+    b,
+    vc,
+    v_ok,
+    K,
+    V,
+    LABELS: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    """``out [B, V] = sum_j w_j values[slot_j]``; program (query, column block)."""
-    b, vc, v_ok = _query_columns(V, BLOCK_V)
+    """Columns ``vc`` of row ``b`` of ``out``: ``sum_j w_j values[slot_j]``, or for labels
+    the weight on each class ``sum_j w_j [label_j == c]`` (a sum, not atomic adds: the
+    same bits every run)."""
     acc = tl.zeros([BLOCK_V], DT)
     for k0 in range(0, K, BLOCK_K):
         slot, w, valid = _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K)
-        vals = load_rows(v_ptr, slot, valid, V, vc, v_ok)
-        acc += tl.sum(w[:, None] * vals.to(DT), 0)
-    tl.store(out_ptr + b * V + vc, acc, mask=v_ok)
+        if LABELS:
+            label = tl.load(v_ptr + slot, mask=valid, other=-1)
+            acc += tl.sum(tl.where(label[:, None] == vc[None, :], w[:, None], 0.0), 0)
+        else:
+            vals = load_rows(v_ptr, slot, valid, V, vc, v_ok)
+            acc += tl.sum(w[:, None] * vals.to(DT), 0)
+    return acc
 
 
 @triton.jit
-def _class_probs_kernel(labels_ptr, slots_ptr, w_ptr, out_ptr, K, C, BLOCK_K: tl.constexpr):
-    """``out [B, C] += w_j`` at each slot's label (``out`` zeroed by the caller). Atomic,
-    since several retrieved rows usually share a label."""
-    b = tl.program_id(0).to(tl.int64)
-    for k0 in range(0, K, BLOCK_K):
-        slot, w, valid = _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K)
-        label = tl.load(labels_ptr + slot, mask=valid, other=0)
-        tl.atomic_add(out_ptr + b * C + label, w, mask=valid)
+def _weighted_values_kernel(
+    v_ptr,
+    slots_ptr,
+    w_ptr,
+    out_ptr,
+    K,
+    V,
+    LABELS: tl.constexpr,
+    DT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """``out [B, V]`` (``V`` classes for labels); program (query, column block)."""
+    b, vc, v_ok = _query_columns(V, BLOCK_V)
+    acc = _values_block(v_ptr, slots_ptr, w_ptr, b, vc, v_ok, K, V, LABELS, DT, BLOCK_K, BLOCK_V)
+    tl.store(out_ptr + b * V + vc, acc, mask=v_ok)
 
 
 def attend_forward(a: AttendInputs, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +192,7 @@ def attend_forward(a: AttendInputs, slots: torch.Tensor) -> tuple[torch.Tensor, 
     batch, k = slots.shape
     width = num_classes or values.shape[1]
     weights = torch.empty((batch, k), dtype=dtype, device=q.device)
-    out = torch.zeros((batch, width), dtype=dtype, device=q.device)
+    out = torch.empty((batch, width), dtype=dtype, device=q.device)  # every element written
     if batch == 0:
         return out, weights
     dt = tl_dtype(dtype)
@@ -168,9 +212,7 @@ def attend_forward(a: AttendInputs, slots: torch.Tensor) -> tuple[torch.Tensor, 
         BLOCK_K=block_k,
         BLOCK_D=min(pow2(q.shape[1]), _BLOCK_D),
     )
-    if num_classes:
-        launch(_class_probs_kernel, (batch,), values, slots, weights, out, k, width, BLOCK_K=block_k)
-    elif width:
+    if width:
         block_v = min(pow2(width), _BLOCK_V)
         grid = (batch, triton.cdiv(width, block_v))
         launch(
@@ -182,6 +224,7 @@ def attend_forward(a: AttendInputs, slots: torch.Tensor) -> tuple[torch.Tensor, 
             out,
             k,
             width,
+            LABELS=bool(num_classes),
             DT=dt,
             BLOCK_K=block_k,
             BLOCK_V=block_v,

@@ -47,10 +47,10 @@ def _value_rows(v_ptr, cols, col_ok, W, LABELS: tl.constexpr, DT: tl.constexpr, 
 
 
 @triton.jit
-def _logits(q, kt, keep, scale, L2: tl.constexpr, DT: tl.constexpr):
+def _logits(q, kt, keep, scale, L2: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """``scale * score [BLOCK_B, BLOCK_N]`` of query rows ``q`` against key rows ``kt``; -inf
     where not ``keep``. l2 uses the full ``-(||q||^2 - 2 q.k + ||k||^2)``."""
-    s = tl.dot(q, tl.trans(kt), out_dtype=DT, input_precision="ieee")
+    s = tl.dot(q, tl.trans(kt), out_dtype=DT, input_precision=PREC)
     if L2:
         s = 2.0 * s - tl.sum(kt * kt, 1)[None, :] - tl.sum(q * q, 1)[:, None]
     return tl.where(keep, scale * s, float("-inf"))
@@ -59,7 +59,7 @@ def _logits(q, kt, keep, scale, L2: tl.constexpr, DT: tl.constexpr):
 @triton.jit
 def _dense_fwd_kernel(
     q_ptr, k_ptr, v_ptr, ids_ptr, ex_ptr, out_ptr, lse_ptr, scale, B, N, D, W, E, SPAN,
-    L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, BLOCK_B: tl.constexpr,
+    L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     """``out [splits, B, W]`` and ``lse [splits, B]`` of one block of queries (program axis
@@ -75,14 +75,14 @@ def _dense_fwd_kernel(
     for n0 in range(start, end, BLOCK_N):
         cols, col_ok = span(n0, end, BLOCK_N)
         keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, end, E, BLOCK_B, BLOCK_N)
-        z = _logits(q, _load_rows(k_ptr, cols, col_ok, D, DT, BLOCK_D), keep, scale, L2, DT)
+        z = _logits(q, _load_rows(k_ptr, cols, col_ok, D, DT, BLOCK_D), keep, scale, L2, DT, PREC)
         m_new = tl.maximum(m, tl.max(z, 1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no row yet: avoid inf - inf
         p = tl.exp(z - shift[:, None])
         rescale = tl.exp(m - shift)
         total = total * rescale + tl.sum(p, 1)
         vals = _value_rows(v_ptr, cols, col_ok, W, LABELS, DT, BLOCK_W)
-        acc = acc * rescale[:, None] + tl.dot(p, vals, out_dtype=DT, input_precision="ieee")
+        acc = acc * rescale[:, None] + tl.dot(p, vals, out_dtype=DT, input_precision=PREC)
         m = m_new
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     wc, wc_ok = span(0, W, BLOCK_W)
@@ -92,20 +92,22 @@ def _dense_fwd_kernel(
 
 
 @triton.jit
-def _tile_dlogits(q, kt, vals, g, lse, delta, keep, scale, L2: tl.constexpr, DT: tl.constexpr):
+def _tile_dlogits(
+    q, kt, vals, g, lse, delta, keep, scale, L2: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr
+):
     """``(p, ds)`` of a (query block, key tile): ``p = exp(z - lse)`` recomputed, and
     ``ds = scale * p * (g . v_j - g . out)``, both ``[BLOCK_B, BLOCK_N]``."""
-    z = _logits(q, kt, keep, scale, L2, DT)
+    z = _logits(q, kt, keep, scale, L2, DT, PREC)
     lse = tl.where(lse == float("-inf"), 0.0, lse)  # such a query keeps no row: p is all 0
     p = tl.where(keep, tl.exp(z - lse[:, None]), 0.0)
-    dp = tl.dot(g, tl.trans(vals), out_dtype=DT, input_precision="ieee")
+    dp = tl.dot(g, tl.trans(vals), out_dtype=DT, input_precision=PREC)
     return p, scale * p * (dp - delta[:, None])
 
 
 @triton.jit
 def _dense_dq_kernel(
     q_ptr, k_ptr, v_ptr, ids_ptr, ex_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr, scale, B, N, D, W, E,
-    L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, BLOCK_B: tl.constexpr,
+    L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
     """``dq`` of one query block: ip ``sum_j ds_j k_j``; l2 ``-2 sum_j ds_j (q - k_j)``."""
@@ -120,8 +122,8 @@ def _dense_dq_kernel(
         keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, N, E, BLOCK_B, BLOCK_N)
         kt = _load_rows(k_ptr, cols, col_ok, D, DT, BLOCK_D)
         vals = _value_rows(v_ptr, cols, col_ok, W, LABELS, DT, BLOCK_W)
-        _, ds = _tile_dlogits(q, kt, vals, g, lse, delta, keep, scale, L2, DT)
-        ds_k += tl.dot(ds, kt, out_dtype=DT, input_precision="ieee")
+        _, ds = _tile_dlogits(q, kt, vals, g, lse, delta, keep, scale, L2, DT, PREC)
+        ds_k += tl.dot(ds, kt, out_dtype=DT, input_precision=PREC)
         ds_sum += tl.sum(ds, 1)
     dq = -2.0 * (ds_sum[:, None] * q - ds_k) if L2 else ds_k
     dc, dc_ok = span(0, D, BLOCK_D)
@@ -131,7 +133,7 @@ def _dense_dq_kernel(
 @triton.jit
 def _dense_dkv_kernel(
     q_ptr, k_ptr, v_ptr, ids_ptr, ex_ptr, g_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, scale, B, N, D, W, E,
-    L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, BLOCK_B: tl.constexpr,
+    L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, KEYS: tl.constexpr,
     VALUES: tl.constexpr,
 ):  # fmt: skip
@@ -150,11 +152,11 @@ def _dense_dkv_kernel(
         g = _load_rows(g_ptr, rows, row_ok, W, DT, BLOCK_W)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
-        p, ds = _tile_dlogits(q, kt, vals, g, lse, delta, keep, scale, L2, DT)
-        ds_q += tl.dot(tl.trans(ds), q, out_dtype=DT, input_precision="ieee")
+        p, ds = _tile_dlogits(q, kt, vals, g, lse, delta, keep, scale, L2, DT, PREC)
+        ds_q += tl.dot(tl.trans(ds), q, out_dtype=DT, input_precision=PREC)
         ds_sum += tl.sum(ds, 0)
         if VALUES:
-            p_g += tl.dot(tl.trans(p), g, out_dtype=DT, input_precision="ieee")
+            p_g += tl.dot(tl.trans(p), g, out_dtype=DT, input_precision=PREC)
     if KEYS:
         dk = 2.0 * (ds_q - ds_sum[:, None] * kt) if L2 else ds_q
         dc, dc_ok = span(0, D, BLOCK_D)
@@ -162,6 +164,13 @@ def _dense_dkv_kernel(
     if VALUES:
         wc, wc_ok = span(0, W, BLOCK_W)
         store_rows(dv_ptr, cols, col_ok, W, wc, wc_ok, p_g)
+
+
+def precision(dtype: torch.dtype) -> str:
+    """How ``tl.dot`` multiplies in working dtype ``dtype``: float32 as three TF32 products
+    on tensor cores (each operand split into a TF32 head and tail; error near float32's,
+    several times FMA's rate), float64 exactly."""
+    return "ieee" if dtype == torch.float64 else "tf32x3"
 
 
 def _setup(d: DenseInputs) -> tuple[tuple, dict]:
@@ -179,6 +188,7 @@ def _setup(d: DenseInputs) -> tuple[tuple, dict]:
         "L2": d.l2,
         "LABELS": d.labels,
         "DT": tl_dtype(dtype),
+        "PREC": precision(dtype),
         "BLOCK_B": _BLOCK_B,
         "BLOCK_N": _BLOCK_N,
         "BLOCK_D": pow2(d.queries.shape[1], MIN_DOT),
@@ -233,11 +243,14 @@ def dense_backward(grads: DenseGrads) -> Grads:
     lse = grads.lse.to(q.dtype).contiguous()
     # g . out per query, less what reaches lse (d lse / d z_j = p_j): [B], shared by every tile.
     delta = (g * grads.out.to(q.dtype)).sum(1) - grads.grad_lse.to(q.dtype)
-    dq = torch.zeros_like(q)
-    dkeys = torch.zeros(d.keys.shape, dtype=q.dtype, device=q.device) if needs_keys else None
+    # Every row of each gradient is written by a kernel (a dead row's with 0), so none is
+    # zero-filled first -- unless there is nothing to run.
+    alloc = torch.zeros if batch == 0 or n == 0 else torch.empty
+    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+    dkeys = alloc(d.keys.shape, dtype=q.dtype, device=q.device) if needs_keys else None
     dvalues = None
     if needs_values and not d.labels:
-        dvalues = torch.zeros(d.values.shape, dtype=q.dtype, device=q.device)
+        dvalues = alloc(d.values.shape, dtype=q.dtype, device=q.device)
     if batch == 0 or n == 0:
         return dq, dkeys, dvalues
     common = (ids, ex, g, lse, delta)

@@ -7,6 +7,8 @@ one integer max/sort ranks by the tie rule, and "no row" is INT64_MIN, below eve
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -194,12 +196,12 @@ def _top(x, R: tl.constexpr, W: tl.constexpr, KP: tl.constexpr, DESC: tl.constex
 
 
 @triton.jit
-def _search_kernel(
+def _scan(
     q_ptr,
     k_ptr,
     ids_ptr,
     ex_ptr,
-    cand_ptr,
+    theta_ptr,
     B,
     N,
     D,
@@ -214,17 +216,22 @@ def _search_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Program (query block, split) keeps the top ``KP`` packed keys of tiles
-    ``split, split + SPLITS, ...`` and writes them, best first, to ``cand [B, SPLITS, KP]``.
+    """Program (query block, split)'s share of a search: ``(rows [BLOCK_B], row_ok, best
+    [BLOCK_B, KP])``, ``best`` the top ``KP`` packed keys of tiles ``split, split + SPLITS,
+    ...``, best first.
 
     With ``TENSOR_CORES`` a tile is first scored in TF32, and only a tile where some live
     key's TF32 score comes within its error bound (``slack * ||q|| * ||k||``) of its
     query's running threshold is scored again in float32 -- every score that is ranked
     is the exact float32 one, so the result is the float32 kernel's, bit for bit.
+
+    ``theta [B]`` (packed keys, INT64_MIN at first) is shared by every program: each
+    raises it (atomic max) to its queries' ``KP``-th best so far and skips what falls
+    below it. That is exact: a program's ``KP``-th best has ``KP >= k`` distinct keys at
+    or above it, so it never exceeds the query's overall ``k``-th best.
     """
-    pid_b = tl.program_id(0)
     split = tl.program_id(1)
-    rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
     best = tl.full([BLOCK_B, KP], _NONE_TL, tl.int64)
     floor = tl.full([BLOCK_B], _NONE_TL, tl.int64)  # each query's KP-th best so far
@@ -243,6 +250,9 @@ def _search_kernel(
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         ids = tl.load(ids_ptr + cols, mask=cols < N, other=-1)
         live = (ids >= 0)[None, :] & row_ok[:, None]
+        # What other programs raised theta to since; a stale value is still a valid bound.
+        shared = tl.load(theta_ptr + rows, mask=row_ok, other=_NONE_TL, cache_modifier=".cg")
+        theta = tl.maximum(floor, shared)
         reach = True
         if TENSOR_CORES:
             approx, norms = _tile_scores_tf32(
@@ -251,7 +261,7 @@ def _search_kernel(
             # Written as "not below" so that a NaN bound counts as a reach (scored exactly).
             # D * 2^-110: what products flushed to zero below float32's normal range may lose.
             bound = q_slack[:, None] * norms[None, :] + D * 7.7e-34
-            below = approx + bound < _floor_score(floor)[:, None]
+            below = approx + bound < _floor_score(theta)[:, None]
             reach = tl.max((live & ~below).to(tl.int32)) > 0
         if reach:
             scores = _tile_scores(q_ptr, k_ptr, rows, row_ok, cols, B, N, D, L2, BLOCK_B, BLOCK_N, BLOCK_D)
@@ -260,16 +270,53 @@ def _search_kernel(
             # so far cannot change `best` (keys are distinct), so it skips the exclusions,
             # the sort and the merge -- once the floors settle, nearly every tile of
             # scores in random order.
-            if tl.max((packed > floor[:, None]).to(tl.int32)) > 0:
+            if tl.max((packed > theta[:, None]).to(tl.int32)) > 0:
                 packed = tl.where(excluded(ex_ptr, rows, row_ok, ids, E, BLOCK_B, BLOCK_N), _NONE_TL, packed)
                 top = _top(packed, BLOCK_B, BLOCK_N, KP, False)
                 # best descending, top ascending: their elementwise max holds the KP largest
                 # of both as a bitonic sequence; merge it back into descending order.
                 best = _bitonic_merge(tl.maximum(best, top), BLOCK_B, KP, KP, True)
                 floor = tl.min(best, 1)
+                tl.atomic_max(theta_ptr + rows, floor, mask=row_ok)
+    return rows, row_ok, best
+
+
+@triton.jit
+def _store_candidates(cand_ptr, rows, row_ok, best, SPLITS: tl.constexpr, KP: tl.constexpr):
+    """Write a program's ``best [BLOCK_B, KP]`` to its split of ``cand [B, SPLITS, KP]``."""
     ks = tl.arange(0, KP)
-    out = cand_ptr + (rows.to(tl.int64)[:, None] * SPLITS + split) * KP + ks[None, :]
+    out = cand_ptr + (rows.to(tl.int64)[:, None] * SPLITS + tl.program_id(1)) * KP + ks[None, :]
     tl.store(out, best, mask=row_ok[:, None])
+
+
+@triton.jit
+def _search_kernel(
+    q_ptr,
+    k_ptr,
+    ids_ptr,
+    ex_ptr,
+    theta_ptr,
+    B,
+    N,
+    D,
+    E,
+    n_tiles,
+    slack,
+    cand_ptr,
+    L2: tl.constexpr,
+    TENSOR_CORES: tl.constexpr,
+    SPLITS: tl.constexpr,
+    KP: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """:func:`_scan`, its candidates written to ``cand [B, SPLITS, KP]`` for the merge."""
+    rows, row_ok, best = _scan(
+        q_ptr, k_ptr, ids_ptr, ex_ptr, theta_ptr, B, N, D, E, n_tiles, slack,
+        L2, TENSOR_CORES, SPLITS, KP, BLOCK_B, BLOCK_N, BLOCK_D,
+    )  # fmt: skip
+    _store_candidates(cand_ptr, rows, row_ok, best, SPLITS, KP)
 
 
 def tf32_slack(d: int, l2: bool) -> float:
@@ -297,6 +344,45 @@ def _grid_shape(batch: int, n: int, k: int) -> tuple[int, int, int]:
     return kp, tile, splits
 
 
+class Scan(NamedTuple):
+    """How one search's scan is launched: the leading arguments and the constexprs of
+    :func:`_scan` (the query block size is ``BLOCK_B`` of ``meta``)."""
+
+    grid: tuple[int, int]
+    args: tuple  # q, keys, slot ids, exclusions, theta, B, N, D, E, n_tiles, slack
+    meta: dict[str, object]
+    kp: int
+    splits: int
+
+
+def plan(s: SearchInputs, theta: torch.Tensor) -> Scan:
+    """The scan of search ``s`` (``B, N >= 1``), sharing running thresholds through
+    ``theta`` (int64 ``[B]``, filled with INT64_MIN)."""
+    queries, keys, slot_ids, k, exclude_ids = s.queries, s.keys, s.slot_ids, s.k, s.exclude_ids
+    batch, n = queries.shape[0], keys.shape[0]
+    q = queries.float().contiguous()
+    width = 0 if exclude_ids is None else exclude_ids.shape[1]
+    exclude = slot_ids if width == 0 else exclude_ids.contiguous()  # never read when E == 0
+    kp, tile, splits = _grid_shape(batch, n, k)
+    d, l2 = q.shape[1], s.metric == "l2"
+    return Scan(
+        (triton.cdiv(batch, _BLOCK_B), splits),
+        (q, keys.contiguous(), slot_ids.contiguous(), exclude, theta, batch, n, d, width,
+         triton.cdiv(n, tile), tf32_slack(d, l2)),
+        {
+            "L2": l2,
+            "TENSOR_CORES": batch > TENSOR_CORE_BATCH,
+            "SPLITS": splits,
+            "KP": kp,
+            "BLOCK_B": _BLOCK_B,
+            "BLOCK_N": tile,
+            "BLOCK_D": min(pow2(d, MIN_DOT), _MAX_BLOCK_D),
+        },
+        kp,
+        splits,
+    )  # fmt: skip
+
+
 def search(s: SearchInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scores float32, slots int64)``, each ``[B, k]``: the top-``k`` live, non-excluded
     rows, best first, ``-inf`` / ``-1`` past the end; each score is the one it was ranked
@@ -305,46 +391,13 @@ def search(s: SearchInputs) -> tuple[torch.Tensor, torch.Tensor]:
     Queries are scored in float32; keys float32/16/bf16 (or float64, read as float32).
     Above ``TENSOR_CORE_BATCH`` queries tiles are screened in TF32 first (same result).
     """
-    queries, keys, slot_ids, k, metric, exclude_ids = (
-        s.queries,
-        s.keys,
-        s.slot_ids,
-        s.k,
-        s.metric,
-        s.exclude_ids,
-    )
-    batch, n = queries.shape[0], keys.shape[0]
-    packed = torch.full((batch, k), _NONE, dtype=torch.int64, device=queries.device)
+    batch, n, k = s.queries.shape[0], s.keys.shape[0], s.k
+    packed = torch.full((batch, k), _NONE, dtype=torch.int64, device=s.queries.device)
     if batch == 0 or n == 0:
         return unpack(packed)
-    q = queries.float().contiguous()
-    width = 0 if exclude_ids is None else exclude_ids.shape[1]
-    exclude = slot_ids if width == 0 else exclude_ids.contiguous()  # never read when E == 0
-    kp, tile, splits = _grid_shape(batch, n, k)
-    cand = torch.empty((batch, splits, kp), dtype=torch.int64, device=q.device)
-    d = q.shape[1]
-    launch(
-        _search_kernel,
-        (triton.cdiv(batch, _BLOCK_B), splits),
-        q,
-        keys.contiguous(),
-        slot_ids.contiguous(),
-        exclude,
-        cand,
-        batch,
-        n,
-        d,
-        width,
-        triton.cdiv(n, tile),
-        tf32_slack(d, metric == "l2"),
-        L2=metric == "l2",
-        TENSOR_CORES=batch > TENSOR_CORE_BATCH,
-        SPLITS=splits,
-        KP=kp,
-        BLOCK_B=_BLOCK_B,
-        BLOCK_N=tile,
-        BLOCK_D=min(pow2(d, MIN_DOT), _MAX_BLOCK_D),
-    )
+    scan = plan(s, torch.full((batch,), _NONE, dtype=torch.int64, device=s.queries.device))
+    cand = torch.empty((batch, scan.splits, scan.kp), dtype=torch.int64, device=s.queries.device)
+    launch(_search_kernel, scan.grid, *scan.args, cand, **scan.meta)
     # The merge runs on [B, splits * KP] candidates, independent of N.
     flat = cand.view(batch, -1)
     best = flat.topk(min(k, flat.shape[1]), dim=1).values

@@ -20,6 +20,7 @@ import kmem
 from kmem.kernels import attend as triton_attend
 from kmem.kernels import dense as triton_dense
 from kmem.kernels import search as triton_search
+from kmem.kernels import topk as triton_topk
 from kmem.kernels._common import LAUNCHES
 from kmem.ops import composite, reference
 from kmem.ops.inputs import AttendGrads, AttendInputs, DenseInputs, SearchInputs
@@ -59,9 +60,10 @@ def test_search_splits_loop_over_several_tiles(device, monkeypatch):
 
 @pytest.mark.parametrize("order", ["ascending", "descending"])
 def test_search_skips_tiles_below_the_running_threshold(device, monkeypatch, order):
-    """Rows sorted by score: descending, every tile after a program's first falls
-    below its running k-th best and skips the sort; ascending (the adversarial order),
-    none does. Both return the exact top-k."""
+    """Rows sorted by score: descending, every tile after the first falls below the
+    query's shared threshold and skips the sort; ascending (the adversarial order), only
+    what falls below a threshold another program set before does. Both return the
+    exact top-k."""
     monkeypatch.setattr(triton_search, "_CANDIDATES", 16)  # one program walks many tiles
     n = 301
     keys = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3)
@@ -79,10 +81,13 @@ def test_search_skips_tiles_below_the_running_threshold(device, monkeypatch, ord
         _, slots = triton_search.search(SearchInputs(*on, None, k, "ip"))
         assert torch.equal(slots.cpu(), brute_topk(q, keys, slot_ids, k))
     if device == "cpu":
-        # k = 1: one tile per program, each sorted; k = 8: two programs over five tiles,
-        # each sorting its first only (descending) or every one (ascending).
+        # The interpreter runs the programs one after another, split 0 first. k = 1: five
+        # programs of one tile -- descending, only the first sorts; ascending, each beats
+        # the last. k = 8: two programs over five tiles (0, 2, 4 and 1, 3) -- descending,
+        # tile 0 alone sorts; ascending, the first program sorts all three of its tiles,
+        # the second none: its tiles lie below the threshold tile 4 set.
         assert [triton_search._grid_shape(2, n, k) for k in (1, 8)] == [(1, 64, 5), (8, 64, 2)]
-        assert len(sorts) == 5 + (2 if order == "descending" else 5)
+        assert len(sorts) == (1 + 1 if order == "descending" else 5 + 3)
 
 
 def test_tf32_screen_rescores_what_tf32_cannot_tell_apart(device, monkeypatch):
@@ -149,6 +154,32 @@ def test_dense_splits_combine_by_log_sum_exp(device):
     assert got_lse[2] == float("-inf") and bool((got_out[2] == 0).all())
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize(("batch", "n", "k", "splits_cap"), [(3, 400, 5, 16), (20, 300, 40, 128), (2, 7, 9, 1 << 16)])
+def test_fused_topk_attention_is_search_then_attend(device, monkeypatch, metric, labels, batch, n, k, splits_cap):
+    """One launch -- scan, the last program's merge, softmax and values -- gives the very
+    bits of the search followed by the attend step: several splits, a second query
+    block, k above the rows (7 rows, k = 9), dead rows, exclusions, labels."""
+    monkeypatch.setattr(triton_search, "_CANDIDATES", splits_cap)
+    keys, slot_ids = _memory(n, 6)
+    q = torch.randn(batch, 6)
+    values = torch.randint(0, 5, (n,)) if labels else torch.randn(n, 3)
+    ex = slot_ids[torch.randint(0, n, (batch, 4))]
+    on = [t.to(device) for t in (q, keys, values, slot_ids, ex)]
+    a = AttendInputs(*on, 0.7, metric, 5 if labels else 0, k=k)
+    LAUNCHES.clear()
+    out, slots, weights = triton_topk.topk_forward(a)
+    assert dict(LAUNCHES) == {"_topk_attention_kernel": 1}
+    _, want_slots = triton_search.search(a.search())
+    want_out, want_weights = triton_attend.attend_forward(a, want_slots)
+    assert torch.equal(slots, want_slots) and torch.equal(weights, want_weights) and torch.equal(out, want_out)
+    assert triton_search._grid_shape(batch, n, k)[2] > 1 or n < 64
+    _, ref_slots = reference.search(a.search())
+    assert torch.equal(slots.cpu(), ref_slots.cpu())
+    _close(out, reference.topk_attention(a))
+
+
 def test_attend_kernels_match_composite(device):
     keys, slot_ids = _memory(41, 5)
     q, values = torch.randn(4, 5, device=device), torch.randn(41, 2, device=device)
@@ -189,9 +220,7 @@ def test_triton_kernels_ran(device, monkeypatch):
     out = out + kmem.ops.topk_attention(*inputs, ids, None, backend="triton")
     out.sum().backward()
     assert set(LAUNCHES) == {
-        "_search_kernel",
-        "_weights_kernel",
-        "_weighted_values_kernel",
+        "_topk_attention_kernel",
         "_dlogits_kernel",
         "_dq_dkeys_kernel",
         "_dvalues_kernel",

@@ -13,7 +13,9 @@ float32 or float64):
 * ``search(s: SearchInputs) -> (scores [B, k] float32, slots [B, k] int64)``, best
   first by (float32 score desc, slot asc), ``-inf`` / ``-1`` past the qualifying rows;
   each score is the one the row was ranked by (l2: ``2 q . k - ||k||^2``).
-* ``attend_forward(a: AttendInputs, slots) -> (out [B, W], weights [B, k])`` and
+* ``attend_forward(a: AttendInputs, slots) -> (out [B, W], weights [B, k])``; a backend
+  may also fuse the two, ``topk_forward(a) -> (out, slots, weights)`` -- the same
+  result as ``search`` then ``attend_forward`` -- which top-k attention then runs; and
   ``attend_backward(g: AttendGrads) -> (dq, dkeys [N, d] | None, dvalues [N, V] | None)``;
   only the retrieved rows get gradient.
 * ``dense_forward(d: DenseInputs) -> (out, lse [B])`` (``lse``: the log-sum-exp of
@@ -97,6 +99,8 @@ def _run_search(kernels, backend, s: SearchInputs):
 
 
 def _run_topk(kernels, backend, a: AttendInputs):
+    if hasattr(kernels, "topk_forward"):  # search and attend fused
+        return _kernel(kernels, backend, "topk_forward")(a)
     _, slots = _kernel(kernels, backend, "search")(a.search())
     out, weights = _kernel(kernels, backend, "attend_forward")(a, slots)
     return out, slots, weights

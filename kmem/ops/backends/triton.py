@@ -34,10 +34,11 @@ def missing() -> str | None:
 
 def kernels() -> SimpleNamespace:
     """The Triton kernels in the form :mod:`kmem.ops.custom` calls."""
-    from ...kernels import attend, compact, dense, search
+    from ...kernels import attend, compact, dense, search, topk
 
     return SimpleNamespace(
         search=search.search,
+        topk_forward=topk.topk_forward,
         attend_forward=attend.attend_forward,
         attend_backward=attend.attend_backward,
         dense_forward=dense.dense_forward,
