@@ -74,7 +74,11 @@ def test_out_too_small_is_an_error(ext):
         (torch.ones(10, dtype=torch.bool), torch.empty(10, 3), ValueError),
         (torch.ones(10, dtype=torch.bool), torch.empty(10, 2, dtype=torch.float64), ValueError),
         (torch.ones(10, dtype=torch.bool), torch.empty(2, 10).T, ValueError),  # not contiguous
-        (torch.ones(10, dtype=torch.bool), [torch.empty(10, 2), torch.empty(10, 2)], ValueError),  # 1 src, 2 outs
+        (
+            torch.ones(10, dtype=torch.bool),
+            [torch.empty(10, 2), torch.empty(10, 2)],
+            ValueError,
+        ),  # 1 src, 2 outs
         (torch.ones(10, dtype=torch.bool), [], TypeError),
         (torch.ones(10, dtype=torch.bool), [torch.empty(10, 2).numpy()], TypeError),
     ],

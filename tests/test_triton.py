@@ -156,8 +156,12 @@ def test_dense_splits_combine_by_log_sum_exp(device):
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])
 @pytest.mark.parametrize("labels", [False, True])
-@pytest.mark.parametrize(("batch", "n", "k", "splits_cap"), [(3, 400, 5, 16), (20, 300, 40, 128), (2, 7, 9, 1 << 16)])
-def test_fused_topk_attention_is_search_then_attend(device, monkeypatch, metric, labels, batch, n, k, splits_cap):
+@pytest.mark.parametrize(
+    ("batch", "n", "k", "splits_cap"), [(3, 400, 5, 16), (20, 300, 40, 128), (2, 7, 9, 1 << 16)]
+)
+def test_fused_topk_attention_is_search_then_attend(
+    device, monkeypatch, metric, labels, batch, n, k, splits_cap
+):
     """One launch -- scan, the last program's merge, softmax and values -- gives the very
     bits of the search followed by the attend step: several splits, a second query
     block, k above the rows (7 rows, k = 9), dead rows, exclusions, labels."""
@@ -173,7 +177,9 @@ def test_fused_topk_attention_is_search_then_attend(device, monkeypatch, metric,
     assert dict(LAUNCHES) == {"_topk_attention_kernel": 1}
     _, want_slots = triton_search.search(a.search())
     want_out, want_weights = triton_attend.attend_forward(a, want_slots)
-    assert torch.equal(slots, want_slots) and torch.equal(weights, want_weights) and torch.equal(out, want_out)
+    assert (
+        torch.equal(slots, want_slots) and torch.equal(weights, want_weights) and torch.equal(out, want_out)
+    )
     assert triton_search._grid_shape(batch, n, k)[2] > 1 or n < 64
     _, ref_slots = reference.search(a.search())
     assert torch.equal(slots.cpu(), ref_slots.cpu())

@@ -233,14 +233,18 @@ class CompactInputs:
         for i, (s, o) in enumerate(zip(srcs, outs, strict=True)):
             name = "src" if len(srcs) == 1 else f"src[{i}]"
             if s.dim() < 1 or s.shape[0] != keep.shape[0]:
-                raise ValueError(f"{name} must have one row per entry of keep ({keep.shape[0]}), got {list(s.shape)}")
+                raise ValueError(
+                    f"{name} must have one row per entry of keep ({keep.shape[0]}), got {list(s.shape)}"
+                )
             if o.dtype != s.dtype or o.shape[1:] != s.shape[1:]:
                 raise ValueError(f"out must have src's dtype and row shape, got {o.dtype} {list(o.shape)}")
             if not o.is_contiguous():
                 raise ValueError("out must be contiguous: the rows are written into it")
             for t in (o, keep):
                 if t.device != s.device:
-                    raise ValueError(f"every buffer and keep must be on one device: {t.device} and {s.device}")
+                    raise ValueError(
+                        f"every buffer and keep must be on one device: {t.device} and {s.device}"
+                    )
         return cls(tuple(s.contiguous() for s in srcs), keep.contiguous(), outs)
 
     def signature(self) -> Signature:
@@ -252,7 +256,9 @@ def _buffers(name: str, x) -> tuple[torch.Tensor, ...]:
     if isinstance(x, torch.Tensor):
         return (x,)
     if not isinstance(x, list | tuple) or not x:
-        raise TypeError(f"{name} must be a torch.Tensor or a non-empty sequence of them, got {type(x).__name__}")
+        raise TypeError(
+            f"{name} must be a torch.Tensor or a non-empty sequence of them, got {type(x).__name__}"
+        )
     return tuple(_checks.tensor(f"{name}[{i}]", t) for i, t in enumerate(x))
 
 
