@@ -27,6 +27,23 @@ def sizes(request):
     return {"rows": opt("--rows"), "small": min(opt("--small-rows"), opt("--rows")), "dim": opt("--dim")}
 
 
+def quarter_dead_buffers(rows: int, dim: int, device: str = "cpu"):
+    """A memory's keys ``[rows, dim]``, values ``[rows, 16]`` and ids ``[rows]`` with 25% of
+    rows dead: ``(buffers, keep, outs, live, live_outs)`` -- what compaction moves, and the
+    live bytes alone with room to copy them (the floor it is compared with)."""
+    gen = torch.Generator().manual_seed(0)
+    buffers = [
+        torch.randn(rows, dim, generator=gen),
+        torch.randn(rows, 16, generator=gen),
+        torch.arange(rows),
+    ]
+    buffers = [b.to(device) for b in buffers]
+    keep = (torch.rand(rows, generator=gen) >= 0.25).to(device)
+    kept = int(keep.sum())
+    live = [b[:kept].clone() for b in buffers]
+    return buffers, keep, [torch.empty_like(b) for b in buffers], live, [torch.empty_like(b) for b in live]
+
+
 def make_memory(rows: int, dim: int, value_dim: int = 16, **kw) -> kmem.KeyMemory:
     """A vector memory with ids 0..rows-1 and Gaussian keys, preallocated to its size."""
     mem = kmem.KeyMemory(dim, value_dim, capacity=rows, **kw)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_memory
+from conftest import make_memory, quarter_dead_buffers
 
 import kmem
 from kmem import ops
@@ -155,14 +155,17 @@ def test_training_step(benchmark, sizes, backend):
 
 @pytest.mark.parametrize("backend", [*GPU_BACKENDS, "copy-of-live-bytes"])
 def test_compact_quarter_dead(benchmark, sizes, backend):
-    n, dim = sizes["rows"], sizes["dim"]
-    src = torch.randn(n, dim, device="cuda")
-    keep = torch.rand(n, device="cuda") >= 0.25
-    out = torch.empty_like(src)
+    """A memory's keys, values and ids compacted in one call, or their live rows copied."""
+    buffers, keep, outs, live, live_outs = quarter_dead_buffers(sizes["rows"], sizes["dim"], "cuda")
     benchmark.group = "gpu compaction (25% dead)"
     if backend == "copy-of-live-bytes":
-        live = src[: int(keep.sum())]
-        benchmark.pedantic(_timed(benchmark, lambda: out[: live.shape[0]].copy_(live)), **ROUNDS)
+
+        def copy():
+            return [o.copy_(x) for o, x in zip(live_outs, live, strict=True)]
+
+        benchmark.pedantic(_timed(benchmark, copy), **ROUNDS)
         return
     _skip_unavailable(backend)
-    benchmark.pedantic(_timed(benchmark, lambda: ops.compact_rows(src, keep, out, backend=backend)), **ROUNDS)
+    benchmark.pedantic(
+        _timed(benchmark, lambda: ops.compact_rows(buffers, keep, outs, backend=backend)), **ROUNDS
+    )

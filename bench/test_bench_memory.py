@@ -11,7 +11,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import make_memory
+from conftest import make_memory, quarter_dead_buffers
 
 import kmem
 from kmem import ops
@@ -60,21 +60,19 @@ def test_forget_a_tenth_of_a_loaded_label_memory(benchmark, sizes, what):
 
 
 def test_compact_quarter_dead(benchmark, sizes):
-    """Stable compaction with 25% dead rows, beside a plain copy of the live key bytes."""
-    n, dim = sizes["rows"], sizes["dim"]
-    src = torch.randn(n, dim)
-    keep = torch.rand(n) >= 0.25
-    out = torch.empty_like(src)
+    """Stable compaction of a memory's keys, values and ids (one call) with 25% dead rows."""
+    buffers, keep, outs, _, _ = quarter_dead_buffers(sizes["rows"], sizes["dim"])
     benchmark.group = "compaction (25% dead)"
-    benchmark.pedantic(lambda: ops.compact_rows(src, keep, out), rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(lambda: ops.compact_rows(buffers, keep, outs), rounds=5, iterations=1, warmup_rounds=1)
 
 
 def test_copy_live_bytes(benchmark, sizes):
-    n, dim = sizes["rows"], sizes["dim"]
-    live = torch.randn(int(0.75 * n), dim)
-    out = torch.empty_like(live)
+    """The floor: a plain copy of the same three buffers' live rows."""
+    _, _, _, live, outs = quarter_dead_buffers(sizes["rows"], sizes["dim"])
     benchmark.group = "compaction (25% dead)"
-    benchmark.pedantic(lambda: out.copy_(live), rounds=5, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(
+        lambda: [o.copy_(x) for o, x in zip(outs, live, strict=True)], rounds=5, iterations=1, warmup_rounds=1
+    )
 
 
 @pytest.mark.parametrize("batch", [1, 64])
