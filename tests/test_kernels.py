@@ -211,12 +211,13 @@ def test_search_random_floats_is_exact_topk(kernel, metric, batch):
 
 @backends(ALL)
 @pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("batch", [1, 16, 37, 64])
+@pytest.mark.parametrize("batch", [1, 16, 37, 64, 100])
 def test_search_bf16_keys_rank_by_float32_queries(kernel, metric, batch):
-    """bf16 keys at d a multiple of 32 (the C++ backend's AMX tiles, where the CPU has
-    them): scores within float32 summation error of the exact scores of the float32
-    queries -- a bf16 rounding of the queries would be ~1e-3 off -- with dead rows,
-    exclusions and a last block of fewer than 16 rows."""
+    """bf16 keys at d a multiple of 32 (the C++ backend's AMX tiles where the CPU has
+    them, and above 64 queries its bf16 dot-product tiles): scores within float32
+    summation error of the exact scores of the float32 queries -- a bf16 rounding of the
+    queries would be ~1e-3 off -- with dead rows, exclusions and a last block of fewer
+    than 16 rows."""
     kernel.fits(3001, batch)
     n = kernel.rows(3001)
     keys, slot_ids = buffers(n, 64, dead_every=3)
@@ -230,6 +231,24 @@ def test_search_bf16_keys_rank_by_float32_queries(kernel, metric, batch):
     assert bool((slot_ids[slots] >= 0).all())
     torch.testing.assert_close(scores.double(), torch.gather(full, 1, slots), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(full.topk(20).values.float(), scores, rtol=1e-5, atol=1e-4)
+
+
+@backends(ALL)
+@pytest.mark.parametrize("batch", [3, 100])
+def test_search_bf16_keys_ranked_where_bf16_queries_tie(kernel, batch):
+    """Row A (slot 0) and row B (slot 250) differ by one bf16 step in one column. In
+    float32 B wins (64.070 vs 64.0625); with the queries' 1 + 2^-10 rounded to bf16
+    (1.0), B scores 64.008 -- below the threshold A's exact score set. Every backend
+    must return B first (the C++ tiles above 64 queries screen with bf16 queries: B's
+    row must fall within the bound and be rescored)."""
+    kernel.fits(300, batch)
+    keys = -torch.ones(300, 64)
+    keys[0] = 1.0
+    keys[250] = 1.0
+    keys[250, 0] = 1.0 + 2.0**-7
+    q = torch.full((batch, 64), 1.0 + 2.0**-10)
+    _, slots = kernel.search(q, keys.bfloat16(), torch.arange(300), 1)
+    assert slots.flatten().tolist() == [250] * batch
 
 
 @backends(ALL)

@@ -341,24 +341,61 @@ void stream_search(const float* q, const KT* keys, const int64_t* ids, int64_t B
 // squared norms when the metric is l2.
 using TileScorer = std::function<void(int64_t start, int64_t n, float* scores, int64_t ld, float* norms)>;
 
+// A tile scorer whose scores are approximate -- bf16-rounded queries -- is followed by
+// this: a row whose approximate score comes within the error bound (slack[b] * ||k||) of
+// query b's floor is scored again with the float32 query and offered with that score,
+// so the ranking is the float32 one; the rest (nearly all, once the floors settle)
+// cannot reach the top k.
+struct Rescore {
+  const float* q;  // [B, d] float32
+  const at::BFloat16* keys;  // [N, d]
+  int64_t d;
+  std::vector<float> slack;  // [B]: bound per unit of ||k||
+  float absolute;  // what products flushed below float32's normal range may lose
+};
+
 // Scores tile after tile into a bounded buffer, then offers each query's row of it to
-// that query's top-k (parallel over queries).
+// that query's top-k (parallel over queries); through `rescore` if the scores are approximate.
 void tiled_search(int64_t B, int64_t N, int64_t k, bool l2, const int64_t* ids, const Exclusions& ex,
-                  const TileScorer& score_tile, const Result& out) {
+                  const TileScorer& score_tile, const Result& out, const Rescore* rescore = nullptr) {
   // Bounded scratch: a [B, tile] score block of at most ~16 MiB.
   const int64_t tile = std::clamp<int64_t>((int64_t{4} << 20) / B, 256, 16384);
-  std::vector<float> scores(B * tile), norms(l2 ? tile : 0);
+  std::vector<float> scores(B * tile), norms(l2 || rescore ? tile : 0), knorm(rescore ? tile : 0);
   std::vector<int64_t> tops(B * k);
   std::vector<TopK> tk;
   tk.reserve(B);
   for (int64_t b = 0; b < B; ++b) tk.emplace_back(tops.data() + b * k, k);
   for (int64_t start = 0; start < N; start += tile) {
     const int64_t n = std::min(tile, N - start);
-    score_tile(start, n, scores.data(), tile, norms.data());
+    score_tile(start, n, scores.data(), tile, norms.empty() ? nullptr : norms.data());
+    for (int64_t j = 0; j < static_cast<int64_t>(knorm.size()) && j < n; ++j) knorm[j] = std::sqrt(norms[j]);
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const float* row = scores.data() + b * tile;
-        for (int64_t j = 0; j < n; ++j) offer(tk[b], l2 ? 2.f * row[j] - norms[j] : row[j], start + j, ids, ex, b);
+        const float slack = rescore ? rescore->slack[b] : 0.f, absolute = rescore ? rescore->absolute : 0.f;
+        // Row j, whose tile score is s, to query b's top-k.
+        auto take = [&](int64_t j, float s) {
+          if (!rescore) return offer(tk[b], s, start + j, ids, ex, b);
+          // Written as "below" so that a NaN bound is rescored too.
+          if (s + (slack * knorm[j] + absolute) < tk[b].floor()) return;
+          const int64_t d = rescore->d;
+          const float exact = dot(rescore->q + b * d, rescore->keys + (start + j) * d, d);
+          offer(tk[b], l2 ? 2.f * exact - norms[j] : exact, start + j, ids, ex, b);
+        };
+        // Sixteen scores (and their bounds) against the floor in one compare; the floor
+        // may rise within the sixteen, which take() and offer() see.
+        int64_t j = 0;
+        for (; j + 16 <= n; j += 16) {
+          f32x16 v = load16(row + j);
+          if (l2) v = 2.f * v - load16(norms.data() + j);
+          const f32x16 reach = rescore ? v + (slack * load16(knorm.data() + j) + absolute) : v;
+          const f32x16 floor = f32x16{} + tk[b].floor();
+          for (uint32_t m = reach_mask(reach, floor); m; m &= m - 1) {
+            const int i = __builtin_ctz(m);
+            take(j + i, v[i]);
+          }
+        }
+        for (; j < n; ++j) take(j, l2 ? 2.f * row[j] - norms[j] : row[j]);
       }
     });
   }
@@ -388,7 +425,8 @@ TileScorer blas_scorer(const at::Tensor& queries, const at::Tensor& keys) {
 // float32 at twice the FMA rate, with keys read at half the bytes. A block of 32 keys
 // is transposed ("VNNI" layout: for each pair of dimensions, the pair of every key)
 // into a thread-local buffer, so each instruction yields 16 keys' partial scores for a
-// broadcast query pair and no horizontal sums are needed. Queries are rounded to bf16.
+// broadcast query pair and no horizontal sums are needed. Queries are rounded to bf16:
+// the scores screen rows for an exact float32 rescore (Rescore).
 template <int QN>
 void bf16_block(const uint32_t* qpairs, int64_t pairs, const uint32_t* packed, float* scores, int64_t ld,
                 int64_t rows) {
@@ -476,8 +514,16 @@ std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& queries, const at::T
   const int64_t* idp = ids.data_ptr<int64_t>();
 #if defined(__AVX512BF16__)
   if (kc.scalar_type() == at::kBFloat16 && d % 2 == 0 && B > kStreamMaxBatch) {
+    // Scored with bf16-rounded queries, each query off by under 2^-8 of itself, so a
+    // score by under 2^-8 ||q|| ||k||, plus float32 summation (d 2^-24 each, two sums);
+    // doubled for margin, and again for l2's 2 q.k. Products below float32's normal
+    // range may be flushed: d 2^-120 absolute covers them.
     const at::Tensor qb = q.to(at::kBFloat16).contiguous();
-    tiled_search(B, N, k, l2, idp, ex, bf16_scorer(qb, kc), out);
+    Rescore rescore{q.data_ptr<float>(), kc.data_ptr<at::BFloat16>(), d, std::vector<float>(B),
+                    static_cast<float>(d) * std::ldexp(1.f, -120)};
+    const float unit = (l2 ? 4.f : 2.f) * (std::ldexp(1.f, -8) + static_cast<float>(d) * std::ldexp(1.f, -23));
+    for (int64_t b = 0; b < B; ++b) rescore.slack[b] = unit * std::sqrt(sq_norm(rescore.q + b * d, d));
+    tiled_search(B, N, k, l2, idp, ex, bf16_scorer(qb, kc), out, &rescore);
     return {scores, slots};
   }
 #endif

@@ -108,6 +108,17 @@ inline uint32_t greater_mask(f32x16 a, f32x16 b) {
 #endif
 }
 
+// Bit l set unless a[l] < b[l]: where a may reach b (NaN included, to be looked at).
+inline uint32_t reach_mask(f32x16 a, f32x16 b) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_NLT_UQ);
+#else
+  uint32_t m = 0;
+  for (int l = 0; l < 16; ++l) m |= static_cast<uint32_t>(!(a[l] < b[l])) << l;
+  return m;
+#endif
+}
+
 template <typename T>
 inline float sq_norm(const T* a, int64_t n) {
   float acc = 0.f;
