@@ -98,18 +98,9 @@ def _softmax_weights(
 
 @triton.jit
 def _weights_kernel(
-    q_ptr,
-    k_ptr,
-    slots_ptr,
-    w_ptr,
-    scale,
-    K,
-    D,
-    L2: tl.constexpr,
-    DT: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    q_ptr, k_ptr, slots_ptr, w_ptr, scale, K, D,
+    L2: tl.constexpr, DT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     """``weights [B, K]``, one program per query."""
     b = tl.program_id(0).to(tl.int64)
     _softmax_weights(q_ptr, k_ptr, slots_ptr, w_ptr, b, scale, K, D, L2, DT, BLOCK_K, BLOCK_D)

@@ -33,48 +33,6 @@ TENSOR_CORE_BATCH = 16
 
 
 @triton.jit
-def _tile_scores(
-    q_ptr,
-    k_ptr,
-    rows,
-    row_ok,
-    cols,
-    B,
-    N,
-    D,
-    L2: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """float32 ranking scores ``[BLOCK_B, BLOCK_N]``; for l2 ``2 q.k - ||k||^2`` (the
-    per-query ``-||q||^2`` does not change a query's ranking)."""
-    acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
-    sq = tl.zeros([BLOCK_N], tl.float32)
-    col_ok = cols < N
-    for d0 in range(0, D, BLOCK_D):
-        dc = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dc < D
-        q = tl.load(
-            q_ptr + rows.to(tl.int64)[:, None] * D + dc[None, :],
-            mask=row_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        kt = tl.load(
-            k_ptr + cols.to(tl.int64)[:, None] * D + dc[None, :],
-            mask=col_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
-        kt = kt.to(tl.float32)  # fp16/bf16 keys are scored in float32
-        acc += tl.dot(q, tl.trans(kt), input_precision="ieee")
-        if L2:
-            sq += tl.sum(kt * kt, 1)
-    if L2:
-        acc = 2.0 * acc - sq[None, :]
-    return acc
-
-
-@triton.jit
 def _tf32(x):
     """``x`` (float32) with its mantissa cut to TF32's 10 bits: the operand a tensor-core
     TF32 MMA reads, made explicit so the interpreter scores exactly as the GPU does."""
@@ -82,22 +40,23 @@ def _tf32(x):
 
 
 @triton.jit
-def _tile_scores_tf32(
+def _tile_dots(
     q_ptr,
     k_ptr,
     rows,
     row_ok,
     cols,
-    B,
     N,
     D,
-    L2: tl.constexpr,
+    TF32: tl.constexpr,
+    NORMS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """:func:`_tile_scores` on tensor cores, TF32 operands: approximate scores ``[BLOCK_B,
-    BLOCK_N]`` and the keys' float32 norms ``[BLOCK_N]``, which bound the error."""
+    """``(q . k [BLOCK_B, BLOCK_N], ||k||^2 [BLOCK_N] if NORMS)`` of query rows ``rows``
+    against key rows ``cols``, the key dimension streamed in chunks: float32 products, or
+    with ``TF32`` TF32 operands on tensor cores. fp16/bf16 keys are read as float32."""
     acc = tl.zeros([BLOCK_B, BLOCK_N], tl.float32)
     sq = tl.zeros([BLOCK_N], tl.float32)
     col_ok = cols < N
@@ -114,8 +73,36 @@ def _tile_scores_tf32(
             mask=col_ok[:, None] & d_ok[None, :],
             other=0.0,
         ).to(tl.float32)
-        acc += tl.dot(_tf32(q), tl.trans(_tf32(kt)), input_precision="tf32")
-        sq += tl.sum(kt * kt, 1)
+        if TF32:
+            acc += tl.dot(_tf32(q), tl.trans(_tf32(kt)), input_precision="tf32")
+        else:
+            acc += tl.dot(q, tl.trans(kt), input_precision="ieee")
+        if NORMS:
+            sq += tl.sum(kt * kt, 1)
+    return acc, sq
+
+
+@triton.jit
+def _tile_scores(
+    q_ptr, k_ptr, rows, row_ok, cols, N, D,
+    L2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """float32 ranking scores ``[BLOCK_B, BLOCK_N]``; for l2 ``2 q.k - ||k||^2`` (the
+    per-query ``-||q||^2`` does not change a query's ranking)."""
+    acc, sq = _tile_dots(q_ptr, k_ptr, rows, row_ok, cols, N, D, False, L2, BLOCK_B, BLOCK_N, BLOCK_D)
+    if L2:
+        acc = 2.0 * acc - sq[None, :]
+    return acc
+
+
+@triton.jit
+def _tile_scores_tf32(
+    q_ptr, k_ptr, rows, row_ok, cols, N, D,
+    L2: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """:func:`_tile_scores` on tensor cores, TF32 operands: approximate scores ``[BLOCK_B,
+    BLOCK_N]`` and the keys' float32 norms ``[BLOCK_N]``, which bound the error."""
+    acc, sq = _tile_dots(q_ptr, k_ptr, rows, row_ok, cols, N, D, True, True, BLOCK_B, BLOCK_N, BLOCK_D)
     if L2:
         acc = 2.0 * acc - sq[None, :]
     return acc, tl.sqrt(sq)
@@ -197,25 +184,10 @@ def _top(x, R: tl.constexpr, W: tl.constexpr, KP: tl.constexpr, DESC: tl.constex
 
 @triton.jit
 def _scan(
-    q_ptr,
-    k_ptr,
-    ids_ptr,
-    ex_ptr,
-    theta_ptr,
-    B,
-    N,
-    D,
-    E,
-    n_tiles,
-    slack,
-    L2: tl.constexpr,
-    TENSOR_CORES: tl.constexpr,
-    SPLITS: tl.constexpr,
-    KP: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    q_ptr, k_ptr, ids_ptr, ex_ptr, theta_ptr, B, N, D, E, n_tiles, slack,
+    L2: tl.constexpr, TENSOR_CORES: tl.constexpr, SPLITS: tl.constexpr, KP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     """Program (query block, split)'s share of a search: ``(rows [BLOCK_B], row_ok, best
     [BLOCK_B, KP])``, ``best`` the top ``KP`` packed keys of tiles ``split, split + SPLITS,
     ...``, best first.
@@ -256,7 +228,7 @@ def _scan(
         reach = True
         if TENSOR_CORES:
             approx, norms = _tile_scores_tf32(
-                q_ptr, k_ptr, rows, row_ok, cols, B, N, D, L2, BLOCK_B, BLOCK_N, BLOCK_D
+                q_ptr, k_ptr, rows, row_ok, cols, N, D, L2, BLOCK_B, BLOCK_N, BLOCK_D
             )
             # Written as "not below" so that a NaN bound counts as a reach (scored exactly).
             # D * 2^-110: what products flushed to zero below float32's normal range may lose.
@@ -264,7 +236,7 @@ def _scan(
             below = approx + bound < _floor_score(theta)[:, None]
             reach = tl.max((live & ~below).to(tl.int32)) > 0
         if reach:
-            scores = _tile_scores(q_ptr, k_ptr, rows, row_ok, cols, B, N, D, L2, BLOCK_B, BLOCK_N, BLOCK_D)
+            scores = _tile_scores(q_ptr, k_ptr, rows, row_ok, cols, N, D, L2, BLOCK_B, BLOCK_N, BLOCK_D)
             packed = tl.where(live, _pack(scores, cols), _NONE_TL)
             # The running threshold: a tile with no live key above its query's KP-th best
             # so far cannot change `best` (keys are distinct), so it skips the exclusions,
@@ -291,26 +263,11 @@ def _store_candidates(cand_ptr, rows, row_ok, best, SPLITS: tl.constexpr, KP: tl
 
 @triton.jit
 def _search_kernel(
-    q_ptr,
-    k_ptr,
-    ids_ptr,
-    ex_ptr,
-    theta_ptr,
-    B,
-    N,
-    D,
-    E,
-    n_tiles,
-    slack,
+    q_ptr, k_ptr, ids_ptr, ex_ptr, theta_ptr, B, N, D, E, n_tiles, slack,  # the scan's
     cand_ptr,
-    L2: tl.constexpr,
-    TENSOR_CORES: tl.constexpr,
-    SPLITS: tl.constexpr,
-    KP: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
+    L2: tl.constexpr, TENSOR_CORES: tl.constexpr, SPLITS: tl.constexpr, KP: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
     """:func:`_scan`, its candidates written to ``cand [B, SPLITS, KP]`` for the merge."""
     rows, row_ok, best = _scan(
         q_ptr, k_ptr, ids_ptr, ex_ptr, theta_ptr, B, N, D, E, n_tiles, slack,
