@@ -222,8 +222,9 @@ def _scan(
         cols = t * BLOCK_N + tl.arange(0, BLOCK_N)
         ids = tl.load(ids_ptr + cols, mask=cols < N, other=-1)
         live = (ids >= 0)[None, :] & row_ok[:, None]
-        # What other programs raised theta to since; a stale value is still a valid bound.
-        shared = tl.load(theta_ptr + rows, mask=row_ok, other=_NONE_TL, cache_modifier=".cg")
+        # What other programs raised theta to since (volatile: read anew each tile, never
+        # hoisted out of the loop); a stale value is still a valid bound.
+        shared = tl.load(theta_ptr + rows, mask=row_ok, other=_NONE_TL, volatile=True)
         theta = tl.maximum(floor, shared)
         reach = True
         if TENSOR_CORES:

@@ -5,7 +5,8 @@ and writes its candidates; the last program of a query block to finish -- counte
 an atomic add -- merges the splits' candidates into the top ``k`` slots and, query by
 query, computes the softmax weights and the weighted values with the attend step's own
 functions (:mod:`kmem.kernels.attend`). The result is that of :func:`search.search`
-followed by :func:`attend.attend_forward`, bit for bit, in one launch instead of five.
+followed by :func:`attend.attend_forward`, bit for bit, in one kernel launch (after one
+fill of the shared thresholds and counts) instead of five.
 """
 
 from __future__ import annotations
