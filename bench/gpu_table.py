@@ -62,6 +62,7 @@ TARGETS = [
     ),
 ]
 K_SWEEP = [1, 32, 256, 4096]
+LEVERS = ["tf32-screen", "fused-topk", "dense-3xtf32"]  # bench/test_bench_gpu.py's Triton levers
 
 
 def medians(results: dict) -> dict[str, float]:
@@ -78,7 +79,8 @@ def _ms(x: float | None) -> str:
 
 
 def table(results: dict, backends: tuple[str, ...] = ("cuda", "triton")) -> str:
-    """The Markdown ratio table of every target for each backend, then the k sweep."""
+    """The Markdown ratio table of every target for each backend, then the k sweep and
+    each Triton lever on and off (below 1x: the lever pays)."""
     ms = medians(results)
     lines = [
         "| figure | backend | ours | floor | ratio | target | |",
@@ -99,6 +101,11 @@ def table(results: dict, backends: tuple[str, ...] = ("cuda", "triton")) -> str:
         lines.append(
             f"| {k} | " + " | ".join(_ms(ms.get(f"test_attend_k_sweep[{k}-{b}]")) for b in backends) + " |"
         )
+    lines += ["", "| Triton lever | on | off | on / off |", "| --- | --- | --- | --- |"]
+    for lever in LEVERS:
+        on, off = (ms.get(f"test_triton_lever[{lever}-{state}]") for state in ("on", "off"))
+        ratio = "—" if on is None or off is None else f"{on / off:.2f}x"
+        lines.append(f"| {lever} | {_ms(on)} | {_ms(off)} | {ratio} |")
     return "\n".join(lines)
 
 
