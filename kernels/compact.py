@@ -71,7 +71,7 @@ def compact_rows(srcs: Sequence[torch.Tensor], keep: torch.Tensor, outs: Sequenc
             raise ValueError(f"out holds {out.shape[0]} rows but {kept} are kept")
     offsets = totals - counts
     for src, out in zip(srcs, outs, strict=True):
-        src_words, out_words = _as_words(src.contiguous()), _as_words(out)
+        src_words, out_words = _as_words(src), _as_words(out)  # contiguous: CompactInputs made them so
         width = src_words.shape[1]
         launch(
             _scatter_kernel,
