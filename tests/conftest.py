@@ -11,11 +11,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import _cuda_sim
 import pytest
 from _require_gpu import pytest_runtest_makereport  # noqa: F401  (KMEM_REQUIRE_GPU=1)
 
 import kmem
 from kmem.ops import reference
+
+_cuda_sim.register()  # the CUDA kernels on the CPU: every backend test covers them too
 
 
 @pytest.fixture(autouse=True)

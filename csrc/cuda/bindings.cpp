@@ -2,9 +2,11 @@
 // converts them to what the launchers in topk_attention.cuh and compact.cuh take -- float32 queries and
 // gradients, float32/float16/bfloat16 rows, contiguous memory -- allocates outputs and
 // scratch through torch's allocator, and runs on the current stream.
+#include <torch/extension.h>
+#ifndef KMEM_CUDA_SIM
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
+#endif
 
 #include <limits>
 #include <tuple>
@@ -18,8 +20,22 @@ namespace {
 
 using OptTensor = c10::optional<at::Tensor>;
 
+#ifdef KMEM_CUDA_SIM  // the tests' CPU simulator of these kernels (csrc/cuda/sim): CPU tensors
+constexpr const char* kDeviceTensor = "a CPU tensor (simulated CUDA)";
+bool on_device(const at::Tensor& t) { return t.is_cpu(); }
+struct DeviceGuard {
+  explicit DeviceGuard(c10::Device) {}
+};
+cudaStream_t stream() { return nullptr; }
+#else
+constexpr const char* kDeviceTensor = "a CUDA tensor";
+bool on_device(const at::Tensor& t) { return t.is_cuda(); }
+using DeviceGuard = c10::cuda::CUDAGuard;
+cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+#endif
+
 void check_device(const at::Tensor& t, const at::Tensor& like, const char* op, const char* name) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(on_device(t), op, ": ", name, " must be ", kDeviceTensor, ", got ", t.device());
   TORCH_CHECK(t.device() == like.device(), op, ": ", name, " is on ", t.device(), " but queries are on ",
               like.device());
 }
@@ -48,8 +64,6 @@ at::Tensor float32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); 
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
 }
-
-cudaStream_t stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
 void check_memory(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& ids, const char* op) {
   check_device(queries, queries, op, "queries");
@@ -118,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_search(const at::Tensor& queries, const 
   constexpr const char* op = "cuda_search";
   check_memory(queries, keys, slot_ids, op);
   TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
-  const c10::cuda::CUDAGuard guard(queries.device());
+  const DeviceGuard guard(queries.device());
   const at::Tensor q = float32(queries), kc = readable(keys), ids = slot_ids.contiguous();
   const auto [sorted, ex] = exclusions(exclude_ids, queries, op);
   at::Tensor scores = at::empty({q.size(0), k}, q.options());
@@ -138,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_attend_forward(const at::Tensor& queries
   check_device(slots, queries, op, "slots");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == queries.size(0), op,
               ": slots must be int64 [B, k]");
-  const c10::cuda::CUDAGuard guard(queries.device());
+  const DeviceGuard guard(queries.device());
   const at::Tensor q = float32(queries), sc = slots.contiguous();
   const RowTensors r = rows_of(keys, values, num_classes, queries, op);
   TORCH_CHECK(q.size(1) == r.rows.d, op, ": queries and keys differ in d");
@@ -164,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attend_backward(const at::Te
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 2 && slots.size(0) == queries.size(0), op,
               ": slots must be int64 [B, k]");
   TORCH_CHECK(weights.sizes() == slots.sizes(), op, ": weights must be [B, k] like slots");
-  const c10::cuda::CUDAGuard guard(queries.device());
+  const DeviceGuard guard(queries.device());
   const at::Tensor q = float32(queries), g = float32(grad_out), w = float32(weights), sc = slots.contiguous();
   const RowTensors r = rows_of(keys, values, num_classes, queries, op);
   TORCH_CHECK(g.dim() == 2 && g.size(0) == q.size(0) && g.size(1) == r.rows.width, op,
@@ -188,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> cuda_dense_forward(const at::Tensor& queries,
                                                       int64_t num_classes) {
   constexpr const char* op = "cuda_dense_forward";
   check_memory(queries, keys, slot_ids, op);
-  const c10::cuda::CUDAGuard guard(queries.device());
+  const DeviceGuard guard(queries.device());
   const at::Tensor q = float32(queries), ids = slot_ids.contiguous();
   const RowTensors r = rows_of(keys, values, num_classes, queries, op);
   const auto [sorted, ex] = exclusions(exclude_ids, queries, op);
@@ -210,7 +224,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_dense_backward(
   check_device(out, queries, op, "out");
   check_device(lse, queries, op, "lse");
   check_device(grad_lse, queries, op, "grad_lse");
-  const c10::cuda::CUDAGuard guard(queries.device());
+  const DeviceGuard guard(queries.device());
   const at::Tensor q = float32(queries), g = float32(grad_out), o = float32(out), l = float32(lse);
   const at::Tensor gl = float32(grad_lse);
   const at::Tensor ids = slot_ids.contiguous();
@@ -252,7 +266,7 @@ int64_t cuda_compact_rows(const std::vector<at::Tensor>& srcs, const at::Tensor&
                 op, ": out must have src's dtype and row shape");
     TORCH_CHECK(src.is_contiguous() && out.is_contiguous(), op, ": tensors must be contiguous");
   }
-  const c10::cuda::CUDAGuard guard(keep.device());
+  const DeviceGuard guard(keep.device());
   if (rows == 0) return 0;
   // One scan of keep serves every buffer, and one host sync (the size check) all of them.
   at::Tensor positions = at::empty({rows}, keep.options().dtype(at::kLong));

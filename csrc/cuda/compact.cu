@@ -3,12 +3,12 @@
 #include <cub/device/device_scan.cuh>
 
 #include "compact.cuh"
+#include "kernel_common.cuh"
 
 namespace kmem {
 namespace cuda {
+using namespace detail;
 namespace {
-
-constexpr int kThreads = 256;
 
 __global__ void flags_kernel(const bool* keep, int64_t rows, int64_t* flags) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -29,10 +29,8 @@ cudaError_t launch_copy(const void* src, const bool* keep, const int64_t* positi
                         int64_t row_bytes, void* out, cudaStream_t stream) {
   const int64_t words = row_bytes / static_cast<int64_t>(sizeof(Word));
   const int64_t total = rows * words;
-  const auto blocks = static_cast<unsigned>((total + kThreads - 1) / kThreads);
-  copy_kernel<Word><<<blocks, kThreads, 0, stream>>>(static_cast<const Word*>(src), keep, positions, rows, words,
-                                                     static_cast<Word*>(out));
-  return cudaGetLastError();
+  return launch(copy_kernel<Word>, dim3(static_cast<unsigned>(div_up(total, kThreads))), dim3(kThreads), 0, stream,
+                static_cast<const Word*>(src), keep, positions, rows, words, static_cast<Word*>(out));
 }
 
 bool fits(int64_t row_bytes, const void* a, const void* b, size_t word) {
@@ -52,9 +50,8 @@ size_t compact_workspace_bytes(int64_t rows) {
 cudaError_t compact_scan(const bool* keep, int64_t rows, int64_t* positions, void* workspace,
                          cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  flags_kernel<<<static_cast<unsigned>((rows + kThreads - 1) / kThreads), kThreads, 0, stream>>>(keep, rows,
-                                                                                                 positions);
-  cudaError_t err = cudaGetLastError();
+  cudaError_t err = launch(flags_kernel, dim3(static_cast<unsigned>(div_up(rows, kThreads))), dim3(kThreads), 0,
+                           stream, keep, rows, positions);
   if (err != cudaSuccess) return err;
   size_t bytes = compact_workspace_bytes(rows);
   // In place: CUB's scans allow d_in == d_out.

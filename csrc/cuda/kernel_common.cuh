@@ -33,8 +33,12 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 
 template <typename T>
 __device__ __forceinline__ T* dynamic_smem() {
+#ifdef KMEM_CUDA_SIM  // the CPU simulator of the tests (csrc/cuda/sim)
+  return reinterpret_cast<T*>(sim::dynamic_smem());
+#else
   extern __shared__ __align__(16) unsigned char smem[];
   return reinterpret_cast<T*>(smem);
+#endif
 }
 
 __device__ __forceinline__ int64_t pack(float score, int64_t slot) {
@@ -141,7 +145,11 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
     const cudaError_t err = opt_in(kernel, smem);
     if (err != cudaSuccess) return err;
   }
+#ifdef KMEM_CUDA_SIM
+  sim::launch(kernel, grid, block, smem, args...);
+#else
   kernel<<<grid, block, smem, stream>>>(args...);
+#endif
   return cudaGetLastError();
 }
 

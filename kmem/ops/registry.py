@@ -133,8 +133,13 @@ class Registry:
     # depends on nothing else, and availability does not change within a process.
     _chosen: dict[tuple, Backend] = field(default_factory=dict, repr=False)
 
-    def register(self, backend: Backend) -> None:
+    def register(self, backend: Backend, before: str | None = None) -> None:
+        """Add ``backend`` last, or just before backend ``before``."""
         self.backends[backend.name] = backend
+        if before is not None:
+            names = list(self.backends)
+            names.insert(names.index(before), names.pop())
+            self.backends = {n: self.backends[n] for n in names}
         self._chosen.clear()
 
     def names(self, op: str | None = None) -> list[str]:

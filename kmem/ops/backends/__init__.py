@@ -8,6 +8,7 @@ call, so it is what ``backend="auto"`` falls back to -- and only it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from .. import custom, reference
@@ -116,3 +117,20 @@ REGISTRY.register(
         },
     )
 )
+
+
+def register_twin(
+    name: str, of: str, devices: frozenset[str], kernels: Callable[[], object], why: str
+) -> None:
+    """Register backend ``name``: ``of``'s declarations and tolerance, served by other
+    ``kernels`` (loaded on first use) on ``devices``; it runs only when asked for by
+    name (``why`` says so to ``"auto"``), and the reference twin stays last. The tests
+    run the CUDA kernels on the CPU this way, compiled against a simulator
+    (tests/_cuda_sim.py)."""
+    like = REGISTRY.backends[of]
+    serves = {
+        op: tuple(dataclasses.replace(c, devices=devices, slower=why) for c in combos)
+        for op, combos in like.serves.items()
+    }
+    runs = {op: run for op, run in _compiled_runs(name).items() if op in serves}
+    REGISTRY.register(Backend(name, serves, runs, None, kernels, like.tolerance), before="reference")

@@ -10,6 +10,8 @@ here is recorded by autograd, and a detach is ~0.4 us of a ~20 us small read.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ... import _ext
@@ -27,16 +29,18 @@ from ..inputs import (
 
 class Extension:
     """The kernels of ``kmem._C`` whose names start with ``prefix`` (``""``: C++,
-    ``"cuda_"``: CUDA), called with a record's fields in the extension's argument order."""
+    ``"cuda_"``: CUDA), called with a record's fields in the extension's argument order.
+    ``module`` loads the extension module (another one: the tests' CUDA simulator)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, module: Callable[[], object] = _ext.compiled) -> None:
         self.prefix = prefix
+        self._module = module
         self._fns: dict[str, object] = {}
 
     def _fn(self, name: str):
         fn = self._fns.get(name)
         if fn is None:  # looked up once: the extension module does not change
-            fn = self._fns[name] = getattr(_ext.compiled(), self.prefix + name)
+            fn = self._fns[name] = getattr(self._module(), self.prefix + name)
         return fn
 
     def search(self, s: SearchInputs) -> tuple[torch.Tensor, torch.Tensor]:
