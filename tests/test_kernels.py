@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import _cuda_sim
 import pytest
 import torch
 from _buffers import buffers, exclusions
@@ -28,6 +29,9 @@ METRICS = ["ip", "l2"]
 F32, F64 = torch.float32, torch.float64
 LOW = [torch.float16, torch.bfloat16]
 INTERPRETED_ROWS = 320  # Triton's interpreter runs each program in numpy: keep memories small
+# Rows x queries the CUDA simulator scores within seconds; its dense backward, a warp per
+# row, takes an eighth of that.
+SIMULATED_SCORES = 8_000_000
 GRAD_TOLERANCE = (1e-4, 1e-5)  # gradients sum more terms than outputs: at least this
 
 
@@ -50,6 +54,11 @@ class Kernel:
     @property
     def interpreted(self) -> bool:
         return self.name == "triton" and self.device == "cpu"
+
+    @property
+    def simulated(self) -> bool:
+        """The CUDA kernels on the CPU simulator (tests/_cuda_sim.py): each CUDA thread a fiber."""
+        return self.name == _cuda_sim.NAME
 
     @property
     def tol(self) -> dict[str, float]:
@@ -79,10 +88,15 @@ class Kernel:
         """``n`` memory rows, capped under Triton's interpreter."""
         return min(n, INTERPRETED_ROWS) if self.interpreted else n
 
-    def fits(self, n: int, batch: int = 1) -> None:
-        """Skip a case too large for Triton's interpreter (it runs only without a GPU)."""
+    def fits(self, n: int, batch: int = 1, backward: bool = False) -> None:
+        """Skip a case too large for Triton's interpreter (it runs only without a GPU) or
+        for the CUDA simulator (the same case runs on the GPU as backend "cuda")."""
         if self.interpreted and (n > INTERPRETED_ROWS or batch > 9):
             pytest.skip(f"{n} rows x {batch} queries: too slow for Triton's interpreter (no GPU here)")
+        if self.simulated and n * batch > SIMULATED_SCORES // (8 if backward else 1):
+            pytest.skip(
+                f"{n} rows x {batch} queries: too slow for the CUDA simulator (runs on a GPU as cuda)"
+            )
 
     def on(self, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
         return [None if t is None else t.to(self.device) for t in tensors]
@@ -469,6 +483,32 @@ def test_dense_attention_returns_its_log_sum_exp(kernel, labels):
     assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
 
 
+@backends(ATTENDING)
+@pytest.mark.parametrize(("metric", "labels"), [("ip", False), ("l2", True)])
+def test_dense_attention_online_softmax_over_rising_scores(kernel, metric, labels):
+    """Scores that rise along the rows, so every streaming kernel meets a new maximum
+    tile after tile and must rescale what it summed: 272 queries (17 CUDA query tiles,
+    the last ragged) over 23,040 rows make each of the CUDA forward's splits three tiles
+    long. Rows past the first dead, some excluded."""
+    n, batch = 23_040, 272
+    kernel.fits(n, batch)
+    keys, slot_ids = buffers(n, 4, dead_every=5)
+    keys[:, 0] = torch.linspace(-3, 3, n) * (1 if metric == "ip" else -1)
+    q = torch.randn(batch, 4).abs() + torch.tensor([1.0, 0, 0, 0])
+    values = _values(n, labels)
+    ex = exclusions(slot_ids, batch, 3)
+    classes = 4 if labels else None
+    out, lse = kernel.attend(
+        *kernel.on(q, keys, values), slot_ids, None, 0.5, metric, ex, classes, return_lse=True
+    )
+    want_out, want_lse = Kernel("reference", "cpu").attend(
+        q.double(), keys.double(), values if labels else values.double(), slot_ids, None, 0.5, metric, ex,
+        classes, return_lse=True,
+    )  # fmt: skip
+    torch.testing.assert_close(out.cpu().double(), want_out, **kernel.grad_tol)
+    torch.testing.assert_close(lse.cpu().double(), want_lse, **kernel.grad_tol)
+
+
 @backends(declaring("topk_attention", torch.float16))
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("dense", [False, True])
@@ -540,7 +580,7 @@ def test_gradients_match_autograd_through_reference(kernel, k, metric, labels, d
 def test_gradients_over_many_rows(kernel, k, batch):
     """Backward at k = 4096, and dense backward over 5,000 rows with 1,024 queries: the
     C++ dense attention then streams several tiles and CUDA's backward several row chunks."""
-    kernel.fits(5000, batch)
+    kernel.fits(5000, batch, backward=True)
     keys, slot_ids = buffers(5000, 6, dead_every=7)
     values, q = torch.randn(5000, 3), torch.randn(batch, 6)
     ex = exclusions(slot_ids, batch, 3)

@@ -1,6 +1,6 @@
 // CUDA dense attention, flash-decoding: each block runs an online softmax over one split
-// of the rows, a combine kernel merges the splits by their log-sum-exp; the backward
-// recomputes the weights from lse over bounded row chunks.
+// of the rows for a tile of queries, a combine kernel merges the splits by their
+// log-sum-exp; the backward recomputes the weights from lse over bounded row chunks.
 #include "kernel_common.cuh"
 
 namespace kmem {
@@ -9,7 +9,7 @@ using namespace detail;
 namespace {
 
 // ------------------------------------------------------ dense attention
-constexpr int64_t kDenseTargetBlocks = 1024;  // splits x queries aimed for in the forward
+constexpr int64_t kDenseTargetBlocks = 1024;  // splits x query tiles aimed for in the forward
 constexpr int kRowsPerBlock = 8;              // rows per block of the dkeys / dvalues kernel
 constexpr int kRowThreads = 128;
 constexpr int64_t kDenseChunkBudget = 1 << 22;  // weights kept per backward chunk, all queries
@@ -29,51 +29,125 @@ __device__ void tile_logits(const float* qb, const KT* keys, const int64_t* ids,
   __syncthreads();
 }
 
-// Grid (splits, queries): an online softmax over one split of the rows. Leaves the
-// split's running max m, sum l and unnormalised acc [W] (relative to m).
+// The forward's tiles: a block scores kDenseQueries queries against kDenseRows rows at a
+// time, so every staged key serves all of them (one query per block had read the keys
+// B times). Thread t holds a 4 x 4 register tile: queries 4 (t / 64) + j, rows
+// t % 64 + 64 m.
+constexpr int kDenseQueries = 16;
+constexpr int kDenseRows = kThreads;
+constexpr int kDenseCols = 16;  // key columns staged at a time
+static_assert(kDenseQueries * kDenseRows == 16 * kThreads, "one 4 x 4 tile per thread");
+
+struct DenseSmem {
+  float keys[kDenseCols][kDenseRows + 1];  // transposed; +1: a row's columns land in distinct banks
+  float queries[kDenseCols][kDenseQueries];
+  float p[kDenseQueries][kDenseRows];  // logits, then their exponentials
+  float m[kDenseQueries], l[kDenseQueries], alpha[kDenseQueries];
+  int64_t labels[kDenseRows];
+};
+
+// acc[j][m] += score terms of the staged columns (q . k, or |q - k|^2 for l2).
+template <bool L2>
+__device__ __forceinline__ void dense_tile_fma(const DenseSmem& sm, float (&acc)[4][4]) {
+  const int qg = threadIdx.x / 64 * 4, rl = threadIdx.x % 64;
+#pragma unroll 4
+  for (int c = 0; c < kDenseCols; ++c) {
+    float kv[4], qv[4];
+    for (int m = 0; m < 4; ++m) kv[m] = sm.keys[c][rl + 64 * m];
+    for (int j = 0; j < 4; ++j) qv[j] = sm.queries[c][qg + j];
+    for (int j = 0; j < 4; ++j)
+      for (int m = 0; m < 4; ++m) {
+        const float x = L2 ? qv[j] - kv[m] : qv[j] * kv[m];
+        acc[j][m] += L2 ? x * x : x;
+      }
+  }
+}
+
+// Grid (query tiles, splits): an online softmax over one split of the rows for a tile
+// of queries. Leaves each query's running max m, sum l and unnormalised acc [W]
+// (relative to m) of the split.
 template <typename KT, typename VT>
 __global__ void __launch_bounds__(kThreads)
     dense_split_kernel(const float* q, const KT* keys, const VT* values, const int64_t* labels, const int64_t* ids,
                        Exclusions ex, int64_t B, int64_t N, int64_t d, int64_t W, float scale, bool l2,
                        int64_t rows_per_split, float* part_m, float* part_l, float* part_acc) {
-  __shared__ float z[kThreads];
-  __shared__ int64_t lab[kThreads];
-  __shared__ float red[32];
-  const int t = threadIdx.x;
-  const int64_t S = gridDim.x, s = blockIdx.x;
+  __shared__ DenseSmem sm;
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32, qg = t / 64 * 4, rl = t % 64;
+  const int64_t S = gridDim.y, s = blockIdx.y;
   const int64_t r0 = s * rows_per_split, r1 = r0 + rows_per_split < N ? r0 + rows_per_split : N;
-  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    float* acc = part_acc + (b * S + s) * W;
-    for (int64_t c = t; c < W; c += kThreads) acc[c] = 0.0f;
-    float m_run = kNegInf, l_run = 0.0f;
-    for (int64_t r = r0; r < r1; r += kThreads) {
-      tile_logits(q + b * d, keys, ids, ex, b, r, r1, d, scale, l2, z);
-      const float m_new = fmaxf(m_run, block_reduce(z[t], true, red));
-      if (m_new == kNegInf) continue;  // nothing live yet
-      const float alpha = expf(m_run - m_new);
-      const float p = expf(z[t] - m_new);  // 0 for -inf
-      l_run = l_run * alpha + block_reduce(p, false, red);
-      m_run = m_new;
-      z[t] = p;
-      if (labels) lab[t] = r + t < r1 ? labels[r + t] : -1;
-      __syncthreads();
-      const int n = r1 - r < kThreads ? static_cast<int>(r1 - r) : kThreads;
-      // Each thread owns columns c, so no atomics: labels scan the tile per column.
-      for (int64_t c = t; c < W; c += kThreads) {
-        float a = acc[c] * alpha;
-        for (int i = 0; i < n; ++i) {
-          if (z[i] == 0.0f) continue;
-          if (labels) a += lab[i] == c ? z[i] : 0.0f;
-          else a += z[i] * to_float(values[(r + i) * W + c]);
+  for (int64_t b0 = static_cast<int64_t>(blockIdx.x) * kDenseQueries; b0 < B;
+       b0 += static_cast<int64_t>(gridDim.x) * kDenseQueries) {
+    const int nq = B - b0 < kDenseQueries ? static_cast<int>(B - b0) : kDenseQueries;
+    if (t < kDenseQueries) {
+      sm.m[t] = kNegInf;
+      sm.l[t] = 0.0f;
+    }
+    for (int64_t e = t; e < nq * W; e += kThreads) part_acc[((b0 + e / W) * S + s) * W + e % W] = 0.0f;
+    for (int64_t r = r0; r < r1; r += kDenseRows) {
+      const int n = r1 - r < kDenseRows ? static_cast<int>(r1 - r) : kDenseRows;
+      float acc[4][4] = {};
+      for (int64_t c0 = 0; c0 < d; c0 += kDenseCols) {
+        __syncthreads();  // the last tile's readers of sm are done
+        for (int e = t; e < kDenseRows * kDenseCols; e += kThreads) {
+          const int i = e / kDenseCols, c = e % kDenseCols;
+          sm.keys[c][i] = i < n && c0 + c < d ? to_float(keys[(r + i) * d + c0 + c]) : 0.0f;
         }
-        acc[c] = a;
+        for (int e = t; e < kDenseQueries * kDenseCols; e += kThreads) {
+          const int j = e / kDenseCols, c = e % kDenseCols;
+          sm.queries[c][j] = j < nq && c0 + c < d ? q[(b0 + j) * d + c0 + c] : 0.0f;
+        }
+        __syncthreads();
+        if (l2) dense_tile_fma<true>(sm, acc);
+        else dense_tile_fma<false>(sm, acc);
+      }
+      for (int j = 0; j < 4; ++j)
+        for (int m = 0; m < 4; ++m) {
+          const int i = rl + 64 * m;
+          const bool ok = i < n && qg + j < nq && live(ids, ex, b0 + qg + j, r + i);
+          sm.p[qg + j][i] = ok ? scale * (l2 ? -acc[j][m] : acc[j][m]) : kNegInf;
+        }
+      if (labels)
+        for (int i = t; i < n; i += kThreads) sm.labels[i] = labels[r + i];
+      __syncthreads();
+      for (int j = warp; j < kDenseQueries; j += kWarps) {  // a warp per query: max, exponentials, sum
+        float mx = kNegInf;
+        for (int i = lane; i < kDenseRows; i += 32) mx = fmaxf(mx, sm.p[j][i]);
+        const float m_old = sm.m[j], m_new = fmaxf(m_old, warp_max(mx));
+        float sum = 0.0f;
+        for (int i = lane; i < kDenseRows; i += 32) {
+          const float e = m_new == kNegInf ? 0.0f : expf(sm.p[j][i] - m_new);  // 0 for -inf
+          sm.p[j][i] = e;
+          sum += e;
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) {
+          const float alpha = m_new == kNegInf ? 1.0f : expf(m_old - m_new);
+          sm.alpha[j] = alpha;
+          sm.l[j] = sm.l[j] * alpha + sum;
+          sm.m[j] = m_new;
+        }
       }
       __syncthreads();
+      // Each thread owns columns c of every query of the tile: a value row is read once
+      // for all of them, and no atomics are needed.
+      for (int64_t c = t; c < W; c += kThreads) {
+        float a[kDenseQueries];
+        for (int j = 0; j < kDenseQueries; ++j)
+          a[j] = j < nq ? part_acc[((b0 + j) * S + s) * W + c] * sm.alpha[j] : 0.0f;
+        for (int i = 0; i < n; ++i) {
+          if (labels && sm.labels[i] != c) continue;
+          const float v = labels ? 1.0f : to_float(values[(r + i) * W + c]);
+          for (int j = 0; j < kDenseQueries; ++j) a[j] += sm.p[j][i] * v;
+        }
+        for (int j = 0; j < nq; ++j) part_acc[((b0 + j) * S + s) * W + c] = a[j];
+      }
     }
-    if (t == 0) {
-      part_m[b * S + s] = m_run;
-      part_l[b * S + s] = l_run;
+    __syncthreads();
+    if (t < nq) {
+      part_m[(b0 + t) * S + s] = sm.m[t];
+      part_l[(b0 + t) * S + s] = sm.l[t];
     }
+    __syncthreads();  // sm.m and sm.l are reset for the next tile of queries
   }
 }
 
@@ -210,10 +284,10 @@ struct DensePlan {
 };
 
 DensePlan plan_dense(int64_t B, int64_t N) {
-  const int64_t Bq = B > 0 ? B : 1;
-  const int64_t wanted = kDenseTargetBlocks / Bq > 1 ? kDenseTargetBlocks / Bq : 1;
-  int64_t per = div_up(div_up(N, wanted), kThreads) * kThreads;
-  if (per < kThreads) per = kThreads;
+  const int64_t tiles = B > 0 ? div_up(B, kDenseQueries) : 1;
+  const int64_t wanted = kDenseTargetBlocks / tiles > 1 ? kDenseTargetBlocks / tiles : 1;
+  int64_t per = div_up(div_up(N, wanted), kDenseRows) * kDenseRows;
+  if (per < kDenseRows) per = kDenseRows;
   return {per, div_up(N, per)};
 }
 
@@ -244,7 +318,10 @@ cudaError_t dense_forward(const DenseArgs& a, float* out, float* lse, void* work
     const cudaError_t err = with_row_types(r, [&](auto kt, auto vt) {
       using KT = typename decltype(kt)::type;
       using VT = typename decltype(vt)::type;
-      return launch(dense_split_kernel<KT, VT>, dim3(static_cast<unsigned>(p.splits), grid_size(a.batch, 65535)),
+      // Query tiles are the fastest axis: the tiles of one split run together, and L2
+      // serves the rows they share.
+      return launch(dense_split_kernel<KT, VT>,
+                    dim3(grid_size(div_up(a.batch, kDenseQueries), 1 << 30), static_cast<unsigned>(p.splits)),
                     dim3(kThreads), 0, stream, a.queries, static_cast<const KT*>(r.keys),
                     static_cast<const VT*>(r.values), r.labels, a.slot_ids, a.exclude, a.batch, r.n, r.d, r.width,
                     a.scale, a.l2, p.rows_per_split, part_m, part_l, part_acc);
