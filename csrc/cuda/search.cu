@@ -95,13 +95,14 @@ __device__ int64_t block_kth_largest(const KeySpan& keys, int64_t want, SelectSh
 }
 
 // The `want` largest keys of `keys` into out[0, want), unordered, "no row" filling the
-// places past the real keys. `out` must not overlap `keys`.
-__device__ void block_top(const KeySpan& keys, int64_t want, int64_t* out, SelectShared& sh) {
+// places past the real keys. `out` must not overlap `keys`. Returns the want-th largest
+// key when there were more than `want`, else "no row".
+__device__ int64_t block_top(const KeySpan& keys, int64_t want, int64_t* out, SelectShared& sh) {
   const int64_t n = keys.size();
   if (n <= want) {
     for (int64_t i = threadIdx.x; i < want; i += blockDim.x) out[i] = i < n ? keys[i] : kNoRow;
     __syncthreads();
-    return;
+    return kNoRow;
   }
   const int64_t kth = block_kth_largest(keys, want, sh);
   if (threadIdx.x == 0) sh.taken = 0;
@@ -115,6 +116,7 @@ __device__ void block_top(const KeySpan& keys, int64_t want, int64_t* out, Selec
   __syncthreads();
   for (int64_t i = sh.taken + threadIdx.x; i < want; i += blockDim.x) out[i] = kth;
   __syncthreads();
+  return kth;
 }
 
 // In-place descending bitonic sort of x[0, n), n a power of two, by the whole block.
@@ -141,11 +143,14 @@ constexpr int kTileRows = 512;    // rows per tile; a tile keeps min(k, 512) can
 constexpr int kDimChunk = 32;     // key columns staged at a time
 constexpr int kMergeThreads = 512;
 constexpr int kSortSmemKeys = 4096;           // final sort in shared memory up to this many keys
+constexpr int kMergeSmemKeys = 4096;          // the merge selects in shared memory up to this many survivors
 constexpr int64_t kCandidateBudget = 1 << 24;  // candidate keys per chunk, all queries (128 MiB)
 constexpr int64_t kCandidatesPerQuery = 1 << 20;
 
 struct TileSmem {
-  int64_t packed[kQueryBlock][kTileRows];
+  int64_t packed[kQueryBlock][kTileRows];  // each query's surviving keys of the tile, count[qi] of them
+  unsigned long long theta[kQueryBlock];
+  unsigned count[kQueryBlock];
   alignas(16) float qstage[kDimChunk][kQueryBlock];
   float kstage[kThreads][kDimChunk + 1];  // +1: rows land in distinct banks
   SelectShared select;
@@ -187,19 +192,40 @@ __device__ void score_subtile(const float* q, const KT* keys, int64_t B, int64_t
   }
 }
 
-// Grid (tiles of this chunk, query blocks): candidates [B, tiles, keep] for tiles
-// first_tile... of the memory.
+// The running threshold of query b: the radix key of a k-th best key some tile found
+// (0: none yet). Exactly k real keys of that tile lie at or above it, so a key below it
+// is in no query's top-k and is dropped before any selection. Blocks raise it with
+// atomicMax and read it back as they go.
+__device__ __forceinline__ unsigned long long read_theta(const unsigned long long* theta, int64_t b) {
+  return *static_cast<const volatile unsigned long long*>(theta + b);
+}
+
+__device__ __forceinline__ bool survives(int64_t key, unsigned long long theta) {
+  return key != kNoRow && radix_key(key) >= theta;
+}
+
+// Grid (query blocks, tiles of this chunk): candidates [B, tiles, keep] for tiles
+// first_tile... of the memory. Query blocks are the fastest axis: the blocks that read
+// one tile run together, so its rows cross HBM once and L2 serves the rest. A tile
+// selects only among its keys at or above the running threshold: once the threshold
+// nears the k-th best, most tiles keep fewer than `keep` keys and skip the selection.
 template <typename KT>
 __global__ void __launch_bounds__(kThreads)
     search_tiles_kernel(const float* q, const KT* keys, const int64_t* ids, Exclusions ex, int64_t B, int64_t N,
-                        int64_t d, bool l2, int64_t first_tile, int64_t keep, int64_t* cand) {
+                        int64_t d, bool l2, int64_t first_tile, int64_t k, int64_t keep, int64_t* cand,
+                        unsigned long long* theta) {
   TileSmem& sm = *dynamic_smem<TileSmem>();
   const int t = threadIdx.x;
-  const int64_t row0 = (first_tile + blockIdx.x) * kTileRows;
+  const int64_t row0 = (first_tile + blockIdx.y) * kTileRows;
   const int64_t rows = N - row0 < kTileRows ? N - row0 : kTileRows;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * keep;  // candidates per query in this chunk
-  for (int64_t b0 = static_cast<int64_t>(blockIdx.y) * kQueryBlock; b0 < B;
-       b0 += static_cast<int64_t>(gridDim.y) * kQueryBlock) {
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * keep;  // candidates per query in this chunk
+  for (int64_t b0 = static_cast<int64_t>(blockIdx.x) * kQueryBlock; b0 < B;
+       b0 += static_cast<int64_t>(gridDim.x) * kQueryBlock) {
+    if (t < kQueryBlock) {
+      sm.count[t] = 0;
+      sm.theta[t] = b0 + t < B ? read_theta(theta, b0 + t) : 0;
+    }
+    __syncthreads();
     for (int sub = 0; sub < kTileRows / kThreads; ++sub) {
       float acc[kQueryBlock] = {};
       float norm = 0.0f;
@@ -207,26 +233,45 @@ __global__ void __launch_bounds__(kThreads)
       score_subtile(q, keys, B, N, d, b0, row0 + sub * kThreads, sm, acc, norm);
       for (int qi = 0; qi < kQueryBlock; ++qi) {
         const int64_t b = b0 + qi, row = row0 + local;
-        const bool ok = local < rows && b < B && live(ids, ex, b, row);
-        sm.packed[qi][local] = ok ? pack(l2 ? 2.0f * acc[qi] - norm : acc[qi], row) : kNoRow;
+        if (local >= rows || b >= B) continue;
+        const int64_t key = pack(l2 ? 2.0f * acc[qi] - norm : acc[qi], row);
+        // Exclusions are looked up only for keys that survive the threshold.
+        if (survives(key, sm.theta[qi]) && live(ids, ex, b, row)) sm.packed[qi][atomicAdd(&sm.count[qi], 1u)] = key;
       }
     }
     __syncthreads();
     for (int qi = 0; qi < kQueryBlock && b0 + qi < B; ++qi) {
-      const KeySpan span{sm.packed[qi], rows, nullptr, 0};
-      block_top(span, keep, cand + (b0 + qi) * stride + blockIdx.x * keep, sm.select);
+      const KeySpan span{sm.packed[qi], sm.count[qi], nullptr, 0};
+      const int64_t kth = block_top(span, keep, cand + (b0 + qi) * stride + blockIdx.y * keep, sm.select);
+      if (t == 0 && kth != kNoRow && keep == k) atomicMax(theta + b0 + qi, radix_key(kth));
     }
   }
 }
 
 // best_out[b] = top-k of best_in[b] (absent when null) and the chunk's candidates.
+// The keys at or above the threshold are gathered first (they are usually a few times
+// k, out of tiles x keep candidates) and selected among in shared memory; if more than
+// kMergeSmemKeys survive, the selection runs over all the candidates.
 __global__ void __launch_bounds__(kMergeThreads)
     search_merge_kernel(const int64_t* best_in, const int64_t* cand, int64_t per_query, int64_t B, int64_t k,
-                        int64_t* best_out) {
+                        const unsigned long long* theta, int64_t* best_out) {
   __shared__ SelectShared sh;
+  __shared__ int64_t kept[kMergeSmemKeys];
+  __shared__ unsigned count;
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     const KeySpan span{best_in ? best_in + b * k : nullptr, best_in ? k : 0, cand + b * per_query, per_query};
-    block_top(span, k, best_out + b * k, sh);
+    if (threadIdx.x == 0) count = 0;
+    __syncthreads();
+    const unsigned long long th = read_theta(theta, b);
+    for (int64_t i = threadIdx.x; i < span.size(); i += blockDim.x) {
+      const int64_t key = span[i];
+      if (!survives(key, th)) continue;
+      const unsigned at = atomicAdd(&count, 1u);
+      if (at < kMergeSmemKeys) kept[at] = key;
+    }
+    __syncthreads();
+    const bool fits = count <= kMergeSmemKeys;
+    block_top(fits ? KeySpan{kept, count, nullptr, 0} : span, k, best_out + b * k, sh);
   }
 }
 
@@ -250,10 +295,10 @@ __global__ void __launch_bounds__(kMergeThreads)
 }
 
 // Sizes of one search call; the workspace holds cand, then two best buffers, then the
-// sort scratch.
+// sort scratch, then the thresholds.
 struct SearchPlan {
   int64_t keep, tiles, tiles_per_chunk, padded;
-  size_t cand_bytes, best_bytes, sort_bytes;
+  size_t cand_bytes, best_bytes, sort_bytes, theta_bytes;
 };
 
 SearchPlan plan_search(int64_t B, int64_t N, int64_t k) {
@@ -264,12 +309,14 @@ SearchPlan plan_search(int64_t B, int64_t N, int64_t k) {
   int64_t per_chunk = kCandidateBudget / (Bq * p.keep);
   if (per_chunk > kCandidatesPerQuery / p.keep) per_chunk = kCandidatesPerQuery / p.keep;
   if (per_chunk > p.tiles) per_chunk = p.tiles;
+  if (per_chunk > 65535) per_chunk = 65535;  // the grid's y extent
   p.tiles_per_chunk = per_chunk > 1 ? per_chunk : 1;
   p.padded = 1;
   while (p.padded < k) p.padded <<= 1;
   p.cand_bytes = static_cast<size_t>(B * p.tiles_per_chunk * p.keep) * sizeof(int64_t);
   p.best_bytes = static_cast<size_t>(B * k) * sizeof(int64_t);
   p.sort_bytes = p.padded > kSortSmemKeys ? static_cast<size_t>(B * p.padded) * sizeof(int64_t) : 0;
+  p.theta_bytes = static_cast<size_t>(B) * sizeof(unsigned long long);
   return p;
 }
 
@@ -277,7 +324,7 @@ SearchPlan plan_search(int64_t B, int64_t N, int64_t k) {
 
 size_t search_workspace_bytes(int64_t batch, int64_t n, int64_t k) {
   const SearchPlan p = plan_search(batch, n, k);
-  return p.cand_bytes + 2 * p.best_bytes + p.sort_bytes;
+  return p.cand_bytes + 2 * p.best_bytes + p.sort_bytes + p.theta_bytes;
 }
 
 cudaError_t search(const SearchArgs& a, float* scores, int64_t* slots, void* workspace, cudaStream_t stream) {
@@ -288,21 +335,24 @@ cudaError_t search(const SearchArgs& a, float* scores, int64_t* slots, void* wor
   int64_t* best[2] = {reinterpret_cast<int64_t*>(base + p.cand_bytes),
                       reinterpret_cast<int64_t*>(base + p.cand_bytes + p.best_bytes)};
   auto* sort_scratch = p.sort_bytes ? reinterpret_cast<int64_t*>(base + p.cand_bytes + 2 * p.best_bytes) : nullptr;
-  const unsigned query_blocks = grid_size(div_up(a.batch, kQueryBlock), 65535);
+  auto* theta = reinterpret_cast<unsigned long long*>(base + p.cand_bytes + 2 * p.best_bytes + p.sort_bytes);
+  cudaError_t err = cudaMemsetAsync(theta, 0, p.theta_bytes, stream);
+  if (err != cudaSuccess) return err;
+  const unsigned query_blocks = grid_size(div_up(a.batch, kQueryBlock), 1 << 30);
   const unsigned per_query_blocks = grid_size(a.batch, 65535);
   int cur = -1;  // best buffer holding the running top-k; none before the first chunk
   for (int64_t tile = 0; tile < p.tiles; tile += p.tiles_per_chunk) {
     const int64_t nt = p.tiles - tile < p.tiles_per_chunk ? p.tiles - tile : p.tiles_per_chunk;
-    cudaError_t err = with_type(a.key_dtype, [&](auto kt) {
+    err = with_type(a.key_dtype, [&](auto kt) {
       using KT = typename decltype(kt)::type;
-      return launch(search_tiles_kernel<KT>, dim3(static_cast<unsigned>(nt), query_blocks), dim3(kThreads),
+      return launch(search_tiles_kernel<KT>, dim3(query_blocks, static_cast<unsigned>(nt)), dim3(kThreads),
                     sizeof(TileSmem), stream, a.queries, static_cast<const KT*>(a.keys), a.slot_ids, a.exclude,
-                    a.batch, a.n, a.d, a.l2, tile, p.keep, cand);
+                    a.batch, a.n, a.d, a.l2, tile, a.k, p.keep, cand, theta);
     });
     if (err != cudaSuccess) return err;
     const int next = cur == 0 ? 1 : 0;
     err = launch(search_merge_kernel, dim3(per_query_blocks), dim3(kMergeThreads), 0, stream,
-                 cur < 0 ? nullptr : best[cur], cand, nt * p.keep, a.batch, a.k, best[next]);
+                 cur < 0 ? nullptr : best[cur], cand, nt * p.keep, a.batch, a.k, theta, best[next]);
     if (err != cudaSuccess) return err;
     cur = next;
   }
