@@ -66,11 +66,13 @@ def gpu_buffers(large_memory):
     return tuple(t.cuda() for t in large_memory.buffers())
 
 
-def _bench_attend(benchmark, group: str, buffers, batch: int, k: int | None, backend: str) -> None:
-    """Time ``backend``'s attention of ``batch`` random queries over ``buffers``
-    ``(keys, values, slot_ids)`` (``k=None``: dense) in benchmark group ``group``."""
+def _bench_attend(
+    benchmark, group: str, buffers, batch: int, k: int | None, backend: str, q: torch.Tensor | None = None
+) -> None:
+    """Time ``backend``'s attention of ``batch`` queries (``q``, random by default) over
+    ``buffers`` ``(keys, values, slot_ids)`` (``k=None``: dense) in benchmark group ``group``."""
     keys, values, slot_ids = buffers
-    q = torch.randn(batch, keys.shape[1], device="cuda")
+    q = torch.randn(batch, keys.shape[1], device="cuda") if q is None else q
     ex = _exclusions(batch, slot_ids)
     benchmark.group = group
     run = _timed(
@@ -98,6 +100,21 @@ def test_floor_stream(benchmark, gpu_buffers):
     keys = gpu_buffers[0]
     benchmark.group = "gpu attend B=1"
     benchmark.pedantic(_timed(benchmark, keys.sum), **ROUNDS)
+
+
+@pytest.mark.parametrize("order", ["ascending", "random"])
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_attend_adversarial_order(benchmark, gpu_buffers, backend, order):
+    """B = 1 over rows reordered so that the query's scores rise row after row -- every
+    row beats the running threshold, which then drops nothing -- against the rows in
+    their stored order."""
+    _skip_unavailable(backend)
+    keys, values, slot_ids = gpu_buffers
+    q = torch.randn(1, keys.shape[1], device="cuda")
+    if order == "ascending":
+        keys = keys[(keys @ q[0]).argsort()].contiguous()
+    group = f"gpu attend B=1, {backend}: ascending vs random row order"
+    _bench_attend(benchmark, group, (keys, values, slot_ids), 1, K, backend, q)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
