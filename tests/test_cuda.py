@@ -9,6 +9,7 @@ unavailable instead of failing obscurely.
 
 from __future__ import annotations
 
+import _cuda_sim
 import pytest
 import torch
 from _buffers import buffers
@@ -35,6 +36,12 @@ def _search(q, keys, slot_ids, k, metric="ip") -> torch.Tensor:
     return ops.search(*_on(q, keys, slot_ids), k, metric=metric, backend="cuda")[1].cpu()
 
 
+# The CUDA kernels on the GPU, and on the CPU simulator (tests/_cuda_sim.py).
+ON_GPU_AND_SIMULATED = pytest.mark.parametrize(
+    ("backend", "device"), [pytest.param("cuda", DEVICE, marks=needs_gpu), (_cuda_sim.NAME, "cpu")]
+)
+
+
 def test_missing_says_why_without_a_gpu():
     reason = cuda.missing()
     ext = kmem._ext.compiled()
@@ -47,13 +54,17 @@ def test_missing_says_why_without_a_gpu():
 
 
 # ------------------------------------------------------------------ search
-@needs_gpu
-def test_search_merges_several_chunks():
-    # 2049 tiles of 512 rows with k = 600 exceed one chunk's candidate budget per query,
-    # so the running top-k is merged across chunks.
+@ON_GPU_AND_SIMULATED
+@pytest.mark.parametrize("k", [600, 32])
+def test_search_merges_several_chunks(backend, device, k):
+    """2049 tiles of 512 rows exceed one chunk's candidate budget per query at k = 600, so
+    the running top-k is merged across chunks; at k = 32 the threshold is shared across
+    them (one chunk then: 2^20 candidates)."""
     keys, slot_ids = buffers(2049 * 512 - 5, 2, dead_every=9, data=integer_data)
     q = integer_data(2, 2)
-    assert torch.equal(_search(q, keys, slot_ids, 600, "l2"), brute_topk(q, keys, slot_ids, 600, "l2"))
+    on = [t.to(device) for t in (q, keys, slot_ids)]
+    slots = ops.search(*on, k, metric="l2", backend=backend)[1].cpu()
+    assert torch.equal(slots, brute_topk(q, keys, slot_ids, k, "l2"))
 
 
 # ---------------------------------------------------------------- dtypes
@@ -76,18 +87,18 @@ def test_float64_is_refused_by_name_and_runs_elsewhere_under_auto():
 
 
 # ------------------------------------------------------------- compaction
-@needs_gpu
-def test_compaction_out_too_small_and_misaligned_rows():
-    src = torch.arange(30, dtype=torch.uint8, device=DEVICE).reshape(10, 3)
-    keep = torch.ones(10, dtype=torch.bool, device=DEVICE)
+@ON_GPU_AND_SIMULATED
+def test_compaction_out_too_small_and_misaligned_rows(backend, device):
+    src = torch.arange(30, dtype=torch.uint8, device=device).reshape(10, 3)
+    keep = torch.ones(10, dtype=torch.bool, device=device)
     with pytest.raises(RuntimeError, match="are kept"):
-        kmem.ops.compact_rows(src, keep, torch.empty(9, 3, dtype=torch.uint8, device=DEVICE), backend="cuda")
+        kmem.ops.compact_rows(src, keep, torch.empty(9, 3, dtype=torch.uint8, device=device), backend=backend)
     # A view that starts one byte in: rows must move in single bytes, still in order.
-    base = torch.arange(31, dtype=torch.uint8, device=DEVICE)
+    base = torch.arange(31, dtype=torch.uint8, device=device)
     odd = base[1:].reshape(10, 3)
     keep[::3] = False
-    out = torch.zeros(10, 3, dtype=torch.uint8, device=DEVICE)
-    n = kmem.ops.compact_rows(odd, keep, out, backend="cuda")
+    out = torch.zeros(10, 3, dtype=torch.uint8, device=device)
+    n = kmem.ops.compact_rows(odd, keep, out, backend=backend)
     assert torch.equal(out[:n], odd[keep])
 
 
