@@ -79,8 +79,9 @@ def _ms(x: float | None) -> str:
 
 
 def table(results: dict, backends: tuple[str, ...] = ("cuda", "triton")) -> str:
-    """The Markdown ratio table of every target for each backend, then the k sweep and
-    each Triton lever on and off (below 1x: the lever pays)."""
+    """The Markdown ratio table of every target for each backend, then the k sweep, the
+    adversarial row order against the stored one, and each Triton lever on and off
+    (below 1x: the lever pays)."""
     ms = medians(results)
     lines = [
         "| figure | backend | ours | floor | ratio | target | |",
@@ -101,6 +102,14 @@ def table(results: dict, backends: tuple[str, ...] = ("cuda", "triton")) -> str:
         lines.append(
             f"| {k} | " + " | ".join(_ms(ms.get(f"test_attend_k_sweep[{k}-{b}]")) for b in backends) + " |"
         )
+    lines += ["", "| attend B = 1, rows in ascending score order | ascending | stored order | ratio |"]
+    lines.append("| --- | --- | --- | --- |")
+    for b in backends:
+        up, stored = (
+            ms.get(f"test_attend_adversarial_order[{b}-{order}]") for order in ("ascending", "random")
+        )
+        ratio = "—" if up is None or stored is None else f"{up / stored:.2f}x"
+        lines.append(f"| {b} | {_ms(up)} | {_ms(stored)} | {ratio} |")
     lines += ["", "| Triton lever | on | off | on / off |", "| --- | --- | --- | --- |"]
     for lever in LEVERS:
         on, off = (ms.get(f"test_triton_lever[{lever}-{state}]") for state in ("on", "off"))

@@ -29,6 +29,8 @@ def test_ratios_use_event_medians_and_say_met_missed_or_not_run(tmp_path, capsys
         _run("test_dense_attend[cuda]", median_s=0.002),  # no events: wall time, 2 ms
         _run("test_dense_attend[reference]", median_s=0.004),
         _run("test_attend_k_sweep[4096-cuda]", [7.5]),
+        _run("test_attend_adversarial_order[cuda-ascending]", [1.5]),
+        _run("test_attend_adversarial_order[cuda-random]", [1.0]),
         _run("test_triton_lever[fused-topk-on]", [1.0]),
         _run("test_triton_lever[fused-topk-off]", [4.0]),
     ]
@@ -44,6 +46,7 @@ def test_ratios_use_event_medians_and_say_met_missed_or_not_run(tmp_path, capsys
     assert rows["attend B = 256, fp32", "cuda"].endswith("| not run |")
     assert rows["attend B = 1, fp32", "triton"].endswith("| not run |")
     assert "| 4096 | 7.500 ms | not run |" in text
+    assert "| cuda | 1.500 ms | 1.000 ms | 1.50x |" in text and "| triton | not run | not run | — |" in text
     assert (
         "| fused-topk | 1.000 ms | 4.000 ms | 0.25x |" in text
         and "| tf32-screen | not run | not run | — |" in text
