@@ -71,6 +71,8 @@ def compact_rows(srcs: Sequence[torch.Tensor], keep: torch.Tensor, outs: Sequenc
             raise ValueError(f"out holds {out.shape[0]} rows but {kept} are kept")
     offsets = totals - counts
     for src, out in zip(srcs, outs, strict=True):
+        if src.numel() == 0:  # rows of zero bytes: nothing to move
+            continue
         src_words, out_words = _as_words(src), _as_words(out)  # contiguous: CompactInputs made them so
         width = src_words.shape[1]
         launch(

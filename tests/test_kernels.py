@@ -699,11 +699,15 @@ def test_compaction_matches_reference(kernel, dtype, rows, row_shape, density):
 
 @backends(declaring("compact_rows"))
 @pytest.mark.parametrize("rows", [0, 1, 300, 4099])
-def test_compaction_of_several_buffers_at_once(kernel, rows):
-    """A memory's keys, values and ids -- three dtypes and row shapes -- in one call."""
+@pytest.mark.parametrize("more", [False, True])
+def test_compaction_of_several_buffers_at_once(kernel, rows, more):
+    """A memory's keys, values and ids -- three dtypes and row shapes -- in one call; and
+    five buffers (more than one CUDA launch moves), two of them empty rows or 16-byte."""
     rows = kernel.rows(rows)
     keep = torch.rand(rows) < 0.7
     srcs = [torch.randn(rows, 5, dtype=torch.bfloat16), torch.randn(rows, 3, 2), torch.randperm(rows)]
+    if more:
+        srcs += [torch.randn(rows, 0), torch.randn(rows, 4)]
     outs = [torch.full((rows + 2, *s.shape[1:]), 9).to(s.dtype) for s in srcs]
     wants = [o.clone() for o in outs]
     n = int(keep.sum())

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #endif
 
+#include <algorithm>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -276,10 +277,13 @@ int64_t cuda_compact_rows(const std::vector<at::Tensor>& srcs, const at::Tensor&
   const int64_t kept = positions[rows - 1].item<int64_t>();
   for (const at::Tensor& out : outs)
     TORCH_CHECK(out.size(0) >= kept, op, ": out holds ", out.size(0), " rows but ", kept, " are kept");
-  for (size_t b = 0; b < srcs.size(); ++b) {
-    const int64_t row_bytes = srcs[b].numel() / rows * srcs[b].element_size();
-    check_launch(cuda::compact_copy(srcs[b].data_ptr(), keep.data_ptr<bool>(), positions.data_ptr<int64_t>(), rows,
-                                    row_bytes, outs[b].data_ptr(), stream()),
+  std::vector<cuda::CopyBuffer> buffers;
+  for (size_t b = 0; b < srcs.size(); ++b)
+    buffers.push_back({srcs[b].data_ptr(), outs[b].data_ptr(), srcs[b].numel() / rows * srcs[b].element_size()});
+  for (size_t first = 0; first < buffers.size(); first += cuda::kMaxCopyBuffers) {
+    const int count = static_cast<int>(std::min<size_t>(cuda::kMaxCopyBuffers, buffers.size() - first));
+    check_launch(cuda::compact_copy(buffers.data() + first, count, keep.data_ptr<bool>(),
+                                    positions.data_ptr<int64_t>(), rows, stream()),
                  op);
   }
   return kept;

@@ -19,11 +19,21 @@ size_t compact_workspace_bytes(int64_t rows);
 cudaError_t compact_scan(const bool* keep, int64_t rows, int64_t* positions, void* workspace,
                          cudaStream_t stream);
 
-// Second half: copies every kept row of `src` (rows x row_bytes, raw bytes) to its
-// place in `out`. Rows move as the widest words (16, 8, 4, 2 or 1 bytes) that the row
-// size and both pointers' alignment allow, so one kernel serves every dtype.
-cudaError_t compact_copy(const void* src, const bool* keep, const int64_t* positions, int64_t rows,
-                         int64_t row_bytes, void* out, cudaStream_t stream);
+// One buffer to compact: `src` rows x row_bytes (raw bytes) into `out`.
+struct CopyBuffer {
+  const void* src;
+  void* out;
+  int64_t row_bytes;
+};
+
+inline constexpr int kMaxCopyBuffers = 4;  // buffers one launch moves
+
+// Second half: copies every kept row of each of `count` (1..kMaxCopyBuffers) buffers to
+// its place in their `out`, in one launch. Rows move as the widest words (16, 8, 4, 2 or
+// 1 bytes) that every buffer's row size and pointers' alignment allow, so one kernel
+// serves every dtype.
+cudaError_t compact_copy(const CopyBuffer* buffers, int count, const bool* keep, const int64_t* positions,
+                         int64_t rows, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace kmem
