@@ -14,7 +14,7 @@ import functools
 from pathlib import Path
 
 from kmem.ops.backends import register_twin
-from kmem.ops.backends.extension import Extension
+from kmem.ops.backends.extension import CudaExtension
 
 NAME = "cuda-sim"
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,4 +40,4 @@ def module():
 def register() -> None:
     """Register ``"cuda-sim"`` (its kernels load, and build, on first use)."""
     why = "the CUDA kernels on a CPU simulator: for tests, asked for by name"
-    register_twin(NAME, "cuda", frozenset({"cpu"}), lambda: Extension("cuda_", module), why)
+    register_twin(NAME, "cuda", frozenset({"cpu"}), lambda: CudaExtension(module), why)

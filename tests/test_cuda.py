@@ -1,10 +1,12 @@
-"""What belongs to the CUDA backend alone: its chunked merge, its float32-only
-declaration, its compaction of odd rows, auto's choice of it on a GPU. The contract
-every backend keeps (results, ties, gradients, dtypes) is in ``test_kernels.py``.
+"""What belongs to the CUDA backend alone: its chunked merge, its one-pass top-k
+attention, its float32-only declaration, its compaction of odd rows, auto's choice of it
+on a GPU. The contract every backend keeps (results, ties, gradients, dtypes) is in
+``test_kernels.py``.
 
 These tests need a CUDA GPU and a CUDA build of kmem._C; without one they skip and say
-why. One test always runs: on a machine without them, the backend says why it is
-unavailable instead of failing obscurely.
+why, except those that also run on the CUDA simulator (tests/_cuda_sim.py). One test
+always runs: on a machine without them, the backend says why it is unavailable instead
+of failing obscurely.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ from __future__ import annotations
 import _cuda_sim
 import pytest
 import torch
-from _buffers import buffers
+from _buffers import buffers, exclusions
 from conftest import brute_topk, integer_data
 
 import kmem
 from kmem import ops
 from kmem.ops import reference
 from kmem.ops.backends import cuda
-from kmem.ops.inputs import DenseInputs
+from kmem.ops.inputs import AttendInputs, DenseInputs
 
 DEVICE = "cuda"
 METRICS = ["ip", "l2"]
@@ -65,6 +67,31 @@ def test_search_merges_several_chunks(backend, device, k):
     on = [t.to(device) for t in (q, keys, slot_ids)]
     slots = ops.search(*on, k, metric="l2", backend=backend)[1].cpu()
     assert torch.equal(slots, brute_topk(q, keys, slot_ids, k, "l2"))
+
+
+@ON_GPU_AND_SIMULATED
+@pytest.mark.parametrize(("n", "k", "labels"), [(3001, 40, False), (3001, 600, True), (7, 9, False)])
+def test_one_pass_topk_attention_is_search_then_attend(backend, device, n, k, labels):
+    """Top-k attention in one pass (the search's last kernel attends) gives the bits of
+    the search followed by the attend kernel: several tiles, k past a tile's 512 rows,
+    k above the rows, dead rows, exclusions; label weights are summed with atomics in
+    any order, so those are close rather than equal."""
+    kernels = ops.REGISTRY.backends[backend].kernels
+    keys, slot_ids = buffers(n, 6, dead_every=4)
+    q = torch.randn(5, 6)
+    values = torch.randint(0, 5, (n,)) if labels else torch.randn(n, 3)
+    on = [t.to(device) for t in (q, keys, values, slot_ids, exclusions(slot_ids, 5, 4))]
+    a = AttendInputs(*on, 0.7, "l2", 5 if labels else 0, k=k)
+    out, slots, weights = kernels.topk_forward(a)
+    _, want_slots = kernels.search(a.search())
+    want_out, want_weights = kernels.attend_forward(a, want_slots)
+    assert torch.equal(slots, want_slots) and torch.equal(weights, want_weights)
+    if labels:
+        torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-7)
+    else:
+        assert torch.equal(out, want_out)
+    want = reference.topk_attention(AttendInputs(*(t.cpu() for t in on), 0.7, "l2", 5 if labels else 0, k=k))
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- dtypes
@@ -113,7 +140,7 @@ def test_auto_picks_the_cuda_kernels_on_the_gpu_where_they_are_faster():
         kmem.ops.topk_attention(q, keys, values, slot_ids, None)
         kmem.ops.compact_rows(keys, slot_ids >= 0, torch.empty_like(keys))
     kernels = [e for e in ran if "." in e]
-    assert kernels == ["cuda.search", "cuda.search", "cuda.attend_forward", "cuda.compact_rows"]
+    assert kernels == ["cuda.search", "cuda.topk_forward", "cuda.compact_rows"]
     # Dense attention: the CUDA and Triton kernels were measured slower than the reference
     # twin, so auto passes them by (asked for by name, they run).
     assert "dense_attention:reference" in ran

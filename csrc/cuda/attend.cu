@@ -1,7 +1,7 @@
 // CUDA attention over the rows a search chose: one block per query, a warp scores a
 // row, the block takes the softmax; the backward scatters into dkeys / dvalues with
 // atomics since queries may share rows.
-#include "kernel_common.cuh"
+#include "attend_query.cuh"
 
 namespace kmem {
 namespace cuda {
@@ -9,57 +9,14 @@ using namespace detail;
 namespace {
 
 // ---------------------------------------------------- attention over slots
-__device__ __forceinline__ bool valid_slot(int64_t s, int64_t n) { return s >= 0 && s < n; }
-
 template <typename KT, typename VT>
 __global__ void __launch_bounds__(kThreads)
     attend_forward_kernel(const float* q, const KT* keys, const VT* values, const int64_t* labels,
                           const int64_t* slots, int64_t B, int64_t N, int64_t d, int64_t k, int64_t W, float scale,
                           bool l2, float* out, float* w) {
   __shared__ float red[32];
-  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
-  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
-    const float* qb = q + b * d;
-    const int64_t* sb = slots + b * k;
-    float* wb = w + b * k;
-    for (int64_t j = warp; j < k; j += kWarps) {
-      const bool ok = valid_slot(sb[j], N);
-      const float z = ok ? scale * warp_row_score(qb, keys + sb[j] * d, d, l2) : kNegInf;
-      if (lane == 0) wb[j] = z;
-    }
-    __syncthreads();
-    float m = kNegInf;
-    for (int64_t j = t; j < k; j += kThreads) m = fmaxf(m, wb[j]);
-    m = block_reduce(m, true, red);
-    if (m == kNegInf) {  // no valid slot: zero weights, zero output (out is pre-zeroed)
-      for (int64_t j = t; j < k; j += kThreads) wb[j] = 0.0f;
-      continue;
-    }
-    float total = 0.0f;
-    for (int64_t j = t; j < k; j += kThreads) {
-      const float e = valid_slot(sb[j], N) ? expf(wb[j] - m) : 0.0f;
-      wb[j] = e;
-      total += e;
-    }
-    const float inv = 1.0f / block_reduce(total, false, red);
-    for (int64_t j = t; j < k; j += kThreads) wb[j] *= inv;
-    __syncthreads();
-    float* ob = out + b * W;
-    if (labels) {
-      for (int64_t j = t; j < k; j += kThreads) {
-        if (!valid_slot(sb[j], N)) continue;
-        const int64_t c = labels[sb[j]];
-        if (c >= 0 && c < W) atomicAdd(ob + c, wb[j]);
-      }
-    } else {
-      for (int64_t c = t; c < W; c += kThreads) {
-        float acc = 0.0f;
-        for (int64_t j = 0; j < k; ++j)
-          if (valid_slot(sb[j], N)) acc += wb[j] * to_float(values[sb[j] * W + c]);
-        ob[c] = acc;
-      }
-    }
-  }
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x)
+    attend_query(q + b * d, keys, values, labels, slots + b * k, N, d, k, W, scale, l2, out + b * W, w + b * k, red);
 }
 
 // dz_j = w_j (dw_j - sum_i w_i dw_i), ds_j = scale * dz_j with dw_j = g . v_j (or
@@ -123,8 +80,6 @@ __global__ void __launch_bounds__(kThreads)
 cudaError_t attend_forward(const AttendArgs& a, float* out, float* weights, cudaStream_t stream) {
   if (a.batch == 0) return cudaSuccess;
   const Rows& r = a.rows;
-  cudaError_t err = cudaMemsetAsync(out, 0, static_cast<size_t>(a.batch * r.width) * sizeof(float), stream);
-  if (err != cudaSuccess) return err;
   return with_row_types(r, [&](auto kt, auto vt) {
     using KT = typename decltype(kt)::type;
     using VT = typename decltype(vt)::type;

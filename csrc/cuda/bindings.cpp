@@ -145,6 +145,29 @@ std::tuple<at::Tensor, at::Tensor> cuda_search(const at::Tensor& queries, const 
   return {scores, slots};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_topk_forward(const at::Tensor& queries, const at::Tensor& keys,
+                                                                 const at::Tensor& values, const at::Tensor& slot_ids,
+                                                                 const OptTensor& exclude_ids, int64_t k, double scale,
+                                                                 bool l2, int64_t num_classes) {
+  constexpr const char* op = "cuda_topk_forward";
+  check_memory(queries, keys, slot_ids, op);
+  TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
+  const DeviceGuard guard(queries.device());
+  const at::Tensor q = float32(queries), ids = slot_ids.contiguous();
+  const RowTensors r = rows_of(keys, values, num_classes, queries, op);
+  const auto [sorted, ex] = exclusions(exclude_ids, queries, op);
+  at::Tensor out = at::empty({q.size(0), r.rows.width}, q.options());
+  at::Tensor slots = at::empty({q.size(0), k}, slot_ids.options());
+  at::Tensor weights = at::empty({q.size(0), k}, q.options());
+  at::Tensor ws = workspace(cuda::search_workspace_bytes(q.size(0), r.rows.n, k), q);
+  const cuda::SearchArgs args{q.data_ptr<float>(), q.size(0), r.rows.keys, r.rows.key_dtype, r.rows.n,
+                              r.rows.d,            ids.data_ptr<int64_t>(), ex, k, l2};
+  check_launch(cuda::topk_forward(args, r.rows, static_cast<float>(scale), out.data_ptr<float>(),
+                                  slots.data_ptr<int64_t>(), weights.data_ptr<float>(), ws.data_ptr(), stream()),
+               op);
+  return {out, slots, weights};
+}
+
 std::tuple<at::Tensor, at::Tensor> cuda_attend_forward(const at::Tensor& queries, const at::Tensor& keys,
                                                        const at::Tensor& values, const at::Tensor& slots,
                                                        double scale, bool l2, int64_t num_classes) {
@@ -295,6 +318,10 @@ void register_cuda(pybind11::module& m) {
   m.def("cuda_search", &cuda_search, "CUDA fused top-k search: (scores, slots) [B, k] of the best live rows per query",
         py::arg("queries"), py::arg("keys"), py::arg("slot_ids"), py::arg("k"), py::arg("l2"),
         py::arg("exclude_ids") = py::none());
+  m.def("cuda_topk_forward", &cuda_topk_forward,
+        "CUDA top-k attention in one pass (search, then attention over the rows found): (out, slots, weights)",
+        py::arg("queries"), py::arg("keys"), py::arg("values"), py::arg("slot_ids"), py::arg("exclude_ids"),
+        py::arg("k"), py::arg("scale"), py::arg("l2"), py::arg("num_classes"));
   m.def("cuda_attend_forward", &cuda_attend_forward, "CUDA softmax attention over chosen slots: (out, weights)",
         py::arg("queries"), py::arg("keys"), py::arg("values"), py::arg("slots"), py::arg("scale"), py::arg("l2"),
         py::arg("num_classes"));

@@ -141,7 +141,10 @@ cudaError_t opt_in(void (*kernel)(Params...), size_t smem) {
 template <typename... Params, typename... Args>
 cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                    Args... args) {
-  if (smem > 48 * 1024) {  // beyond the default limit a kernel must opt in
+  // The default limit, 48 KB, holds static and dynamic shared memory together: a kernel
+  // with any static shared memory can pass it with less than 48 KB of dynamic, so every
+  // launch with dynamic shared memory opts in (once per size: see opt_in).
+  if (smem > 0) {
     const cudaError_t err = opt_in(kernel, smem);
     if (err != cudaSuccess) return err;
   }

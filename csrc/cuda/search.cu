@@ -9,7 +9,7 @@
 // float32 score's bits made order-preserving as a signed int in the high word,
 // 0xFFFFFFFF - slot in the low word; INT64_MIN means "no row". Real keys are unique
 // (one per slot), which makes the selection exact.
-#include "kernel_common.cuh"
+#include "attend_query.cuh"
 
 namespace kmem {
 namespace cuda {
@@ -248,10 +248,27 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// best_out[b] = top-k of best_in[b] (absent when null) and the chunk's candidates.
-// The keys at or above the threshold are gathered first (they are usually a few times
-// k, out of tiles x keep candidates) and selected among in shared memory; if more than
-// kMergeSmemKeys survive, the selection runs over all the candidates.
+// out[0, k) = the top-k of `span` (unordered, "no row" past the real keys). The keys at
+// or above the threshold `th` are gathered first (usually a few times k, out of tiles x
+// keep candidates) into `kept` and selected among there; if more than kMergeSmemKeys
+// survive, the selection runs over the whole span.
+__device__ void merge_top(const KeySpan& span, int64_t k, unsigned long long th, int64_t* kept, unsigned& count,
+                          int64_t* out, SelectShared& sh) {
+  if (threadIdx.x == 0) count = 0;
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < span.size(); i += blockDim.x) {
+    const int64_t key = span[i];
+    if (!survives(key, th)) continue;
+    const unsigned at = atomicAdd(&count, 1u);
+    if (at < kMergeSmemKeys) kept[at] = key;
+  }
+  __syncthreads();
+  const bool fits = count <= kMergeSmemKeys;
+  block_top(fits ? KeySpan{kept, count, nullptr, 0} : span, k, out, sh);
+}
+
+// best_out[b] = top-k of best_in[b] (absent when null) and a chunk's candidates, for
+// every chunk but the last (whose merge the finish kernel does).
 __global__ void __launch_bounds__(kMergeThreads)
     search_merge_kernel(const int64_t* best_in, const int64_t* cand, int64_t per_query, int64_t B, int64_t k,
                         const unsigned long long* theta, int64_t* best_out) {
@@ -260,37 +277,55 @@ __global__ void __launch_bounds__(kMergeThreads)
   __shared__ unsigned count;
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
     const KeySpan span{best_in ? best_in + b * k : nullptr, best_in ? k : 0, cand + b * per_query, per_query};
-    if (threadIdx.x == 0) count = 0;
-    __syncthreads();
-    const unsigned long long th = read_theta(theta, b);
-    for (int64_t i = threadIdx.x; i < span.size(); i += blockDim.x) {
-      const int64_t key = span[i];
-      if (!survives(key, th)) continue;
-      const unsigned at = atomicAdd(&count, 1u);
-      if (at < kMergeSmemKeys) kept[at] = key;
-    }
-    __syncthreads();
-    const bool fits = count <= kMergeSmemKeys;
-    block_top(fits ? KeySpan{kept, count, nullptr, 0} : span, k, best_out + b * k, sh);
+    merge_top(span, k, read_theta(theta, b), kept, count, best_out + b * k, sh);
   }
 }
 
-// scores[b], slots[b] = the ranking scores and slots of best[b] (no row when `best` is
-// null), best first. Sorts in shared memory when the padded size fits (`scratch` null),
-// else in scratch [B, padded].
-__global__ void __launch_bounds__(kMergeThreads)
-    search_sort_kernel(const int64_t* best, int64_t B, int64_t k, int64_t padded, int64_t* scratch, float* scores,
-                       int64_t* slots) {
+// What the finish kernel attends with, for top-k attention in one pass (unused by a
+// search).
+template <typename KT, typename VT>
+struct AttendTail {
+  const float* queries;
+  const KT* keys;
+  const VT* values;
+  const int64_t* labels;
+  int64_t n, d, width;
+  float scale;
+  bool l2;
+  float* out;
+  float* weights;
+};
+
+// Per query: the top-k of best_in[b] (absent when null) and the last chunk's candidates
+// (absent when null), merged as the merge kernel does, sorted best first into scores
+// (may be null) and slots. With kAttend, then the softmax weights and output over those
+// rows, as the attend kernel computes them. Dynamic shared memory: the merge's
+// kMergeSmemKeys keys, then the sort's `padded` keys unless `scratch` [B, padded] holds them.
+template <bool kAttend, typename KT, typename VT>
+__global__ void __launch_bounds__(kThreads)
+    search_finish_kernel(const int64_t* best_in, const int64_t* cand, int64_t per_query,
+                         const unsigned long long* theta, int64_t padded, int64_t* scratch, int64_t B, int64_t k,
+                         float* scores, int64_t* slots, AttendTail<KT, VT> tail) {
+  __shared__ SelectShared sh;
+  __shared__ unsigned count;
+  __shared__ float red[32];
+  int64_t* kept = dynamic_smem<int64_t>();
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
-    int64_t* x = scratch ? scratch + b * padded : dynamic_smem<int64_t>();
-    for (int64_t i = threadIdx.x; i < padded; i += blockDim.x) x[i] = best && i < k ? best[b * k + i] : kNoRow;
+    int64_t* x = scratch ? scratch + b * padded : kept + kMergeSmemKeys;
+    const KeySpan span{best_in ? best_in + b * k : nullptr, best_in ? k : 0, cand ? cand + b * per_query : nullptr,
+                       cand ? per_query : 0};
+    merge_top(span, k, read_theta(theta, b), kept, count, x, sh);
+    for (int64_t i = k + threadIdx.x; i < padded; i += blockDim.x) x[i] = kNoRow;
     __syncthreads();
     block_sort_desc(x, padded);
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
-      scores[b * k + i] = packed_score(x[i]);
+      if (scores) scores[b * k + i] = packed_score(x[i]);
       slots[b * k + i] = packed_slot(x[i]);
     }
-    __syncthreads();
+    __syncthreads();  // the block's writes of slots are visible to it after the barrier
+    if constexpr (kAttend)
+      attend_query(tail.queries + b * tail.d, tail.keys, tail.values, tail.labels, slots + b * k, tail.n, tail.d, k,
+                   tail.width, tail.scale, tail.l2, tail.out + b * tail.width, tail.weights + b * k, red);
   }
 }
 
@@ -327,8 +362,13 @@ size_t search_workspace_bytes(int64_t batch, int64_t n, int64_t k) {
   return p.cand_bytes + 2 * p.best_bytes + p.sort_bytes + p.theta_bytes;
 }
 
-cudaError_t search(const SearchArgs& a, float* scores, int64_t* slots, void* workspace, cudaStream_t stream) {
-  if (a.batch == 0) return cudaSuccess;
+namespace {
+
+// Runs a search up to its last step: the threshold's reset, every chunk's tiles, and the
+// merge of every chunk but the last; then finish(best_in, cand, per_query, theta,
+// plan, sort_scratch) launches the finish kernel.
+template <typename Finish>
+cudaError_t scan(const SearchArgs& a, void* workspace, cudaStream_t stream, Finish&& finish) {
   const SearchPlan p = plan_search(a.batch, a.n, a.k);
   auto* base = static_cast<unsigned char*>(workspace);
   auto* cand = reinterpret_cast<int64_t*>(base);
@@ -341,6 +381,7 @@ cudaError_t search(const SearchArgs& a, float* scores, int64_t* slots, void* wor
   const unsigned query_blocks = grid_size(div_up(a.batch, kQueryBlock), 1 << 30);
   const unsigned per_query_blocks = grid_size(a.batch, 65535);
   int cur = -1;  // best buffer holding the running top-k; none before the first chunk
+  int64_t last = 0;  // candidates per query of the last chunk; none when n == 0
   for (int64_t tile = 0; tile < p.tiles; tile += p.tiles_per_chunk) {
     const int64_t nt = p.tiles - tile < p.tiles_per_chunk ? p.tiles - tile : p.tiles_per_chunk;
     err = with_type(a.key_dtype, [&](auto kt) {
@@ -350,17 +391,44 @@ cudaError_t search(const SearchArgs& a, float* scores, int64_t* slots, void* wor
                     a.batch, a.n, a.d, a.l2, tile, a.k, p.keep, cand, theta);
     });
     if (err != cudaSuccess) return err;
+    if (tile + nt >= p.tiles) {
+      last = nt * p.keep;
+      break;
+    }
     const int next = cur == 0 ? 1 : 0;
     err = launch(search_merge_kernel, dim3(per_query_blocks), dim3(kMergeThreads), 0, stream,
                  cur < 0 ? nullptr : best[cur], cand, nt * p.keep, a.batch, a.k, theta, best[next]);
     if (err != cudaSuccess) return err;
     cur = next;
   }
-  const size_t smem = sort_scratch ? 0 : static_cast<size_t>(p.padded) * sizeof(int64_t);
-  // No chunk when n == 0: every query gets no row.
-  return launch(search_sort_kernel, dim3(per_query_blocks), dim3(kMergeThreads), smem, stream,
-                cur < 0 ? nullptr : best[cur], a.batch,
-                a.k, p.padded, sort_scratch, scores, slots);
+  const size_t smem = (kMergeSmemKeys + (sort_scratch ? 0 : p.padded)) * sizeof(int64_t);
+  return finish(dim3(per_query_blocks), smem, cur < 0 ? nullptr : best[cur], last > 0 ? cand : nullptr, last, theta,
+                p.padded, sort_scratch);
+}
+
+}  // namespace
+
+cudaError_t search(const SearchArgs& a, float* scores, int64_t* slots, void* workspace, cudaStream_t stream) {
+  if (a.batch == 0) return cudaSuccess;
+  return scan(a, workspace, stream, [&](dim3 grid, size_t smem, auto... finish) {
+    return launch(search_finish_kernel<false, float, float>, grid, dim3(kThreads), smem, stream, finish..., a.batch,
+                  a.k, scores, slots, AttendTail<float, float>{});
+  });
+}
+
+cudaError_t topk_forward(const SearchArgs& a, const Rows& rows, float scale, float* out, int64_t* slots,
+                         float* weights, void* workspace, cudaStream_t stream) {
+  if (a.batch == 0) return cudaSuccess;
+  return with_row_types(rows, [&](auto kt, auto vt) {
+    using KT = typename decltype(kt)::type;
+    using VT = typename decltype(vt)::type;
+    const AttendTail<KT, VT> tail{a.queries, static_cast<const KT*>(rows.keys), static_cast<const VT*>(rows.values),
+                                  rows.labels, rows.n, rows.d, rows.width, scale, a.l2, out, weights};
+    return scan(a, workspace, stream, [&](dim3 grid, size_t smem, auto... finish) {
+      return launch(search_finish_kernel<true, KT, VT>, grid, dim3(kThreads), smem, stream, finish..., a.batch,
+                    a.k, static_cast<float*>(nullptr), slots, tail);
+    });
+  });
 }
 
 }  // namespace cuda

@@ -61,6 +61,13 @@ size_t search_workspace_bytes(int64_t batch, int64_t n, int64_t k);
 // constant: 2 q.k - |k|^2.
 cudaError_t search(const SearchArgs& a, float* scores, int64_t* slots, void* workspace, cudaStream_t stream);
 
+// Top-k attention in one pass: the search above, then for each query the softmax weights
+// [batch, k] and output [batch, width] over the rows found -- slots [batch, k] --
+// exactly as attend_forward computes them, in the search's last kernel. `workspace`:
+// search_workspace_bytes.
+cudaError_t topk_forward(const SearchArgs& a, const Rows& rows, float scale, float* out, int64_t* slots,
+                         float* weights, void* workspace, cudaStream_t stream);
+
 // ------------------------------------------------------ attention over slots
 struct AttendArgs {
   const float* queries;  // [batch, d]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ... import _ext
-from .extension import Extension
+from .extension import CudaExtension
 
 
 def missing() -> str | None:
@@ -29,4 +29,4 @@ def missing() -> str | None:
     return None
 
 
-KERNELS = Extension("cuda_")
+KERNELS = CudaExtension()

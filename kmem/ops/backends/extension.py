@@ -76,3 +76,17 @@ class Extension:
 
     def zero_rows(self, z: ScrubInputs) -> None:
         self._fn("zero_rows")(z.dst, z.rows)
+
+
+class CudaExtension(Extension):
+    """The CUDA kernels (prefix ``"cuda_"``), which also run top-k attention in one pass:
+    the search, then the attention over the rows found in its last kernel."""
+
+    def __init__(self, module: Callable[[], object] = _ext.compiled) -> None:
+        super().__init__("cuda_", module)
+
+    def topk_forward(self, a: AttendInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._fn("topk_forward")(
+            a.queries, a.keys, a.values, a.slot_ids, a.exclude_ids,
+            a.k, a.scale, a.l2, a.num_classes,
+        )  # fmt: skip
