@@ -29,9 +29,7 @@ METRICS = ["ip", "l2"]
 F32, F64 = torch.float32, torch.float64
 LOW = [torch.float16, torch.bfloat16]
 INTERPRETED_ROWS = 320  # Triton's interpreter runs each program in numpy: keep memories small
-# Rows x queries the CUDA simulator scores within seconds; its dense backward, a warp per
-# row, takes an eighth of that.
-SIMULATED_SCORES = 8_000_000
+SIMULATED_SCORES = 8_000_000  # rows x queries the CUDA simulator scores within seconds
 GRAD_TOLERANCE = (1e-4, 1e-5)  # gradients sum more terms than outputs: at least this
 
 
@@ -88,12 +86,12 @@ class Kernel:
         """``n`` memory rows, capped under Triton's interpreter."""
         return min(n, INTERPRETED_ROWS) if self.interpreted else n
 
-    def fits(self, n: int, batch: int = 1, backward: bool = False) -> None:
+    def fits(self, n: int, batch: int = 1) -> None:
         """Skip a case too large for Triton's interpreter (it runs only without a GPU) or
         for the CUDA simulator (the same case runs on the GPU as backend "cuda")."""
         if self.interpreted and (n > INTERPRETED_ROWS or batch > 9):
             pytest.skip(f"{n} rows x {batch} queries: too slow for Triton's interpreter (no GPU here)")
-        if self.simulated and n * batch > SIMULATED_SCORES // (8 if backward else 1):
+        if self.simulated and n * batch > SIMULATED_SCORES:
             pytest.skip(
                 f"{n} rows x {batch} queries: too slow for the CUDA simulator (runs on a GPU as cuda)"
             )
@@ -580,7 +578,7 @@ def test_gradients_match_autograd_through_reference(kernel, k, metric, labels, d
 def test_gradients_over_many_rows(kernel, k, batch):
     """Backward at k = 4096, and dense backward over 5,000 rows with 1,024 queries: the
     C++ dense attention then streams several tiles and CUDA's backward several row chunks."""
-    kernel.fits(5000, batch, backward=True)
+    kernel.fits(5000, batch)
     keys, slot_ids = buffers(5000, 6, dead_every=7)
     values, q = torch.randn(5000, 3), torch.randn(batch, 6)
     ex = exclusions(slot_ids, batch, 3)
@@ -660,6 +658,32 @@ def test_dense_log_sum_exp_is_differentiable(kernel, labels):
         )  # fmt: skip
 
     assert torch.autograd.gradcheck(f, tuple(leaves))
+
+
+@backends([b for b in ATTENDING if b != "reference"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_dense_log_sum_exp_gradient_matches_reference(kernel, metric):
+    """float32 gradients through both dense outputs, lse and out, by the backend's own
+    backward against autograd through the reference twin: l2's dq has a term that sums
+    to zero unless lse receives gradient. 700 rows and 20 queries span several CUDA
+    row and query tiles."""
+    n, batch = 700, 20
+    kernel.fits(n, batch)
+    keys, slot_ids = buffers(n, 6, dead_every=6)
+    values, q = torch.randn(n, 3), torch.randn(batch, 6)
+    ex = exclusions(slot_ids, batch, 2)
+    w_out, w_lse = torch.randn(batch, 3), torch.randn(batch)
+
+    def grads(name: str) -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_() for t in kernel.on(q, keys, values)]
+        out, lse = Kernel(name, kernel.device).attend(
+            *leaves, slot_ids, None, 0.8, metric, ex, return_lse=True
+        )
+        ((out.cpu() * w_out).sum() + (lse.cpu() * w_lse).sum()).backward()
+        return [leaf.grad.cpu() for leaf in leaves]
+
+    for got, want in zip(grads(kernel.name), grads("reference"), strict=True):
+        torch.testing.assert_close(got, want, **kernel.grad_tol)
 
 
 @backends([b for b in ATTENDING if b != "reference"])

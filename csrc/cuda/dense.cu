@@ -14,25 +14,10 @@ constexpr int kRowsPerBlock = 8;              // rows per block of the dkeys / d
 constexpr int kRowThreads = 128;
 constexpr int64_t kDenseChunkBudget = 1 << 22;  // weights kept per backward chunk, all queries
 
-// Logits scale * score of rows [r, r + kThreads) of query b into z (-inf when dead,
-// excluded or past `end`), one warp per row.
-template <typename KT>
-__device__ void tile_logits(const float* qb, const KT* keys, const int64_t* ids, const Exclusions& ex, int64_t b,
-                            int64_t r, int64_t end, int64_t d, float scale, bool l2, float* z) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  for (int i = warp; i < kThreads; i += kWarps) {
-    const int64_t j = r + i;
-    const bool ok = j < end && live(ids, ex, b, j);
-    const float v = ok ? scale * warp_row_score(qb, keys + j * d, d, l2) : kNegInf;
-    if (lane == 0) z[i] = v;
-  }
-  __syncthreads();
-}
-
-// The forward's tiles: a block scores kDenseQueries queries against kDenseRows rows at a
-// time, so every staged key serves all of them (one query per block had read the keys
-// B times). Thread t holds a 4 x 4 register tile: queries 4 (t / 64) + j, rows
-// t % 64 + 64 m.
+// The tiles of the forward and the backward: a block scores kDenseQueries queries against
+// kDenseRows rows at a time, so every staged key serves all of them (one query per block
+// had read the keys B times). Thread t holds a 4 x 4 register tile: queries 4 (t / 64) + j,
+// rows t % 64 + 64 m.
 constexpr int kDenseQueries = 16;
 constexpr int kDenseRows = kThreads;
 constexpr int kDenseCols = 16;  // key columns staged at a time
@@ -48,7 +33,7 @@ struct DenseSmem {
 
 // acc[j][m] += score terms of the staged columns (q . k, or |q - k|^2 for l2).
 template <bool L2>
-__device__ __forceinline__ void dense_tile_fma(const DenseSmem& sm, float (&acc)[4][4]) {
+__device__ __forceinline__ void tile_fma(const DenseSmem& sm, float (&acc)[4][4]) {
   const int qg = threadIdx.x / 64 * 4, rl = threadIdx.x % 64;
 #pragma unroll 4
   for (int c = 0; c < kDenseCols; ++c) {
@@ -60,6 +45,32 @@ __device__ __forceinline__ void dense_tile_fma(const DenseSmem& sm, float (&acc)
         const float x = L2 ? qv[j] - kv[m] : qv[j] * kv[m];
         acc[j][m] += L2 ? x * x : x;
       }
+  }
+}
+
+// acc[j][m] = sum over c < width of a_j[c] rows_i[c] (or of (a_j[c] - rows_i[c])^2 for
+// l2), i = t % 64 + 64 m, j = 4 (t / 64) + j: `a` holds na rows of queries (or
+// gradients), `rows` nr key (or value) rows, both of `width` columns. Ends with the
+// staged columns still in use: the caller's next write to sm needs a barrier.
+template <typename T>
+__device__ void tile_scores(const float* a, int na, const T* rows, int nr, int64_t width, bool l2, DenseSmem& sm,
+                            float (&acc)[4][4]) {
+  const int t = threadIdx.x;
+  for (int j = 0; j < 4; ++j)
+    for (int m = 0; m < 4; ++m) acc[j][m] = 0.0f;
+  for (int64_t c0 = 0; c0 < width; c0 += kDenseCols) {
+    __syncthreads();  // the last readers of the staged columns (or of sm.p) are done
+    for (int e = t; e < kDenseRows * kDenseCols; e += kThreads) {
+      const int i = e / kDenseCols, c = e % kDenseCols;
+      sm.keys[c][i] = i < nr && c0 + c < width ? to_float(rows[i * width + c0 + c]) : 0.0f;
+    }
+    for (int e = t; e < kDenseQueries * kDenseCols; e += kThreads) {
+      const int j = e / kDenseCols, c = e % kDenseCols;
+      sm.queries[c][j] = j < na && c0 + c < width ? a[j * width + c0 + c] : 0.0f;
+    }
+    __syncthreads();
+    if (l2) tile_fma<true>(sm, acc);
+    else tile_fma<false>(sm, acc);
   }
 }
 
@@ -85,21 +96,9 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t e = t; e < nq * W; e += kThreads) part_acc[((b0 + e / W) * S + s) * W + e % W] = 0.0f;
     for (int64_t r = r0; r < r1; r += kDenseRows) {
       const int n = r1 - r < kDenseRows ? static_cast<int>(r1 - r) : kDenseRows;
-      float acc[4][4] = {};
-      for (int64_t c0 = 0; c0 < d; c0 += kDenseCols) {
-        __syncthreads();  // the last tile's readers of sm are done
-        for (int e = t; e < kDenseRows * kDenseCols; e += kThreads) {
-          const int i = e / kDenseCols, c = e % kDenseCols;
-          sm.keys[c][i] = i < n && c0 + c < d ? to_float(keys[(r + i) * d + c0 + c]) : 0.0f;
-        }
-        for (int e = t; e < kDenseQueries * kDenseCols; e += kThreads) {
-          const int j = e / kDenseCols, c = e % kDenseCols;
-          sm.queries[c][j] = j < nq && c0 + c < d ? q[(b0 + j) * d + c0 + c] : 0.0f;
-        }
-        __syncthreads();
-        if (l2) dense_tile_fma<true>(sm, acc);
-        else dense_tile_fma<false>(sm, acc);
-      }
+      float acc[4][4];
+      tile_scores(q + b0 * d, nq, keys + r * d, n, d, l2, sm, acc);
+      __syncthreads();  // the last tile's reads of sm.p are done (tile_scores' barriers order them too, if d > 0)
       for (int j = 0; j < 4; ++j)
         for (int m = 0; m < 4; ++m) {
           const int i = rl + 64 * m;
@@ -193,49 +192,61 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Grid (row tiles of the chunk, queries): p = exp(z - lse), ds = scale p (dp - D) for
-// the tile's rows into P / DS [B, C] (C = chunk stride), and the tile's share of dq.
+// Grid (query tiles, row tiles of the chunk): p = exp(z - lse), ds = scale p (dp - D)
+// for a tile of 16 queries and 256 rows into P / DS [B, C] (C = chunk stride), with the
+// scores and dp = g . v recomputed as register tiles (a key or value row is read once per
+// 16 queries), and the tile's share of dq.
 template <typename KT, typename VT>
 __global__ void __launch_bounds__(kThreads)
     dense_backward_tile_kernel(const float* g, const float* q, const KT* keys, const VT* values,
                                const int64_t* labels, const int64_t* ids, Exclusions ex, const float* lse,
                                const float* D, int64_t B, int64_t N, int64_t d, int64_t W, float scale, bool l2,
                                int64_t chunk0, int64_t chunk_end, int64_t C, float* P, float* DS, float* dq) {
-  __shared__ float z[kThreads];
-  __shared__ float dsv[kThreads];
-  __shared__ float red[32];
-  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
-  const int64_t r = chunk0 + static_cast<int64_t>(blockIdx.x) * kThreads;
-  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const float *qb = q + b * d, *gb = g + b * W;
-    tile_logits(qb, keys, ids, ex, b, r, chunk_end, d, scale, l2, z);
-    for (int i = warp; i < kThreads; i += kWarps) {  // dp_i = g . v_i into dsv for now
-      const int64_t j = r + i;
-      float dp = 0.0f;
-      if (z[i] != kNegInf) {
-        if (labels) dp = labels[j] >= 0 && labels[j] < W ? gb[labels[j]] : 0.0f;
-        else dp = warp_dot(gb, values + j * W, W);
+  __shared__ DenseSmem sm;
+  const int t = threadIdx.x, qg = t / 64 * 4, rl = t % 64;
+  const int64_t r = chunk0 + static_cast<int64_t>(blockIdx.y) * kDenseRows;
+  const int n = chunk_end - r < kDenseRows ? static_cast<int>(chunk_end - r) : kDenseRows;
+  for (int64_t b0 = static_cast<int64_t>(blockIdx.x) * kDenseQueries; b0 < B;
+       b0 += static_cast<int64_t>(gridDim.x) * kDenseQueries) {
+    const int nq = B - b0 < kDenseQueries ? static_cast<int>(B - b0) : kDenseQueries;
+    float s[4][4], dp[4][4] = {};
+    tile_scores(q + b0 * d, nq, keys + r * d, n, d, l2, sm, s);
+    if (!labels) tile_scores(g + b0 * W, nq, values + r * W, n, W, false, sm, dp);
+    __syncthreads();  // the last query tile's reads of sm.p are done
+    for (int j = 0; j < 4; ++j)
+      for (int m = 0; m < 4; ++m) {
+        const int i = rl + 64 * m;
+        if (qg + j >= nq) {
+          sm.p[qg + j][i] = 0.0f;
+          continue;
+        }
+        const int64_t b = b0 + qg + j, row = r + i;
+        float p = 0.0f, dpv = dp[j][m];
+        if (i < n && lse[b] != kNegInf && live(ids, ex, b, row)) p = expf(scale * (l2 ? -s[j][m] : s[j][m]) - lse[b]);
+        if (labels) dpv = i < n && labels[row] >= 0 && labels[row] < W ? g[b * W + labels[row]] : 0.0f;
+        const float dsv = scale * p * (dpv - D[b]);
+        if (i < n) {
+          P[b * C + (row - chunk0)] = p;
+          DS[b * C + (row - chunk0)] = dsv;
+        }
+        sm.p[qg + j][i] = dsv;
       }
-      if (lane == 0) dsv[i] = dp;
+    __syncthreads();
+    // dq_b += sum_i ds_bi k_i (ip) or 2 sum_i ds_bi (k_i - q_b) (l2): a thread per (query,
+    // column), so a key element serves the 16 queries from L1.
+    for (int64_t e = t; e < nq * d; e += kThreads) {
+      const int j = static_cast<int>(e / d);
+      const int64_t c = e % d;
+      float acc = 0.0f, total = 0.0f;
+      for (int i = 0; i < n; ++i) {
+        const float dsv = sm.p[j][i];
+        if (dsv == 0.0f) continue;
+        acc += dsv * to_float(keys[(r + i) * d + c]);
+        total += dsv;
+      }
+      const float grad = l2 ? 2.0f * (acc - total * q[(b0 + j) * d + c]) : acc;
+      if (grad != 0.0f) atomicAdd(dq + (b0 + j) * d + c, grad);
     }
-    __syncthreads();
-    const float p = lse[b] == kNegInf ? 0.0f : expf(z[t] - lse[b]);
-    const float dsi = scale * p * (dsv[t] - D[b]);
-    const int64_t at = b * C + (r - chunk0) + t;
-    P[at] = p;
-    DS[at] = dsi;
-    const float total = block_reduce(dsi, false, red);  // its barriers order dsv reads before the write
-    dsv[t] = dsi;
-    __syncthreads();
-    const int n = chunk_end - r < kThreads ? static_cast<int>(chunk_end - r) : kThreads;
-    for (int64_t c = t; c < d; c += kThreads) {
-      float acc = 0.0f;
-      for (int i = 0; i < n; ++i)
-        if (dsv[i] != 0.0f) acc += dsv[i] * to_float(keys[(r + i) * d + c]);
-      const float grad = l2 ? 2.0f * (acc - total * qb[c]) : acc;
-      if (grad != 0.0f) atomicAdd(dq + b * d + c, grad);
-    }
-    __syncthreads();
   }
 }
 
@@ -365,7 +376,9 @@ cudaError_t dense_backward(const DenseArgs& a, const float* grad_out, const floa
       using KT = typename decltype(kt)::type;
       using VT = typename decltype(vt)::type;
       return launch(dense_backward_tile_kernel<KT, VT>,
-                    dim3(static_cast<unsigned>(div_up(end - chunk0, kThreads)), queries), dim3(kThreads), 0, stream,
+                    dim3(grid_size(div_up(a.batch, kDenseQueries), 1 << 30),
+                         static_cast<unsigned>(div_up(end - chunk0, kDenseRows))),
+                    dim3(kThreads), 0, stream,
                     grad_out, a.queries, static_cast<const KT*>(r.keys), static_cast<const VT*>(r.values), r.labels,
                     a.slot_ids, a.exclude, lse, D, a.batch, r.n, r.d, r.width, a.scale, a.l2, chunk0, end, C, P, DS,
                     dq);
