@@ -10,7 +10,7 @@ namespace {
 
 // ------------------------------------------------------ dense attention
 constexpr int64_t kDenseTargetBlocks = 1024;  // splits x query tiles aimed for in the forward
-constexpr int kRowsPerBlock = 8;              // rows per block of the dkeys / dvalues kernel
+constexpr int kRowsPerBlock = 32;  // rows per block of the dkeys / dvalues kernel: each re-reads q and g
 constexpr int kRowThreads = 128;
 constexpr int64_t kDenseChunkBudget = 1 << 22;  // weights kept per backward chunk, all queries
 
@@ -53,7 +53,7 @@ __device__ __forceinline__ void tile_fma(const DenseSmem& sm, float (&acc)[4][4]
 // gradients), `rows` nr key (or value) rows, both of `width` columns. Ends with the
 // staged columns still in use: the caller's next write to sm needs a barrier.
 template <typename T>
-__device__ void tile_scores(const float* a, int na, const T* rows, int nr, int64_t width, bool l2, DenseSmem& sm,
+__device__ __forceinline__ void tile_scores(const float* a, int na, const T* rows, int nr, int64_t width, bool l2, DenseSmem& sm,
                             float (&acc)[4][4]) {
   const int t = threadIdx.x;
   for (int j = 0; j < 4; ++j)
@@ -99,7 +99,9 @@ __global__ void __launch_bounds__(kThreads)
       float acc[4][4];
       tile_scores(q + b0 * d, nq, keys + r * d, n, d, l2, sm, acc);
       __syncthreads();  // the last tile's reads of sm.p are done (tile_scores' barriers order them too, if d > 0)
+#pragma unroll
       for (int j = 0; j < 4; ++j)
+#pragma unroll
         for (int m = 0; m < 4; ++m) {
           const int i = rl + 64 * m;
           const bool ok = i < n && qg + j < nq && live(ids, ex, b0 + qg + j, r + i);
@@ -130,15 +132,19 @@ __global__ void __launch_bounds__(kThreads)
       // Each thread owns columns c of every query of the tile: a value row is read once
       // for all of them, and no atomics are needed.
       for (int64_t c = t; c < W; c += kThreads) {
-        float a[kDenseQueries];
+        float a[kDenseQueries];  // fixed-count loops over it keep it in registers
+#pragma unroll
         for (int j = 0; j < kDenseQueries; ++j)
           a[j] = j < nq ? part_acc[((b0 + j) * S + s) * W + c] * sm.alpha[j] : 0.0f;
         for (int i = 0; i < n; ++i) {
-          if (labels && sm.labels[i] != c) continue;
-          const float v = labels ? 1.0f : to_float(values[(r + i) * W + c]);
+          const float v = labels ? (sm.labels[i] == c ? 1.0f : 0.0f) : to_float(values[(r + i) * W + c]);
+          if (v == 0.0f) continue;
+#pragma unroll
           for (int j = 0; j < kDenseQueries; ++j) a[j] += sm.p[j][i] * v;
         }
-        for (int j = 0; j < nq; ++j) part_acc[((b0 + j) * S + s) * W + c] = a[j];
+#pragma unroll
+        for (int j = 0; j < kDenseQueries; ++j)
+          if (j < nq) part_acc[((b0 + j) * S + s) * W + c] = a[j];
       }
     }
     __syncthreads();
@@ -213,19 +219,18 @@ __global__ void __launch_bounds__(kThreads)
     tile_scores(q + b0 * d, nq, keys + r * d, n, d, l2, sm, s);
     if (!labels) tile_scores(g + b0 * W, nq, values + r * W, n, W, false, sm, dp);
     __syncthreads();  // the last query tile's reads of sm.p are done
+#pragma unroll
     for (int j = 0; j < 4; ++j)
+#pragma unroll
       for (int m = 0; m < 4; ++m) {
         const int i = rl + 64 * m;
-        if (qg + j >= nq) {
-          sm.p[qg + j][i] = 0.0f;
-          continue;
-        }
         const int64_t b = b0 + qg + j, row = r + i;
+        const bool real = qg + j < nq && i < n;
         float p = 0.0f, dpv = dp[j][m];
-        if (i < n && lse[b] != kNegInf && live(ids, ex, b, row)) p = expf(scale * (l2 ? -s[j][m] : s[j][m]) - lse[b]);
-        if (labels) dpv = i < n && labels[row] >= 0 && labels[row] < W ? g[b * W + labels[row]] : 0.0f;
-        const float dsv = scale * p * (dpv - D[b]);
-        if (i < n) {
+        if (real && lse[b] != kNegInf && live(ids, ex, b, row)) p = expf(scale * (l2 ? -s[j][m] : s[j][m]) - lse[b]);
+        if (labels) dpv = real && labels[row] >= 0 && labels[row] < W ? g[b * W + labels[row]] : 0.0f;
+        const float dsv = real ? scale * p * (dpv - D[b]) : 0.0f;
+        if (real) {
           P[b * C + (row - chunk0)] = p;
           DS[b * C + (row - chunk0)] = dsv;
         }
@@ -266,14 +271,17 @@ __global__ void __launch_bounds__(kRowThreads)
       for (int64_t b = 0; b < B; ++b) {
         const float qv = q[b * d + c];
         const float* ds = DS + b * C + local0;
-        for (int i = 0; i < n; ++i) {
-          acc[i] += ds[i] * qv;
-          dsum[i] += ds[i];
+#pragma unroll
+        for (int i = 0; i < kRowsPerBlock; ++i) {  // a fixed count keeps acc in registers
+          const float v = i < n ? ds[i] : 0.0f;
+          acc[i] += v * qv;
+          dsum[i] += v;
         }
       }
-      for (int i = 0; i < n; ++i) {
+#pragma unroll
+      for (int i = 0; i < kRowsPerBlock; ++i) {
         const int64_t j = j0 + i;
-        dkeys[j * d + c] = l2 ? 2.0f * (acc[i] - dsum[i] * to_float(keys[j * d + c])) : acc[i];
+        if (i < n) dkeys[j * d + c] = l2 ? 2.0f * (acc[i] - dsum[i] * to_float(keys[j * d + c])) : acc[i];
       }
     }
   }
@@ -283,9 +291,12 @@ __global__ void __launch_bounds__(kRowThreads)
       for (int64_t b = 0; b < B; ++b) {
         const float gv = g[b * W + c];
         const float* p = P + b * C + local0;
-        for (int i = 0; i < n; ++i) acc[i] += p[i] * gv;
+#pragma unroll
+        for (int i = 0; i < kRowsPerBlock; ++i) acc[i] += (i < n ? p[i] : 0.0f) * gv;
       }
-      for (int i = 0; i < n; ++i) dvalues[(j0 + i) * W + c] = acc[i];
+#pragma unroll
+      for (int i = 0; i < kRowsPerBlock; ++i)
+        if (i < n) dvalues[(j0 + i) * W + c] = acc[i];
     }
   }
 }
