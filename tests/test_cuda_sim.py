@@ -1,8 +1,9 @@
 """The CUDA simulator that runs kmem's CUDA kernels on the CPU (``csrc/cuda/sim``,
 built by ``_cuda_sim.py``): its warp exchanges keep CUDA's definitions, and the faults
 a GPU would not report -- a shuffle some lanes never reach, a warp split between two
-barriers, shared memory past the launch limit -- fail the launch with a message. The
-kernels themselves are tested through the kernel contract, as backend "cuda-sim"."""
+barriers or between two shuffles, shared memory past the launch limit -- fail the
+launch with a message. The kernels themselves are tested through the kernel contract,
+as backend "cuda-sim"."""
 
 from __future__ import annotations
 
@@ -40,6 +41,11 @@ def test_a_shuffle_that_lanes_have_left_fails_the_launch(sim):
 def test_a_warp_split_between_barriers_fails_the_launch(sim):
     error = sim.selftest("split", 32, 0, torch.zeros(32, dtype=torch.int32))
     assert "16 lanes wait at a warp exchange" in error and "__syncthreads" in error
+
+
+def test_lanes_at_two_different_shuffles_fail_the_launch(sim):
+    error = sim.selftest("two places", 32, 0, torch.zeros(32, dtype=torch.int32))
+    assert "different places" in error
 
 
 def test_launch_limits_are_checked(sim):

@@ -57,35 +57,39 @@ inline T __ldg(const T* p) {
 }
 
 // ------------------------------------------------------------- barriers, warps
+// The warp operations are not inlined, so their return address names the place in the
+// kernel that calls them: the lanes of a warp must meet at one place (see runtime.h).
+#define KMEM_SIM_CALLER __builtin_return_address(0)
+
 inline void __syncthreads() { kmem::sim::sync_block(); }
-inline void __syncwarp(unsigned = 0xFFFFFFFFu) { kmem::sim::sync_warp(); }
+[[gnu::noinline]] inline void __syncwarp(unsigned = 0xFFFFFFFFu) { kmem::sim::sync_warp(KMEM_SIM_CALLER); }
 
 // Shuffles exchange within the whole warp (kmem passes the full mask); a source lane
 // outside [0, 32) or the segment of `width` returns the caller's own value, as CUDA's do.
 template <typename T>
-inline T sim_shuffle(T v, int src, int width) {
+inline T sim_shuffle(T v, int src, int width, const void* site) {
   const int lane = kmem::sim::lane_id(), base = lane / width * width;
-  const uint64_t* slots = kmem::sim::exchange(v);
+  const uint64_t* slots = kmem::sim::exchange(v, site);
   return src >= base && src < base + width ? kmem::sim::lane_value<T>(slots, src) : v;
 }
 template <typename T>
-inline T __shfl_sync(unsigned, T v, int src, int width = 32) {
-  return sim_shuffle(v, kmem::sim::lane_id() / width * width + src % width, width);
+[[gnu::noinline]] T __shfl_sync(unsigned, T v, int src, int width = 32) {
+  return sim_shuffle(v, kmem::sim::lane_id() / width * width + src % width, width, KMEM_SIM_CALLER);
 }
 template <typename T>
-inline T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
-  return sim_shuffle(v, kmem::sim::lane_id() ^ lane_mask, width);
+[[gnu::noinline]] T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+  return sim_shuffle(v, kmem::sim::lane_id() ^ lane_mask, width, KMEM_SIM_CALLER);
 }
 template <typename T>
-inline T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
-  return sim_shuffle(v, kmem::sim::lane_id() - static_cast<int>(delta), width);
+[[gnu::noinline]] T __shfl_up_sync(unsigned, T v, unsigned delta, int width = 32) {
+  return sim_shuffle(v, kmem::sim::lane_id() - static_cast<int>(delta), width, KMEM_SIM_CALLER);
 }
 template <typename T>
-inline T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
-  return sim_shuffle(v, kmem::sim::lane_id() + static_cast<int>(delta), width);
+[[gnu::noinline]] T __shfl_down_sync(unsigned, T v, unsigned delta, int width = 32) {
+  return sim_shuffle(v, kmem::sim::lane_id() + static_cast<int>(delta), width, KMEM_SIM_CALLER);
 }
-inline unsigned __ballot_sync(unsigned, int predicate) {
-  const uint64_t* slots = kmem::sim::exchange(predicate != 0 ? 1 : 0);
+[[gnu::noinline]] inline unsigned __ballot_sync(unsigned, int predicate) {
+  const uint64_t* slots = kmem::sim::exchange(predicate != 0 ? 1 : 0, KMEM_SIM_CALLER);
   unsigned bits = 0;
   for (int lane = 0; lane < 32; ++lane) bits |= (slots[lane] != 0 ? 1u : 0u) << lane;
   return bits;

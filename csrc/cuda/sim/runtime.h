@@ -5,7 +5,7 @@
 // have exited count as arrived at __syncthreads (as on Volta and later) but not at a
 // warp exchange, which on a GPU is undefined for an exited lane: the simulator fails
 // the launch with a message, as it does for a warp split between two barriers (a
-// deadlock on the GPU).
+// deadlock on the GPU) or for lanes that reach a full-mask exchange at different places.
 //
 // What it checks that compiling cannot: the kernels' arithmetic and indexing, every
 // barrier and warp exchange, launch limits (threads per block, grid size, dynamic
@@ -62,6 +62,7 @@ struct Fiber {
   Wait wait;
   bool started;
   unsigned parity;  // which half of its warp's exchange slots the next exchange uses
+  const void* site;  // where in the code it waits at a warp exchange
   uint3 tid;
 };
 
@@ -94,11 +95,13 @@ inline Launch& launch_state() {
   _longjmp(s.scheduler, 1);
 }
 
-// Back to the scheduler, marked as waiting at `w`; returns when the barrier opens.
-inline void wait_at(Wait w) {
+// Back to the scheduler, marked as waiting at `w` (from code address `site`); returns
+// when the barrier opens.
+inline void wait_at(Wait w, const void* site = nullptr) {
   Launch& s = launch_state();
   Fiber& f = s.fibers[s.current];
   f.wait = w;
+  f.site = site;
   if (_setjmp(f.ctx) == 0) _longjmp(s.scheduler, 1);
 }
 
@@ -125,10 +128,11 @@ inline bool open_barriers(Launch& s) {
   int done = 0;
   for (int w0 = 0; w0 < n; w0 += 32) {
     const int w1 = std::min(n, w0 + 32);
-    int at_warp = 0, exited = 0;
+    int at_warp = 0, exited = 0, elsewhere = 0;
     for (int i = w0; i < w1; ++i) {
       at_warp += s.fibers[i].wait == Wait::warp;
       exited += s.fibers[i].wait == Wait::done;
+      elsewhere += s.fibers[i].wait == Wait::warp && s.fibers[i].site != s.fibers[w0].site;
     }
     done += exited;
     if (at_warp == 0) continue;
@@ -136,6 +140,12 @@ inline bool open_barriers(Launch& s) {
       s.failure = "warp " + std::to_string(w0 / 32) + " of block (" + std::to_string(blockIdx.x) + ", " +
                   std::to_string(blockIdx.y) + "): " + std::to_string(at_warp) + " lanes wait at a warp exchange while " +
                   std::to_string(exited) + " have exited and the rest wait at __syncthreads";
+      return false;
+    }
+    if (elsewhere > 0) {  // a full-mask exchange that the lanes reach at different places
+      s.failure = "warp " + std::to_string(w0 / 32) + " of block (" + std::to_string(blockIdx.x) + ", " +
+                  std::to_string(blockIdx.y) + "): its lanes wait at warp exchanges in " +
+                  "different places of the code";
       return false;
     }
     for (int i = w0; i < w1; ++i) s.fibers[i].wait = Wait::ready;
@@ -224,12 +234,14 @@ inline unsigned char* dynamic_smem() { return launch_state().smem.data(); }
 
 inline void sync_block() { wait_at(Wait::block); }
 
-inline void sync_warp() { wait_at(Wait::warp); }
+// A warp barrier: `site` is the caller's code address, which every lane must share.
+inline void sync_warp(const void* site) { wait_at(Wait::warp, site); }
 
 // This lane's value exchanged with its warp: returns the values of all 32 lanes' slots
-// after every lane has written (lanes past the block's end keep zeros).
+// after every lane has written (lanes past the block's end keep zeros). `site`: as for
+// sync_warp.
 template <typename T>
-const uint64_t* exchange(T v) {
+const uint64_t* exchange(T v, const void* site) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "warp exchange of a value over 8 bytes");
   Launch& s = launch_state();
   Fiber& f = s.fibers[s.current];
@@ -240,7 +252,7 @@ const uint64_t* exchange(T v) {
   // Two halves alternate so a lane that runs ahead to its next exchange cannot
   // overwrite a slot a slower lane has yet to read.
   f.parity ^= 1;
-  wait_at(Wait::warp);
+  wait_at(Wait::warp, site);
   return slots;
 }
 

@@ -44,6 +44,13 @@ __global__ void split_kernel(int* out) {
   }
 }
 
+// Odd and even lanes at two different shuffles: undefined on a GPU.
+__global__ void two_places_kernel(int* out) {
+  const int t = threadIdx.x;
+  if (t % 2) out[t] = __shfl_xor_sync(0xFFFFFFFFu, t, 1);
+  else out[t] = __shfl_xor_sync(0xFFFFFFFFu, t, 2);
+}
+
 __global__ void smem_kernel(float* out) { out[threadIdx.x] = kmem::cuda::detail::dynamic_smem<float>()[0]; }
 
 // Launches `name` on one block of `threads`, with `smem` bytes of dynamic shared
@@ -53,6 +60,7 @@ inline std::string launch_checked(const std::string& name, int64_t threads, int6
   if (name == "shuffles") launch(shuffles_kernel, grid, block, smem, out.data_ptr<int>());
   else if (name == "diverged") launch(diverged_kernel, grid, block, smem, out.data_ptr<int>());
   else if (name == "split") launch(split_kernel, grid, block, smem, out.data_ptr<int>());
+  else if (name == "two places") launch(two_places_kernel, grid, block, smem, out.data_ptr<int>());
   else if (name == "smem") launch(smem_kernel, grid, block, smem, out.data_ptr<float>());
   else TORCH_CHECK(false, "no self-test kernel ", name);
   return cudaGetLastError() == cudaSuccess ? std::string() : std::string(cudaGetErrorString(cudaErrorLaunchFailure));
