@@ -1,11 +1,12 @@
-// CUDA top-k search: never holds the [B, N] score matrix. A tile kernel scores a block
-// of 8 queries against 512 key rows (each key row is staged once in shared memory for
-// all 8 queries) and keeps each query's best min(k, 512) rows of the tile as packed
-// int64 keys; a merge kernel folds a bounded chunk of tile candidates into each query's
-// running top-k; a final kernel sorts the k survivors. Both selections are one
-// block-wide radix select (8-bit digits over the 64-bit keys) that works the same on
-// shared or global memory, so k has no upper bound and the per-query scratch stays in
-// global memory when k is large. Packed keys order by (score desc, slot asc): the
+// CUDA top-k search: never holds the [B, N] score matrix. A span kernel scores a block
+// of 8 queries against the 512-row tiles of a span of the rows (each key row is staged
+// once in shared memory for all 8 queries) and keeps each query's best min(k, 512) rows
+// as packed int64 keys; past k = 512 a span is one tile, and a merge kernel folds a
+// bounded chunk of span candidates into each query's running top-k; a final kernel
+// merges the last candidates, sorts the k survivors (and may attend over them). Every
+// selection is one block-wide radix select (8-bit digits over the 64-bit keys) that works
+// the same on shared or global memory, so k has no upper bound and the per-query scratch
+// stays in global memory when k is large. Packed keys order by (score desc, slot asc): the
 // float32 score's bits made order-preserving as a signed int in the high word,
 // 0xFFFFFFFF - slot in the low word; INT64_MIN means "no row". Real keys are unique
 // (one per slot), which makes the selection exact.
@@ -144,13 +145,16 @@ constexpr int kDimChunk = 32;     // key columns staged at a time
 constexpr int kMergeThreads = 512;
 constexpr int kSortSmemKeys = 4096;           // final sort in shared memory up to this many keys
 constexpr int kMergeSmemKeys = 4096;          // the merge selects in shared memory up to this many survivors
-constexpr int64_t kCandidateBudget = 1 << 24;  // candidate keys per chunk, all queries (128 MiB)
-constexpr int64_t kCandidatesPerQuery = 1 << 20;
+constexpr int64_t kCandidateBudget = 1 << 24;  // candidate keys of all queries (128 MiB)
+constexpr int kSpansPerSM = 4;                 // blocks aimed for per SM: query blocks x row spans
 
+// A span block's shared memory; its running best keys follow it in the dynamic shared
+// memory: best, then next, each [kQueryBlock][keep].
 struct TileSmem {
   int64_t packed[kQueryBlock][kTileRows];  // each query's surviving keys of the tile, count[qi] of them
   unsigned long long theta[kQueryBlock];
   unsigned count[kQueryBlock];
+  unsigned kept[kQueryBlock];  // real keys in each query's running best
   alignas(16) float qstage[kDimChunk][kQueryBlock];
   float kstage[kThreads][kDimChunk + 1];  // +1: rows land in distinct banks
   SelectShared select;
@@ -204,47 +208,69 @@ __device__ __forceinline__ bool survives(int64_t key, unsigned long long theta) 
   return key != kNoRow && radix_key(key) >= theta;
 }
 
-// Grid (query blocks, tiles of this chunk): candidates [B, tiles, keep] for tiles
-// first_tile... of the memory. Query blocks are the fastest axis: the blocks that read
-// one tile run together, so its rows cross HBM once and L2 serves the rest. A tile
-// selects only among its keys at or above the running threshold: once the threshold
-// nears the k-th best, most tiles keep fewer than `keep` keys and skip the selection.
+// Grid (query blocks, spans): block (x, y) scans the tiles of span y -- a contiguous
+// range of the chunk's `tiles` tiles from first_tile, about tiles / spans of them -- for
+// query block x, keeps each query's best `keep` keys so far in shared memory, and
+// writes them as its candidates, cand [B, spans, keep]. keep = k when k <= 512; past
+// that a span is one tile, whose 512 rows all fit. Query blocks are the fastest axis: the blocks that read one
+// span run together, so its rows cross HBM once and L2 serves the rest. A tile offers
+// only its keys at or above the running threshold: once the threshold nears the k-th
+// best, most tiles offer none and skip the selection.
 template <typename KT>
 __global__ void __launch_bounds__(kThreads)
-    search_tiles_kernel(const float* q, const KT* keys, const int64_t* ids, Exclusions ex, int64_t B, int64_t N,
-                        int64_t d, bool l2, int64_t first_tile, int64_t k, int64_t keep, int64_t* cand,
-                        unsigned long long* theta) {
+    search_span_kernel(const float* q, const KT* keys, const int64_t* ids, Exclusions ex, int64_t B, int64_t N,
+                       int64_t d, bool l2, int64_t first_tile, int64_t tiles, int64_t k, int64_t keep,
+                       int64_t* cand, unsigned long long* theta) {
   TileSmem& sm = *dynamic_smem<TileSmem>();
+  int64_t* best = reinterpret_cast<int64_t*>(&sm + 1);
+  int64_t* next = best + kQueryBlock * keep;
   const int t = threadIdx.x;
-  const int64_t row0 = (first_tile + blockIdx.y) * kTileRows;
-  const int64_t rows = N - row0 < kTileRows ? N - row0 : kTileRows;
-  const int64_t stride = static_cast<int64_t>(gridDim.y) * keep;  // candidates per query in this chunk
+  const int64_t spans = gridDim.y, span = blockIdx.y;
+  const int64_t first = first_tile + span * tiles / spans, last = first_tile + (span + 1) * tiles / spans;
   for (int64_t b0 = static_cast<int64_t>(blockIdx.x) * kQueryBlock; b0 < B;
        b0 += static_cast<int64_t>(gridDim.x) * kQueryBlock) {
-    if (t < kQueryBlock) {
-      sm.count[t] = 0;
-      sm.theta[t] = b0 + t < B ? read_theta(theta, b0 + t) : 0;
-    }
-    __syncthreads();
-    for (int sub = 0; sub < kTileRows / kThreads; ++sub) {
-      float acc[kQueryBlock] = {};
-      float norm = 0.0f;
-      const int64_t local = sub * kThreads + t;
-      score_subtile(q, keys, B, N, d, b0, row0 + sub * kThreads, sm, acc, norm);
-      for (int qi = 0; qi < kQueryBlock; ++qi) {
-        const int64_t b = b0 + qi, row = row0 + local;
-        if (local >= rows || b >= B) continue;
-        const int64_t key = pack(l2 ? 2.0f * acc[qi] - norm : acc[qi], row);
-        // Exclusions are looked up only for keys that survive the threshold.
-        if (survives(key, sm.theta[qi]) && live(ids, ex, b, row)) sm.packed[qi][atomicAdd(&sm.count[qi], 1u)] = key;
+    if (t < kQueryBlock) sm.kept[t] = 0;
+    for (int64_t tile = first; tile < last; ++tile) {
+      const int64_t row0 = tile * kTileRows, rows = N - row0 < kTileRows ? N - row0 : kTileRows;
+      if (t < kQueryBlock) {
+        sm.count[t] = 0;
+        sm.theta[t] = b0 + t < B ? read_theta(theta, b0 + t) : 0;
       }
+      __syncthreads();
+      for (int sub = 0; sub < kTileRows / kThreads; ++sub) {
+        float acc[kQueryBlock] = {};
+        float norm = 0.0f;
+        const int64_t local = sub * kThreads + t;
+        score_subtile(q, keys, B, N, d, b0, row0 + sub * kThreads, sm, acc, norm);
+#pragma unroll
+        for (int qi = 0; qi < kQueryBlock; ++qi) {  // unrolled: acc stays in registers
+          const int64_t b = b0 + qi, row = row0 + local;
+          if (local >= rows || b >= B) continue;
+          const int64_t key = pack(l2 ? 2.0f * acc[qi] - norm : acc[qi], row);
+          // Exclusions are looked up only for keys that survive the threshold.
+          if (survives(key, sm.theta[qi]) && live(ids, ex, b, row))
+            sm.packed[qi][atomicAdd(&sm.count[qi], 1u)] = key;
+        }
+      }
+      __syncthreads();
+      for (int qi = 0; qi < kQueryBlock && b0 + qi < B; ++qi) {
+        if (sm.count[qi] == 0) continue;  // the same for every thread: read after the barrier
+        int64_t *bq = best + qi * keep, *nq = next + qi * keep;
+        const int64_t kth = block_top(KeySpan{bq, sm.kept[qi], sm.packed[qi], sm.count[qi]}, keep, nq, sm.select);
+        for (int64_t i = t; i < keep; i += kThreads) bq[i] = nq[i];
+        if (t == 0) {
+          const int64_t kept = sm.kept[qi] + sm.count[qi];
+          sm.kept[qi] = static_cast<unsigned>(kept < keep ? kept : keep);
+          if (kth != kNoRow && keep == k) atomicMax(theta + b0 + qi, radix_key(kth));
+        }
+        __syncthreads();
+      }
+      __syncthreads();  // every thread has read count and kept before the next tile resets them
     }
-    __syncthreads();
-    for (int qi = 0; qi < kQueryBlock && b0 + qi < B; ++qi) {
-      const KeySpan span{sm.packed[qi], sm.count[qi], nullptr, 0};
-      const int64_t kth = block_top(span, keep, cand + (b0 + qi) * stride + blockIdx.y * keep, sm.select);
-      if (t == 0 && kth != kNoRow && keep == k) atomicMax(theta + b0 + qi, radix_key(kth));
-    }
+    for (int qi = 0; qi < kQueryBlock && b0 + qi < B; ++qi)
+      for (int64_t i = t; i < keep; i += kThreads)
+        cand[((b0 + qi) * spans + span) * keep + i] = i < sm.kept[qi] ? best[qi * keep + i] : kNoRow;
+    __syncthreads();  // kept is reset for the next query block
   }
 }
 
@@ -299,8 +325,9 @@ struct AttendTail {
 // Per query: the top-k of best_in[b] (absent when null) and the last chunk's candidates
 // (absent when null), merged as the merge kernel does, sorted best first into scores
 // (may be null) and slots. With kAttend, then the softmax weights and output over those
-// rows, as the attend kernel computes them. Dynamic shared memory: the merge's
-// kMergeSmemKeys keys, then the sort's `padded` keys unless `scratch` [B, padded] holds them.
+// rows, as the attend kernel computes them. Dynamic shared memory: merge_top's
+// kMergeSmemKeys keys, then the sort's `padded` keys unless `scratch` [B, padded] holds
+// them.
 template <bool kAttend, typename KT, typename VT>
 __global__ void __launch_bounds__(kThreads)
     search_finish_kernel(const int64_t* best_in, const int64_t* cand, int64_t per_query,
@@ -329,29 +356,43 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Sizes of one search call; the workspace holds cand, then two best buffers, then the
-// sort scratch, then the thresholds.
+// Sizes of one search call; the workspace holds cand, then two best buffers (between
+// chunks), then the sort scratch, then the thresholds.
 struct SearchPlan {
-  int64_t keep, tiles, tiles_per_chunk, padded;
-  size_t cand_bytes, best_bytes, sort_bytes, theta_bytes;
+  int64_t keep, tiles, tiles_per_chunk, spans, padded;
+  size_t cand_bytes, best_bytes, sort_bytes, theta_bytes, smem;
 };
 
+int multiprocessors() {
+  int device = 0, count = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return 1;
+  return count > 0 ? count : 1;
+}
+
+// k <= 512: one chunk of every tile, in spans enough to fill the GPU (each span block
+// keeps the k best of its rows). Past 512, a span is one tile, and the tiles go in
+// chunks whose candidates fit the budget, merged chunk by chunk.
 SearchPlan plan_search(int64_t B, int64_t N, int64_t k) {
   SearchPlan p{};
   p.keep = k < kTileRows ? k : kTileRows;
   p.tiles = div_up(N, kTileRows);
-  const int64_t Bq = B > 0 ? B : 1;
-  int64_t per_chunk = kCandidateBudget / (Bq * p.keep);
-  if (per_chunk > kCandidatesPerQuery / p.keep) per_chunk = kCandidatesPerQuery / p.keep;
-  if (per_chunk > p.tiles) per_chunk = p.tiles;
-  if (per_chunk > 65535) per_chunk = 65535;  // the grid's y extent
-  p.tiles_per_chunk = per_chunk > 1 ? per_chunk : 1;
+  const int64_t Bq = B > 0 ? B : 1, fit = kCandidateBudget / (Bq * p.keep);
+  int64_t spans = kSpansPerSM * multiprocessors() / div_up(Bq, kQueryBlock);
+  if (spans > fit) spans = fit;
+  if (k > kTileRows) spans = fit;  // a span per tile: as many tiles per chunk as fit
+  if (spans > p.tiles) spans = p.tiles;
+  if (spans > 65535) spans = 65535;  // the grid's y extent
+  p.spans = spans > 1 ? spans : 1;
+  p.tiles_per_chunk = k > kTileRows ? p.spans : (p.tiles > 0 ? p.tiles : 1);
   p.padded = 1;
   while (p.padded < k) p.padded <<= 1;
-  p.cand_bytes = static_cast<size_t>(B * p.tiles_per_chunk * p.keep) * sizeof(int64_t);
-  p.best_bytes = static_cast<size_t>(B * k) * sizeof(int64_t);
+  p.cand_bytes = static_cast<size_t>(B * p.spans * p.keep) * sizeof(int64_t);
+  p.best_bytes = p.tiles > p.tiles_per_chunk ? static_cast<size_t>(B * k) * sizeof(int64_t) : 0;
   p.sort_bytes = p.padded > kSortSmemKeys ? static_cast<size_t>(B * p.padded) * sizeof(int64_t) : 0;
   p.theta_bytes = static_cast<size_t>(B) * sizeof(unsigned long long);
+  p.smem = sizeof(TileSmem) + 2 * static_cast<size_t>(kQueryBlock * p.keep) * sizeof(int64_t);
   return p;
 }
 
@@ -364,9 +405,9 @@ size_t search_workspace_bytes(int64_t batch, int64_t n, int64_t k) {
 
 namespace {
 
-// Runs a search up to its last step: the threshold's reset, every chunk's tiles, and the
-// merge of every chunk but the last; then finish(best_in, cand, per_query, theta,
-// plan, sort_scratch) launches the finish kernel.
+// Runs a search up to its last step: the threshold's reset, every chunk's span blocks,
+// and the merge of every chunk but the last; then finish(grid, smem, best_in, cand,
+// per_query, theta, padded, sort_scratch) launches the finish kernel.
 template <typename Finish>
 cudaError_t scan(const SearchArgs& a, void* workspace, cudaStream_t stream, Finish&& finish) {
   const SearchPlan p = plan_search(a.batch, a.n, a.k);
@@ -380,30 +421,31 @@ cudaError_t scan(const SearchArgs& a, void* workspace, cudaStream_t stream, Fini
   if (err != cudaSuccess) return err;
   const unsigned query_blocks = grid_size(div_up(a.batch, kQueryBlock), 1 << 30);
   const unsigned per_query_blocks = grid_size(a.batch, 65535);
-  int cur = -1;  // best buffer holding the running top-k; none before the first chunk
+  int cur = -1;      // best buffer holding the running top-k; none before the first chunk
   int64_t last = 0;  // candidates per query of the last chunk; none when n == 0
   for (int64_t tile = 0; tile < p.tiles; tile += p.tiles_per_chunk) {
     const int64_t nt = p.tiles - tile < p.tiles_per_chunk ? p.tiles - tile : p.tiles_per_chunk;
+    const int64_t spans = nt < p.spans ? nt : p.spans;
     err = with_type(a.key_dtype, [&](auto kt) {
       using KT = typename decltype(kt)::type;
-      return launch(search_tiles_kernel<KT>, dim3(query_blocks, static_cast<unsigned>(nt)), dim3(kThreads),
-                    sizeof(TileSmem), stream, a.queries, static_cast<const KT*>(a.keys), a.slot_ids, a.exclude,
-                    a.batch, a.n, a.d, a.l2, tile, a.k, p.keep, cand, theta);
+      return launch(search_span_kernel<KT>, dim3(query_blocks, static_cast<unsigned>(spans)), dim3(kThreads),
+                    p.smem, stream, a.queries, static_cast<const KT*>(a.keys), a.slot_ids, a.exclude, a.batch,
+                    a.n, a.d, a.l2, tile, nt, a.k, p.keep, cand, theta);
     });
     if (err != cudaSuccess) return err;
     if (tile + nt >= p.tiles) {
-      last = nt * p.keep;
+      last = spans * p.keep;
       break;
     }
     const int next = cur == 0 ? 1 : 0;
     err = launch(search_merge_kernel, dim3(per_query_blocks), dim3(kMergeThreads), 0, stream,
-                 cur < 0 ? nullptr : best[cur], cand, nt * p.keep, a.batch, a.k, theta, best[next]);
+                 cur < 0 ? nullptr : best[cur], cand, spans * p.keep, a.batch, a.k, theta, best[next]);
     if (err != cudaSuccess) return err;
     cur = next;
   }
   const size_t smem = (kMergeSmemKeys + (sort_scratch ? 0 : p.padded)) * sizeof(int64_t);
-  return finish(dim3(per_query_blocks), smem, cur < 0 ? nullptr : best[cur], last > 0 ? cand : nullptr, last, theta,
-                p.padded, sort_scratch);
+  return finish(dim3(per_query_blocks), smem, cur < 0 ? nullptr : best[cur], last > 0 ? cand : nullptr, last,
+                theta, p.padded, sort_scratch);
 }
 
 }  // namespace

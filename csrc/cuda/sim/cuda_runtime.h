@@ -135,6 +135,7 @@ inline void __threadfence() {}
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 719 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 
 inline std::string& sim_error_text() {
   static std::string text;
@@ -154,6 +155,12 @@ inline const char* cudaGetErrorString(cudaError_t err) {
 }
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
+  return cudaSuccess;
+}
+// Two multiprocessors: work sized by the SM count spreads over few blocks, so every block
+// loops over several rows' worth of work, as on a large input on a GPU.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
+  *value = 2;
   return cudaSuccess;
 }
 template <typename... Params>
