@@ -12,7 +12,8 @@ namespace detail {
 __device__ __forceinline__ bool valid_slot(int64_t s, int64_t n) { return s >= 0 && s < n; }
 
 // wb [k] = softmax over the valid slots of scale * score (zeros when none), ob [W] =
-// sum_j wb_j v_j, or the weight on each class for labels (zeros when no slot is valid).
+// sum_j wb_j v_j, or the weight on each class for labels (zeros when no slot is valid;
+// labels outside [0, W) add to no class).
 // sb [k] are the query's slots (-1 or out of range: no row); `red` holds 32 floats.
 template <typename KT, typename VT>
 __device__ void attend_query(const float* qb, const KT* keys, const VT* values, const int64_t* labels,
@@ -41,22 +42,17 @@ __device__ void attend_query(const float* qb, const KT* keys, const VT* values, 
   }
   const float inv = 1.0f / block_reduce(total, false, red);
   for (int64_t j = t; j < k; j += kThreads) wb[j] *= inv;
-  if (labels) {
-    for (int64_t c = t; c < W; c += kThreads) ob[c] = 0.0f;
-    __syncthreads();
-    for (int64_t j = t; j < k; j += kThreads) {
+  __syncthreads();
+  // A thread per column sums the slots in order: for labels, the weights of the slots of
+  // its class (no atomics, so every run gives the same bits).
+  for (int64_t c = t; c < W; c += kThreads) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < k; ++j) {
       if (!valid_slot(sb[j], N)) continue;
-      const int64_t c = labels[sb[j]];
-      if (c >= 0 && c < W) atomicAdd(ob + c, wb[j]);
+      if (labels) acc += labels[sb[j]] == c ? wb[j] : 0.0f;
+      else acc += wb[j] * to_float(values[sb[j] * W + c]);
     }
-  } else {
-    __syncthreads();
-    for (int64_t c = t; c < W; c += kThreads) {
-      float acc = 0.0f;
-      for (int64_t j = 0; j < k; ++j)
-        if (valid_slot(sb[j], N)) acc += wb[j] * to_float(values[sb[j] * W + c]);
-      ob[c] = acc;
-    }
+    ob[c] = acc;
   }
   __syncthreads();  // the caller may reuse wb, ob and red at once
 }
