@@ -84,7 +84,9 @@ def test_one_pass_topk_attention_is_search_then_attend(backend, device, n, k, la
     out, slots, weights = kernels.topk_forward(a)
     _, want_slots = kernels.search(a.search())
     want_out, want_weights = kernels.attend_forward(a, want_slots)
-    assert torch.equal(slots, want_slots) and torch.equal(weights, want_weights) and torch.equal(out, want_out)
+    assert (
+        torch.equal(slots, want_slots) and torch.equal(weights, want_weights) and torch.equal(out, want_out)
+    )
     want = reference.topk_attention(AttendInputs(*(t.cpu() for t in on), 0.7, "l2", 5 if labels else 0, k=k))
     torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-5)
 
