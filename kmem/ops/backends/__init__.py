@@ -20,6 +20,7 @@ CPU, CUDA, ANY = frozenset({"cpu"}), frozenset({"cuda"}), frozenset({"cpu", "cud
 # twin on a shape, "auto" must not pick it there.
 _DENSE_GPU = (
     "dense attention, B = 64, N = 1.28M, d = 256 on an H100: {}x the reference twin's time (BENCHMARKS.md)"
+    "; the kernel changed since and waits for a GPU to be measured again"
 )
 ALL_DTYPES = None  # row copies move bytes: any dtype
 
