@@ -4,7 +4,8 @@ brute-force oracle that materialises every score (float64) and against the refer
 
 Each backend runs on the device it declares: Triton on the GPU when there is one, else
 on CPU tensors through its interpreter (slow: :meth:`Kernel.rows` caps the memories it
-gets); CUDA only on a GPU. A backend that cannot run here skips and says why (under
+gets); CUDA on a GPU, and the same CUDA sources on CPU tensors through the simulator
+of ``_cuda_sim.py`` (backend "cuda-sim"). A backend that cannot run here skips and says why (under
 ``KMEM_REQUIRE_GPU=1`` a GPU backend's skip fails). Each backend's float32 tolerance is
 its own, declared in the registry (:attr:`kmem.ops.registry.Backend.tolerance`).
 Behaviour that belongs to one backend (its tiling, its launches, its refusals) is
