@@ -9,12 +9,12 @@
 //
 // What it checks that compiling cannot: the kernels' arithmetic and indexing, every
 // barrier and warp exchange, launch limits (threads per block, grid size, dynamic
-// shared memory past 48 KB without an opt-in, past the 227 KB of sm_90). Shared
-// memory starts each block as 0xFF bytes (NaN as floats), so reading it before
-// writing shows. Blocks run in a seeded shuffled order and the fibers of each phase
-// in a varying order, so a result that depends on block or thread order shows too.
-// What it cannot: races within a phase (a fiber runs alone between barriers), memory
-// ordering, speed.
+// shared memory past 48 KB without an opt-in, past the 227 KB of sm_90). Dynamic
+// shared memory starts each block as 0xFF bytes (NaN as floats), so reading it before
+// writing shows; static __shared__ variables keep the previous block's values. Blocks
+// run in a seeded shuffled order and the fibers of each phase in a varying order, so a
+// result that depends on block or thread order shows too. What it cannot: races within
+// a phase (a fiber runs alone between barriers), memory ordering, speed.
 //
 // Compiled only into the test module (csrc/cuda/sim/module.cpp, -DKMEM_CUDA_SIM).
 #pragma once
