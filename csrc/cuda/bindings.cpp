@@ -119,6 +119,29 @@ RowTensors rows_of(const at::Tensor& keys, const at::Tensor& values, int64_t num
   return r;
 }
 
+// A search's arguments as the launchers take them, with the tensors that keep their
+// pointers alive: float32 queries, contiguous ids, each query's excluded ids sorted, and
+// the workspace. `keys` must already be readable (see readable).
+struct SearchCall {
+  at::Tensor q, keys, ids, sorted, workspace;
+  cuda::SearchArgs args;
+};
+
+SearchCall search_call(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& slot_ids,
+                       const OptTensor& exclude_ids, int64_t k, bool l2, const char* op) {
+  TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
+  SearchCall c;
+  c.q = float32(queries);
+  c.keys = keys;
+  c.ids = slot_ids.contiguous();
+  const auto [sorted, ex] = exclusions(exclude_ids, queries, op);
+  c.sorted = sorted;
+  c.workspace = workspace(cuda::search_workspace_bytes(c.q.size(0), keys.size(0), k), c.q);
+  c.args = {c.q.data_ptr<float>(), c.q.size(0), keys.data_ptr(), dtype_of(keys), keys.size(0), keys.size(1),
+            c.ids.data_ptr<int64_t>(), ex, k, l2};
+  return c;
+}
+
 // A float32 gradient buffer, or an empty tensor standing for "not needed".
 at::Tensor empty_or(bool needed, at::IntArrayRef shape, const at::Tensor& like) {
   const auto options = like.options().dtype(at::kFloat);
@@ -132,16 +155,13 @@ std::tuple<at::Tensor, at::Tensor> cuda_search(const at::Tensor& queries, const 
                        bool l2, const OptTensor& exclude_ids) {
   constexpr const char* op = "cuda_search";
   check_memory(queries, keys, slot_ids, op);
-  TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
   const DeviceGuard guard(queries.device());
-  const at::Tensor q = float32(queries), kc = readable(keys), ids = slot_ids.contiguous();
-  const auto [sorted, ex] = exclusions(exclude_ids, queries, op);
-  at::Tensor scores = at::empty({q.size(0), k}, q.options());
-  at::Tensor slots = at::empty({q.size(0), k}, slot_ids.options());
-  at::Tensor ws = workspace(cuda::search_workspace_bytes(q.size(0), kc.size(0), k), q);
-  const cuda::SearchArgs args{q.data_ptr<float>(), q.size(0),           kc.data_ptr(), dtype_of(kc), kc.size(0),
-                              kc.size(1),          ids.data_ptr<int64_t>(), ex,          k,            l2};
-  check_launch(cuda::search(args, scores.data_ptr<float>(), slots.data_ptr<int64_t>(), ws.data_ptr(), stream()), op);
+  const SearchCall c = search_call(queries, readable(keys), slot_ids, exclude_ids, k, l2, op);
+  at::Tensor scores = at::empty({c.q.size(0), k}, c.q.options());
+  at::Tensor slots = at::empty({c.q.size(0), k}, slot_ids.options());
+  check_launch(
+      cuda::search(c.args, scores.data_ptr<float>(), slots.data_ptr<int64_t>(), c.workspace.data_ptr(), stream()),
+      op);
   return {scores, slots};
 }
 
@@ -151,19 +171,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_topk_forward(const at::Tenso
                                                                  bool l2, int64_t num_classes) {
   constexpr const char* op = "cuda_topk_forward";
   check_memory(queries, keys, slot_ids, op);
-  TORCH_CHECK(k >= 1, op, ": k must be >= 1, got ", k);
   const DeviceGuard guard(queries.device());
-  const at::Tensor q = float32(queries), ids = slot_ids.contiguous();
   const RowTensors r = rows_of(keys, values, num_classes, queries, op);
-  const auto [sorted, ex] = exclusions(exclude_ids, queries, op);
-  at::Tensor out = at::empty({q.size(0), r.rows.width}, q.options());
-  at::Tensor slots = at::empty({q.size(0), k}, slot_ids.options());
-  at::Tensor weights = at::empty({q.size(0), k}, q.options());
-  at::Tensor ws = workspace(cuda::search_workspace_bytes(q.size(0), r.rows.n, k), q);
-  const cuda::SearchArgs args{q.data_ptr<float>(), q.size(0), r.rows.keys, r.rows.key_dtype, r.rows.n,
-                              r.rows.d,            ids.data_ptr<int64_t>(), ex, k, l2};
-  check_launch(cuda::topk_forward(args, r.rows, static_cast<float>(scale), out.data_ptr<float>(),
-                                  slots.data_ptr<int64_t>(), weights.data_ptr<float>(), ws.data_ptr(), stream()),
+  const SearchCall c = search_call(queries, r.keys, slot_ids, exclude_ids, k, l2, op);
+  at::Tensor out = at::empty({c.q.size(0), r.rows.width}, c.q.options());
+  at::Tensor slots = at::empty({c.q.size(0), k}, slot_ids.options());
+  at::Tensor weights = at::empty({c.q.size(0), k}, c.q.options());
+  check_launch(cuda::topk_forward(c.args, r.rows, static_cast<float>(scale), out.data_ptr<float>(),
+                                  slots.data_ptr<int64_t>(), weights.data_ptr<float>(), c.workspace.data_ptr(),
+                                  stream()),
                op);
   return {out, slots, weights};
 }

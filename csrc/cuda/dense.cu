@@ -26,7 +26,7 @@ static_assert(kDenseQueries * kDenseRows == 16 * kThreads, "one 4 x 4 tile per t
 struct DenseSmem {
   float keys[kDenseCols][kDenseRows + 1];  // transposed; +1: a row's columns land in distinct banks
   float queries[kDenseCols][kDenseQueries];
-  float p[kDenseQueries][kDenseRows];  // logits, then their exponentials
+  float p[kDenseQueries][kDenseRows];  // logits, then their exponentials (the backward: dS)
   float m[kDenseQueries], l[kDenseQueries], alpha[kDenseQueries];
   int64_t labels[kDenseRows];
 };
@@ -53,8 +53,8 @@ __device__ __forceinline__ void tile_fma(const DenseSmem& sm, float (&acc)[4][4]
 // gradients), `rows` nr key (or value) rows, both of `width` columns. Ends with the
 // staged columns still in use: the caller's next write to sm needs a barrier.
 template <typename T>
-__device__ __forceinline__ void tile_scores(const float* a, int na, const T* rows, int nr, int64_t width, bool l2, DenseSmem& sm,
-                            float (&acc)[4][4]) {
+__device__ __forceinline__ void tile_scores(const float* a, int na, const T* rows, int nr, int64_t width, bool l2,
+                                            DenseSmem& sm, float (&acc)[4][4]) {
   const int t = threadIdx.x;
   for (int j = 0; j < 4; ++j)
     for (int m = 0; m < 4; ++m) acc[j][m] = 0.0f;
@@ -227,7 +227,8 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t b = b0 + qg + j, row = r + i;
         const bool real = qg + j < nq && i < n;
         float p = 0.0f, dpv = dp[j][m];
-        if (real && lse[b] != kNegInf && live(ids, ex, b, row)) p = expf(scale * (l2 ? -s[j][m] : s[j][m]) - lse[b]);
+        if (real && lse[b] != kNegInf && live(ids, ex, b, row))
+          p = expf(scale * (l2 ? -s[j][m] : s[j][m]) - lse[b]);
         if (labels) dpv = real && labels[row] >= 0 && labels[row] < W ? g[b * W + labels[row]] : 0.0f;
         const float dsv = real ? scale * p * (dpv - D[b]) : 0.0f;
         if (real) {

@@ -212,10 +212,10 @@ __device__ __forceinline__ bool survives(int64_t key, unsigned long long theta) 
 // range of the chunk's `tiles` tiles from first_tile, about tiles / spans of them -- for
 // query block x, keeps each query's best `keep` keys so far in shared memory, and
 // writes them as its candidates, cand [B, spans, keep]. keep = k when k <= 512; past
-// that a span is one tile, whose 512 rows all fit. Query blocks are the fastest axis: the blocks that read one
-// span run together, so its rows cross HBM once and L2 serves the rest. A tile offers
-// only its keys at or above the running threshold: once the threshold nears the k-th
-// best, most tiles offer none and skip the selection.
+// that a span is one tile, whose 512 rows all fit. Query blocks are the fastest axis:
+// the blocks that read one span run together, so its rows cross HBM once and L2 serves
+// the rest. A tile offers only its keys at or above the running threshold: once the
+// threshold nears the k-th best, most tiles offer none and skip the selection.
 template <typename KT>
 __global__ void __launch_bounds__(kThreads)
     search_span_kernel(const float* q, const KT* keys, const int64_t* ids, Exclusions ex, int64_t B, int64_t N,

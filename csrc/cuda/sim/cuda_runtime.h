@@ -33,8 +33,6 @@ using __half = c10::Half;
 using __nv_bfloat16 = c10::BFloat16;
 inline float __half2float(__half h) { return static_cast<float>(h); }
 inline float __bfloat162float(__nv_bfloat16 h) { return static_cast<float>(h); }
-inline __half __float2half(float f) { return __half(f); }
-inline __nv_bfloat16 __float2bfloat16(float f) { return __nv_bfloat16(f); }
 
 template <typename To, typename From>
 inline To sim_bits(From v) {
@@ -45,16 +43,6 @@ inline To sim_bits(From v) {
 }
 inline int __float_as_int(float f) { return sim_bits<int>(f); }
 inline float __int_as_float(int i) { return sim_bits<float>(i); }
-inline unsigned __float_as_uint(float f) { return sim_bits<unsigned>(f); }
-inline float __uint_as_float(unsigned u) { return sim_bits<float>(u); }
-inline int __popc(unsigned x) { return __builtin_popcount(x); }
-inline int __clz(unsigned x) { return x == 0 ? 32 : __builtin_clz(x); }
-inline int __ffs(unsigned x) { return __builtin_ffs(static_cast<int>(x)); }
-
-template <typename T>
-inline T __ldg(const T* p) {
-  return *p;
-}
 
 // ------------------------------------------------------------- barriers, warps
 // The warp operations are not inlined, so their return address names the place in the
@@ -62,7 +50,6 @@ inline T __ldg(const T* p) {
 #define KMEM_SIM_CALLER __builtin_return_address(0)
 
 inline void __syncthreads() { kmem::sim::sync_block(); }
-[[gnu::noinline]] inline void __syncwarp(unsigned = 0xFFFFFFFFu) { kmem::sim::sync_warp(KMEM_SIM_CALLER); }
 
 // Shuffles exchange within the whole warp (kmem passes the full mask); a source lane
 // outside [0, 32) or the segment of `width` returns the caller's own value, as CUDA's do.
@@ -94,7 +81,6 @@ template <typename T>
   for (int lane = 0; lane < 32; ++lane) bits |= (slots[lane] != 0 ? 1u : 0u) << lane;
   return bits;
 }
-inline int __any_sync(unsigned mask, int predicate) { return __ballot_sync(mask, predicate) != 0; }
 
 // ------------------------------------------------------------------- atomics
 // One OS thread runs every fiber, and a fiber is never interrupted between barriers:
@@ -111,25 +97,6 @@ inline T atomicMax(T* p, U v) {
   if (static_cast<T>(v) > old) *p = static_cast<T>(v);
   return old;
 }
-template <typename T, typename U>
-inline T atomicMin(T* p, U v) {
-  const T old = *p;
-  if (static_cast<T>(v) < old) *p = static_cast<T>(v);
-  return old;
-}
-template <typename T, typename U>
-inline T atomicExch(T* p, U v) {
-  const T old = *p;
-  *p = static_cast<T>(v);
-  return old;
-}
-template <typename T, typename U, typename V>
-inline T atomicCAS(T* p, U compare, V v) {
-  const T old = *p;
-  if (old == static_cast<T>(compare)) *p = static_cast<T>(v);
-  return old;
-}
-inline void __threadfence() {}
 
 // ------------------------------------------------------------------- runtime
 using cudaStream_t = void*;

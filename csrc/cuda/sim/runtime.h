@@ -1,6 +1,6 @@
 // The scheduler of kmem's CUDA simulator: runs a kernel's thread blocks on the CPU, one
 // block at a time, each CUDA thread a fiber on its own stack. A fiber runs until it
-// reaches __syncthreads (or a warp-wide exchange: a shuffle, a ballot, __syncwarp) and
+// reaches __syncthreads (or a warp-wide exchange: a shuffle or a ballot) and
 // waits there; a barrier opens once every thread it binds has arrived. Threads that
 // have exited count as arrived at __syncthreads (as on Volta and later) but not at a
 // warp exchange, which on a GPU is undefined for an exited lane: the simulator fails
@@ -234,12 +234,9 @@ inline unsigned char* dynamic_smem() { return launch_state().smem.data(); }
 
 inline void sync_block() { wait_at(Wait::block); }
 
-// A warp barrier: `site` is the caller's code address, which every lane must share.
-inline void sync_warp(const void* site) { wait_at(Wait::warp, site); }
-
 // This lane's value exchanged with its warp: returns the values of all 32 lanes' slots
-// after every lane has written (lanes past the block's end keep zeros). `site`: as for
-// sync_warp.
+// after every lane has written (lanes past the block's end keep zeros). `site` is the
+// caller's code address, which every lane must share.
 template <typename T>
 const uint64_t* exchange(T v, const void* site) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "warp exchange of a value over 8 bytes");
