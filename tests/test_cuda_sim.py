@@ -54,3 +54,14 @@ def test_launch_limits_are_checked(sim):
     assert "a block of 2048 threads" in sim.selftest("smem", 2048, 0, torch.zeros(2048))
     # Shared memory starts as 0xFF bytes: read before written, it is NaN.
     assert sim.selftest("smem", 32, 16, out) == "" and bool(out[:32].isnan().all())
+
+
+def test_mma_follows_the_ptx_fragment_layout(sim):
+    """One m16n8k8 TF32 MMA, each lane loading and storing its fragments by the PTX ISA's
+    layout, gives A B; the operands lose the mantissa bits TF32 drops (2^-20 here)."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-8, 9, (16, 8), generator=g).float()
+    b = torch.randint(-8, 9, (8, 8), generator=g).float()
+    out = torch.cat([torch.zeros(128), (a * (1 + 2.0**-20)).flatten(), b.flatten()])
+    assert sim.selftest("mma", 32, 0, out) == ""
+    assert torch.equal(out[:128].view(16, 8), a @ b)  # small integers: exact in any order

@@ -324,6 +324,23 @@ def test_search_random_float_ties_across_tiles(kernel, metric):
 
 
 @backends(ALL)
+def test_search_ranks_what_tf32_cannot_tell_apart(kernel):
+    """Rows A (first tile) and B (second) differ only below TF32's 10 mantissa bits: cut
+    to TF32 they tie, in float32 B wins. 20 queries take the GPU backends' tensor-core
+    screens; each must send B's tile on to the float32 scorer after A set the threshold."""
+    d, n, batch = 16, 2048, 20
+    kernel.fits(n, batch)
+    keys = -torch.ones(n, d)
+    keys[0], keys[700] = 1.0, 1.0 + 2.0**-20
+    q = torch.full((batch, d), 1.0 + 2.0**-15)
+    tf32 = (q.view(torch.int32) & -8192).view(torch.float32)
+    cut = (keys[[0, 700]].view(torch.int32) & -8192).view(torch.float32)
+    assert bool((cut @ tf32[0]).diff() == 0)  # the premise: TF32 scores tie
+    _, slots = kernel.search(q, keys, torch.arange(n), 1, "ip")
+    assert slots.flatten().tolist() == [700] * batch
+
+
+@backends(ALL)
 @pytest.mark.parametrize("metric", METRICS)
 def test_search_never_returns_dead_rows_that_would_win(kernel, metric):
     """Dead rows whose (unscrubbed) keys would beat every live row are skipped."""

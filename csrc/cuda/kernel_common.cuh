@@ -41,6 +41,27 @@ __device__ __forceinline__ T* dynamic_smem() {
 #endif
 }
 
+// d += a b on tensor cores: one m16n8k8 MMA by the whole warp, A [16, 8] and B [8, 8]
+// in TF32 (each operand's mantissa cut to 10 bits), float32 accumulation. Lane l holds,
+// with g = l / 4 and c = l % 4: a = A[g][c], A[g+8][c], A[g][c+4], A[g+8][c+4];
+// b = B[c][g], B[c+4][g]; d = D[g][2c], D[g][2c+1], D[g+8][2c], D[g+8][2c+1] (the PTX
+// ISA's fragment layout). sm_80 and later; the host never selects it below.
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+#ifdef KMEM_CUDA_SIM
+  sim_mma_m16n8k8_tf32(d, a, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  // The cut is explicit, so every GPU and the simulator read the same operands.
+  auto tf32 = [](float x) { return __float_as_uint(x) & 0xFFFFE000u; };
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(tf32(a[0])), "r"(tf32(a[1])), "r"(tf32(a[2])), "r"(tf32(a[3])), "r"(tf32(b[0])), "r"(tf32(b[1])));
+#endif
+}
+
 __device__ __forceinline__ int64_t pack(float score, int64_t slot) {
   if (score == 0.0f) score = 0.0f;  // -0.0 and +0.0 must tie (survives fast-math, unlike + 0.0f)
   int32_t bits = __float_as_int(score);

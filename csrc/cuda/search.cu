@@ -9,7 +9,10 @@
 // stays in global memory when k is large. Packed keys order by (score desc, slot asc): the
 // float32 score's bits made order-preserving as a signed int in the high word,
 // 0xFFFFFFFF - slot in the low word; INT64_MIN means "no row". Real keys are unique
-// (one per slot), which makes the selection exact.
+// (one per slot), which makes the selection exact. Above 16 queries (k <= 512, sm_80 and
+// later) the span kernel screens each 256-row sub-tile on tensor cores (TF32) against
+// the running thresholds and scores in float32 only the sub-tiles that may reach them:
+// the same keys, bit for bit, as the float32 scan.
 #include "attend_query.cuh"
 
 namespace kmem {
@@ -147,6 +150,7 @@ constexpr int kSortSmemKeys = 4096;           // final sort in shared memory up 
 constexpr int kMergeSmemKeys = 4096;          // the merge selects in shared memory up to this many survivors
 constexpr int64_t kCandidateBudget = 1 << 24;  // candidate keys of all queries (128 MiB)
 constexpr int kSpansPerSM = 4;                 // blocks aimed for per SM: query blocks x row spans
+constexpr int64_t kTensorCoreBatch = 16;       // above this many queries the scan screens on tensor cores
 
 // A span block's shared memory; its running best keys follow it in the dynamic shared
 // memory: best, then next, each [kQueryBlock][keep].
@@ -157,25 +161,36 @@ struct TileSmem {
   unsigned kept[kQueryBlock];  // real keys in each query's running best
   alignas(16) float qstage[kDimChunk][kQueryBlock];
   float kstage[kThreads][kDimChunk + 1];  // +1: rows land in distinct banks
+  float norm[kThreads];                   // the screen's |k|^2 of the sub-tile's rows
+  float qslack[kQueryBlock];              // the screen's slack |q| per query
   SelectShared select;
 };
 
+// Stages columns [c0, c0 + kDimChunk) of the sub-tile starting at row `first` (all
+// threads together) and of the query block's queries.
+template <typename KT>
+__device__ void stage_columns(const float* q, const KT* keys, int64_t B, int64_t N, int64_t d, int64_t b0,
+                              int64_t first, int64_t c0, TileSmem& sm) {
+  const int t = threadIdx.x;
+  for (int e = t; e < kThreads * kDimChunk; e += kThreads) {
+    const int r = e / kDimChunk, c = e % kDimChunk;
+    const int64_t row = first + r;
+    sm.kstage[r][c] = row < N && c0 + c < d ? to_float(keys[row * d + c0 + c]) : 0.0f;
+  }
+  for (int e = t; e < kQueryBlock * kDimChunk; e += kThreads) {
+    const int qi = e / kDimChunk, c = e % kDimChunk;
+    sm.qstage[c][qi] = b0 + qi < B && c0 + c < d ? q[(b0 + qi) * d + c0 + c] : 0.0f;
+  }
+}
+
 // acc[i] += q_(b0+i) . keys[row], norm += |keys[row]|^2 for this thread's row of the
-// sub-tile starting at `first`; all threads stage columns together.
+// sub-tile starting at `first`, in float32.
 template <typename KT>
 __device__ void score_subtile(const float* q, const KT* keys, int64_t B, int64_t N, int64_t d, int64_t b0,
                               int64_t first, TileSmem& sm, float (&acc)[kQueryBlock], float& norm) {
   const int t = threadIdx.x;
   for (int64_t c0 = 0; c0 < d; c0 += kDimChunk) {
-    for (int e = t; e < kThreads * kDimChunk; e += kThreads) {
-      const int r = e / kDimChunk, c = e % kDimChunk;
-      const int64_t row = first + r;
-      sm.kstage[r][c] = row < N && c0 + c < d ? to_float(keys[row * d + c0 + c]) : 0.0f;
-    }
-    for (int e = t; e < kQueryBlock * kDimChunk; e += kThreads) {
-      const int qi = e / kDimChunk, c = e % kDimChunk;
-      sm.qstage[c][qi] = b0 + qi < B && c0 + c < d ? q[(b0 + qi) * d + c0 + c] : 0.0f;
-    }
+    stage_columns(q, keys, B, N, d, b0, first, c0, sm);
     __syncthreads();
 #pragma unroll 8
     for (int c = 0; c < kDimChunk; ++c) {  // zero padding adds nothing past d
@@ -194,6 +209,53 @@ __device__ void score_subtile(const float* q, const KT* keys, int64_t B, int64_t
     }
     __syncthreads();
   }
+}
+
+// Whether some live row of the sub-tile starting at `first` may reach the running
+// threshold of a query of the block (the same answer in every thread). The rows are
+// scored on tensor cores in TF32, off the float32 score by at most slack |q| |k| (see
+// tf32_slack); a row passes only if even that margin leaves it below the threshold's
+// score, so the float32 scan skips nothing that could survive it. Warp w scores rows
+// 32w to 32w + 31 as two 16-row MMA tiles against the 8 queries.
+template <typename KT>
+__device__ bool screen_subtile(const float* q, const KT* keys, const int64_t* ids, int64_t B, int64_t N, int64_t d,
+                               bool l2, int64_t b0, int64_t first, TileSmem& sm) {
+  const int t = threadIdx.x, lane = t % 32, g = lane / 4, c4 = lane % 4, base = t / 32 * 32;
+  float acc[2][4] = {}, norm = 0.0f;
+  for (int64_t c0 = 0; c0 < d; c0 += kDimChunk) {
+    stage_columns(q, keys, B, N, d, b0, first, c0, sm);
+    __syncthreads();
+    for (int c = 0; c < kDimChunk; ++c) norm += sm.kstage[t][c] * sm.kstage[t][c];
+#pragma unroll
+    for (int k0 = 0; k0 < kDimChunk; k0 += 8) {
+      const float b[2] = {sm.qstage[k0 + c4][g], sm.qstage[k0 + c4 + 4][g]};
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        const int r = base + 16 * m + g;
+        const float a[4] = {sm.kstage[r][k0 + c4], sm.kstage[r + 8][k0 + c4], sm.kstage[r][k0 + c4 + 4],
+                            sm.kstage[r + 8][k0 + c4 + 4]};
+        mma_tf32(acc[m], a, b);
+      }
+    }
+    __syncthreads();
+  }
+  sm.norm[t] = norm;
+  __syncthreads();
+  bool reach = false;
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = base + 16 * m + g + (i >= 2 ? 8 : 0), qi = 2 * c4 + (i & 1);
+      const int64_t row = first + r;
+      if (row >= N || b0 + qi >= B || ids[row] < 0) continue;
+      const float approx = l2 ? 2.0f * acc[m][i] - sm.norm[r] : acc[m][i];
+      // d * 2^-110: what products flushed to zero below float32's normal range may lose.
+      const float bound = sm.qslack[qi] * sqrtf(sm.norm[r]) + static_cast<float>(d) * 7.7e-34f;
+      const float theta = packed_score(static_cast<int64_t>(sm.theta[qi] ^ (1ull << 63)));
+      if (!(approx + bound < theta)) reach = true;  // "not below": a NaN reaches
+    }
+  return __syncthreads_or(reach) != 0;
 }
 
 // The running threshold of query b: the radix key of a k-th best key some tile found
@@ -215,11 +277,14 @@ __device__ __forceinline__ bool survives(int64_t key, unsigned long long theta) 
 // that a span is one tile, whose 512 rows all fit. Query blocks are the fastest axis:
 // the blocks that read one span run together, so its rows cross HBM once and L2 serves
 // the rest. A tile offers only its keys at or above the running threshold: once the
-// threshold nears the k-th best, most tiles offer none and skip the selection.
-template <typename KT>
+// threshold nears the k-th best, most tiles offer none and skip the selection. With
+// kTensorCores, each 256-row sub-tile is screened on tensor cores first (slack: see
+// screen_subtile) and scored in float32 only if some row may reach the threshold: the
+// keys ranked are the float32 scan's, bit for bit.
+template <typename KT, bool kTensorCores>
 __global__ void __launch_bounds__(kThreads)
     search_span_kernel(const float* q, const KT* keys, const int64_t* ids, Exclusions ex, int64_t B, int64_t N,
-                       int64_t d, bool l2, int64_t first_tile, int64_t tiles, int64_t k, int64_t keep,
+                       int64_t d, bool l2, float slack, int64_t first_tile, int64_t tiles, int64_t k, int64_t keep,
                        int64_t* cand, unsigned long long* theta) {
   TileSmem& sm = *dynamic_smem<TileSmem>();
   int64_t* best = reinterpret_cast<int64_t*>(&sm + 1);
@@ -230,6 +295,14 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t b0 = static_cast<int64_t>(blockIdx.x) * kQueryBlock; b0 < B;
        b0 += static_cast<int64_t>(gridDim.x) * kQueryBlock) {
     if (t < kQueryBlock) sm.kept[t] = 0;
+    if (kTensorCores) {  // warp w: slack |q| of query w
+      static_assert(kWarps == kQueryBlock, "a warp per query");
+      const int64_t b = b0 + t / 32;
+      float sq = 0.0f;
+      for (int64_t c = t % 32; b < B && c < d; c += 32) sq += q[b * d + c] * q[b * d + c];
+      sq = warp_sum(sq);
+      if (t % 32 == 0) sm.qslack[t / 32] = slack * sqrtf(sq);
+    }
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t row0 = tile * kTileRows, rows = N - row0 < kTileRows ? N - row0 : kTileRows;
       if (t < kQueryBlock) {
@@ -241,6 +314,7 @@ __global__ void __launch_bounds__(kThreads)
         float acc[kQueryBlock] = {};
         float norm = 0.0f;
         const int64_t local = sub * kThreads + t;
+        if (kTensorCores && !screen_subtile(q, keys, ids, B, N, d, l2, b0, row0 + sub * kThreads, sm)) continue;
         score_subtile(q, keys, B, N, d, b0, row0 + sub * kThreads, sm, acc, norm);
 #pragma unroll
         for (int qi = 0; qi < kQueryBlock; ++qi) {  // unrolled: acc stays in registers
@@ -359,16 +433,25 @@ __global__ void __launch_bounds__(kThreads)
 // Sizes of one search call; the workspace holds cand, then two best buffers (between
 // chunks), then the sort scratch, then the thresholds.
 struct SearchPlan {
+  bool tensor_cores;  // span kernels screen sub-tiles on tensor cores
   int64_t keep, tiles, tiles_per_chunk, spans, padded;
   size_t cand_bytes, best_bytes, sort_bytes, theta_bytes, smem;
 };
 
-int multiprocessors() {
-  int device = 0, count = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    return 1;
-  return count > 0 ? count : 1;
+// An attribute of the current device; `fallback` if it cannot be read.
+int device_attribute(cudaDeviceAttr attr, int fallback) {
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess)
+    return fallback;
+  return value > 0 ? value : fallback;
+}
+
+// s such that |TF32 score - float32 score| <= s |q| |k| for d-wide rows: the bound
+// kernels/search.py's tf32_slack derives for the Triton screen (2^-9 per product of cut
+// operands, d 2^-21 for the float32 sums, twice for l2's 2 q.k, a factor 2 of margin).
+float tf32_slack(int64_t d, bool l2) {
+  const double bound = 2.0 * (std::ldexp(1.0, -9) + static_cast<double>(d) * std::ldexp(1.0, -21));
+  return static_cast<float>(l2 ? 2.0 * bound : bound);
 }
 
 // k <= 512: one chunk of every tile, in spans enough to fill the GPU (each span block
@@ -378,8 +461,12 @@ SearchPlan plan_search(int64_t B, int64_t N, int64_t k) {
   SearchPlan p{};
   p.keep = k < kTileRows ? k : kTileRows;
   p.tiles = div_up(N, kTileRows);
+  // The screen pays only where a threshold exists to screen against (keep == k) and a
+  // staged key serves enough queries for scoring, not reading, to bound the scan.
+  p.tensor_cores = B > kTensorCoreBatch && k <= kTileRows &&
+                   device_attribute(cudaDevAttrComputeCapabilityMajor, 0) >= 8;
   const int64_t Bq = B > 0 ? B : 1, fit = kCandidateBudget / (Bq * p.keep);
-  int64_t spans = kSpansPerSM * multiprocessors() / div_up(Bq, kQueryBlock);
+  int64_t spans = kSpansPerSM * device_attribute(cudaDevAttrMultiProcessorCount, 1) / div_up(Bq, kQueryBlock);
   if (spans > fit) spans = fit;
   if (k > kTileRows) spans = fit;  // a span per tile: as many tiles per chunk as fit
   if (spans > p.tiles) spans = p.tiles;
@@ -428,9 +515,10 @@ cudaError_t scan(const SearchArgs& a, void* workspace, cudaStream_t stream, Fini
     const int64_t spans = nt < p.spans ? nt : p.spans;
     err = with_type(a.key_dtype, [&](auto kt) {
       using KT = typename decltype(kt)::type;
-      return launch(search_span_kernel<KT>, dim3(query_blocks, static_cast<unsigned>(spans)), dim3(kThreads),
-                    p.smem, stream, a.queries, static_cast<const KT*>(a.keys), a.slot_ids, a.exclude, a.batch,
-                    a.n, a.d, a.l2, tile, nt, a.k, p.keep, cand, theta);
+      return launch(p.tensor_cores ? search_span_kernel<KT, true> : search_span_kernel<KT, false>,
+                    dim3(query_blocks, static_cast<unsigned>(spans)), dim3(kThreads), p.smem, stream, a.queries,
+                    static_cast<const KT*>(a.keys), a.slot_ids, a.exclude, a.batch, a.n, a.d, a.l2,
+                    tf32_slack(a.d, a.l2), tile, nt, a.k, p.keep, cand, theta);
     });
     if (err != cudaSuccess) return err;
     if (tile + nt >= p.tiles) {

@@ -50,6 +50,7 @@ inline float __int_as_float(int i) { return sim_bits<float>(i); }
 #define KMEM_SIM_CALLER __builtin_return_address(0)
 
 inline void __syncthreads() { kmem::sim::sync_block(); }
+inline int __syncthreads_or(int predicate) { return kmem::sim::sync_block_or(predicate); }
 
 // Shuffles exchange within the whole warp (kmem passes the full mask); a source lane
 // outside [0, 32) or the segment of `width` returns the caller's own value, as CUDA's do.
@@ -82,6 +83,36 @@ template <typename T>
   return bits;
 }
 
+// mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, d += a b, by the whole warp: each
+// lane holds the fragments of the PTX ISA's layout (g = lane / 4, c = lane % 4): a =
+// A[g][c], A[g+8][c], A[g][c+4], A[g+8][c+4] of A [16, 8]; b = B[c][g], B[c+4][g] of
+// B [8, 8]; d = D[g][2c], D[g][2c+1], D[g+8][2c], D[g+8][2c+1] of D [16, 8]. The
+// operands lose the low 13 bits of their mantissas, as the tensor cores read them; the
+// products (exact in float32) add to d in k order.
+[[gnu::noinline]] inline void sim_mma_m16n8k8_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+  struct Pair {
+    float x, y;
+  };
+  const void* site = KMEM_SIM_CALLER;
+  float A[16][8], B[8][8];
+  auto gather = [&](float x, float y, auto put) {
+    const uint64_t* slots = kmem::sim::exchange(Pair{x, y}, site);
+    for (int lane = 0; lane < 32; ++lane) {
+      const Pair p = kmem::sim::lane_value<Pair>(slots, lane);
+      put(lane / 4, lane % 4, p.x, p.y);
+    }
+  };
+  gather(a[0], a[1], [&](int g, int c, float x, float y) { A[g][c] = x, A[g + 8][c] = y; });
+  gather(a[2], a[3], [&](int g, int c, float x, float y) { A[g][c + 4] = x, A[g + 8][c + 4] = y; });
+  gather(b[0], b[1], [&](int g, int c, float x, float y) { B[c][g] = x, B[c + 4][g] = y; });
+  auto tf32 = [](float x) { return sim_bits<float>(sim_bits<uint32_t>(x) & 0xFFFFE000u); };
+  const int g = kmem::sim::lane_id() / 4, c = kmem::sim::lane_id() % 4;
+  for (int i = 0; i < 4; ++i) {
+    const int row = g + (i >= 2 ? 8 : 0), col = 2 * c + (i & 1);
+    for (int k = 0; k < 8; ++k) d[i] += tf32(A[row][k]) * tf32(B[k][col]);
+  }
+}
+
 // ------------------------------------------------------------------- atomics
 // One OS thread runs every fiber, and a fiber is never interrupted between barriers:
 // a plain read-modify-write is atomic here.
@@ -102,7 +133,7 @@ inline T atomicMax(T* p, U v) {
 using cudaStream_t = void*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorLaunchFailure = 719 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrComputeCapabilityMajor = 75 };
 
 inline std::string& sim_error_text() {
   static std::string text;
@@ -125,9 +156,10 @@ inline cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 // Two multiprocessors: work sized by the SM count spreads over few blocks, so every block
-// loops over several rows' worth of work, as on a large input on a GPU.
-inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr, int) {
-  *value = 2;
+// loops over several rows' worth of work, as on a large input on a GPU. Compute
+// capability 9 (sm_90), so the kernels take their tensor-core paths.
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  *value = attr == cudaDevAttrMultiProcessorCount ? 2 : 9;
   return cudaSuccess;
 }
 template <typename... Params>

@@ -51,6 +51,23 @@ __global__ void two_places_kernel(int* out) {
   else out[t] = __shfl_xor_sync(0xFFFFFFFFu, t, 2);
 }
 
+// out [16, 8] = a [16, 8] b [8, 8] by one m16n8k8 TF32 MMA, each lane loading and
+// storing its fragments by the layout kernel_common.cuh's mma_tf32 documents.
+__global__ void mma_kernel(float* out) {
+  const float* a = out + 128;
+  const float* b = out + 256;
+  const int g = threadIdx.x / 4, c = threadIdx.x % 4;
+  const float fa[4] = {a[g * 8 + c], a[(g + 8) * 8 + c], a[g * 8 + c + 4], a[(g + 8) * 8 + c + 4]};
+  const float fb[2] = {b[c * 8 + g], b[(c + 4) * 8 + g]};
+  float d[4] = {};
+  kmem::cuda::detail::mma_tf32(d, fa, fb);
+  __syncthreads();  // every lane has read a and b before out is written
+  out[g * 8 + 2 * c] = d[0];
+  out[g * 8 + 2 * c + 1] = d[1];
+  out[(g + 8) * 8 + 2 * c] = d[2];
+  out[(g + 8) * 8 + 2 * c + 1] = d[3];
+}
+
 __global__ void smem_kernel(float* out) { out[threadIdx.x] = kmem::cuda::detail::dynamic_smem<float>()[0]; }
 
 // Launches `name` on one block of `threads`, with `smem` bytes of dynamic shared
@@ -62,6 +79,7 @@ inline std::string launch_checked(const std::string& name, int64_t threads, int6
   else if (name == "split") launch(split_kernel, grid, block, smem, out.data_ptr<int>());
   else if (name == "two places") launch(two_places_kernel, grid, block, smem, out.data_ptr<int>());
   else if (name == "smem") launch(smem_kernel, grid, block, smem, out.data_ptr<float>());
+  else if (name == "mma") launch(mma_kernel, grid, block, smem, out.data_ptr<float>());
   else TORCH_CHECK(false, "no self-test kernel ", name);
   return cudaGetLastError() == cudaSuccess ? std::string() : std::string(cudaGetErrorString(cudaErrorLaunchFailure));
 }
