@@ -704,6 +704,26 @@ def test_dense_log_sum_exp_gradient_matches_reference(kernel, metric):
         torch.testing.assert_close(got, want, **kernel.grad_tol)
 
 
+@backends(ATTENDING)
+@pytest.mark.parametrize("metric", METRICS)
+def test_dense_gradients_are_the_same_bits_every_run(kernel, metric):
+    """Two dense backward passes give bit-identical gradients: no sum depends on the
+    order blocks or threads run in (the CUDA simulator runs blocks in a new order each
+    launch, so an atomic sum into dq shows there)."""
+    n, batch = 700, 20
+    kernel.fits(n, batch)
+    keys, slot_ids = buffers(n, 6, dead_every=6)
+    q, values, w = torch.randn(batch, 6), torch.randn(n, 3), torch.randn(batch, 3)
+
+    def grads() -> list[torch.Tensor]:
+        leaves = [t.clone().requires_grad_() for t in kernel.on(q, keys, values)]
+        (kernel.attend(*leaves, slot_ids, None, 0.8, metric).cpu() * w).sum().backward()
+        return [leaf.grad.cpu() for leaf in leaves]
+
+    for first, second in zip(grads(), grads(), strict=True):
+        assert torch.equal(first, second)
+
+
 @backends([b for b in ATTENDING if b != "reference"])
 def test_calls_run_the_backends_own_kernels(kernel):
     q, keys, slot_ids = kernel.on(torch.randn(2, 8), *buffers(50, 8))

@@ -278,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_dense_backward(
   at::Tensor dq = at::empty_like(q);
   at::Tensor dkeys = empty_or(needs_keys, {r.rows.n, r.rows.d}, q);
   at::Tensor dvalues = empty_or(want_values, {r.rows.n, r.rows.width}, q);
-  at::Tensor ws = workspace(cuda::dense_backward_workspace_bytes(q.size(0), r.rows.n), q);
+  at::Tensor ws = workspace(cuda::dense_backward_workspace_bytes(q.size(0), r.rows.n, r.rows.d), q);
   const cuda::DenseArgs args{q.data_ptr<float>(), q.size(0), r.rows, ids.data_ptr<int64_t>(), ex,
                              static_cast<float>(scale), l2};
   check_launch(cuda::dense_backward(args, g.data_ptr<float>(), gl.data_ptr<float>(), o.data_ptr<float>(), l.data_ptr<float>(),

@@ -1,6 +1,7 @@
 // CUDA dense attention, flash-decoding: each block runs an online softmax over one split
 // of the rows for a tile of queries, a combine kernel merges the splits by their
-// log-sum-exp; the backward recomputes the weights from lse over bounded row chunks.
+// log-sum-exp; the backward recomputes the weights from lse over bounded row chunks,
+// each row tile adding its share of dq into its own partial (no atomics: deterministic).
 #include "kernel_common.cuh"
 
 namespace kmem {
@@ -201,15 +202,18 @@ __global__ void __launch_bounds__(kThreads)
 // Grid (query tiles, row tiles of the chunk): p = exp(z - lse), ds = scale p (dp - D)
 // for a tile of 16 queries and 256 rows into P / DS [B, C] (C = chunk stride), with the
 // scores and dp = g . v recomputed as register tiles (a key or value row is read once per
-// 16 queries), and the tile's share of dq.
+// 16 queries), and the tile's share of dq added into the row tile's own partial,
+// dq_parts[blockIdx.y] [B, d]: no atomics, so every run sums the same terms in the same
+// order.
 template <typename KT, typename VT>
 __global__ void __launch_bounds__(kThreads)
     dense_backward_tile_kernel(const float* g, const float* q, const KT* keys, const VT* values,
                                const int64_t* labels, const int64_t* ids, Exclusions ex, const float* lse,
                                const float* D, int64_t B, int64_t N, int64_t d, int64_t W, float scale, bool l2,
-                               int64_t chunk0, int64_t chunk_end, int64_t C, float* P, float* DS, float* dq) {
+                               int64_t chunk0, int64_t chunk_end, int64_t C, float* P, float* DS, float* dq_parts) {
   __shared__ DenseSmem sm;
   const int t = threadIdx.x, qg = t / 64 * 4, rl = t % 64;
+  float* dq = dq_parts + static_cast<int64_t>(blockIdx.y) * B * d;
   const int64_t r = chunk0 + static_cast<int64_t>(blockIdx.y) * kDenseRows;
   const int n = chunk_end - r < kDenseRows ? static_cast<int>(chunk_end - r) : kDenseRows;
   for (int64_t b0 = static_cast<int64_t>(blockIdx.x) * kDenseQueries; b0 < B;
@@ -251,8 +255,18 @@ __global__ void __launch_bounds__(kThreads)
         total += dsv;
       }
       const float grad = l2 ? 2.0f * (acc - total * q[(b0 + j) * d + c]) : acc;
-      if (grad != 0.0f) atomicAdd(dq + (b0 + j) * d + c, grad);
+      if (grad != 0.0f) dq[(b0 + j) * d + c] += grad;
     }
+  }
+}
+
+// dq = the sum of the S partials [S, n] (n = B d), in partial order.
+__global__ void __launch_bounds__(kThreads) dense_dq_sum_kernel(const float* parts, int64_t S, int64_t n, float* dq) {
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    float acc = 0.0f;
+    for (int64_t s = 0; s < S; ++s) acc += parts[s * n + e];
+    dq[e] = acc;
   }
 }
 
@@ -356,8 +370,11 @@ cudaError_t dense_forward(const DenseArgs& a, float* out, float* lse, void* work
                 r.width, out, lse);
 }
 
-size_t dense_backward_workspace_bytes(int64_t batch, int64_t n) {
-  return static_cast<size_t>(batch * (2 * dense_chunk(batch, n) + 1)) * sizeof(float);
+// The backward's workspace: P and DS [B, C], D [B], and a partial of dq [B, d] per row
+// tile of a chunk (C / 256 of them: with B C within budget, under budget / 256 x d floats).
+size_t dense_backward_workspace_bytes(int64_t batch, int64_t n, int64_t d) {
+  const int64_t C = dense_chunk(batch, n);
+  return static_cast<size_t>(batch * (2 * C + 1) + div_up(C, kDenseRows) * batch * d) * sizeof(float);
 }
 
 cudaError_t dense_backward(const DenseArgs& a, const float* grad_out, const float* grad_lse, const float* out,
@@ -372,11 +389,12 @@ cudaError_t dense_backward(const DenseArgs& a, const float* grad_out, const floa
       err = cudaMemsetAsync(dvalues, 0, static_cast<size_t>(r.n * r.width) * sizeof(float), stream);
     return err;
   }
-  const int64_t C = dense_chunk(a.batch, r.n);
+  const int64_t C = dense_chunk(a.batch, r.n), parts = div_up(C, kDenseRows);
   auto* P = static_cast<float*>(workspace);
   float* DS = P + a.batch * C;
   float* D = DS + a.batch * C;
-  cudaError_t err = cudaMemsetAsync(dq, 0, static_cast<size_t>(a.batch * r.d) * sizeof(float), stream);
+  float* dq_parts = D + a.batch;
+  cudaError_t err = cudaMemsetAsync(dq_parts, 0, static_cast<size_t>(parts * a.batch * r.d) * sizeof(float), stream);
   if (err != cudaSuccess) return err;
   const unsigned queries = grid_size(a.batch, 65535);
   err = launch(dense_grad_dot_kernel, dim3(queries), dim3(kThreads), 0, stream, grad_out, grad_lse, out, a.batch,
@@ -393,7 +411,7 @@ cudaError_t dense_backward(const DenseArgs& a, const float* grad_out, const floa
                     dim3(kThreads), 0, stream,
                     grad_out, a.queries, static_cast<const KT*>(r.keys), static_cast<const VT*>(r.values), r.labels,
                     a.slot_ids, a.exclude, lse, D, a.batch, r.n, r.d, r.width, a.scale, a.l2, chunk0, end, C, P, DS,
-                    dq);
+                    dq_parts);
     });
     if (err != cudaSuccess) return err;
     if (!dkeys && !dvalues) continue;
@@ -405,7 +423,8 @@ cudaError_t dense_backward(const DenseArgs& a, const float* grad_out, const floa
     });
     if (err != cudaSuccess) return err;
   }
-  return cudaSuccess;
+  return launch(dense_dq_sum_kernel, dim3(grid_size(div_up(a.batch * r.d, kThreads), 65535)), dim3(kThreads), 0,
+                stream, dq_parts, parts, a.batch * r.d, dq);
 }
 
 }  // namespace cuda

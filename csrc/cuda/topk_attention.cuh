@@ -107,7 +107,7 @@ size_t dense_forward_workspace_bytes(int64_t batch, int64_t n, int64_t width);
 // non-excluded rows (-inf and a zero output for a query with none).
 cudaError_t dense_forward(const DenseArgs& a, float* out, float* lse, void* workspace, cudaStream_t stream);
 
-size_t dense_backward_workspace_bytes(int64_t batch, int64_t n);
+size_t dense_backward_workspace_bytes(int64_t batch, int64_t n, int64_t d);
 
 // Gradients of dense_forward from grad_out [batch, width] and grad_lse [batch] (what
 // reaches lse), its out and lse, recomputing the weights: dq [batch, d]; dkeys [n, d]
