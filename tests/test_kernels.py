@@ -500,7 +500,7 @@ def test_dense_attention_returns_its_log_sum_exp(kernel, labels):
 
 
 @backends(ATTENDING)
-@pytest.mark.parametrize(("metric", "labels"), [("ip", False), ("l2", True)])
+@pytest.mark.parametrize(("metric", "labels"), [("ip", False), ("l2", False), ("l2", True)])
 def test_dense_attention_online_softmax_over_rising_scores(kernel, metric, labels):
     """Scores that rise along the rows, so every streaming kernel meets a new maximum
     tile after tile and must rescale what it summed: 272 queries (17 CUDA query tiles,

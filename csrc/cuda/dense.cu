@@ -29,6 +29,7 @@ struct DenseSmem {
   float queries[kDenseCols][kDenseQueries];
   float p[kDenseQueries][kDenseRows];  // logits, then their exponentials (the backward: dS)
   float m[kDenseQueries], l[kDenseQueries], alpha[kDenseQueries];
+  float qnorm[kDenseQueries], knorm[kDenseRows];  // |q|^2 and |k|^2 of l2 on tensor cores
   int64_t labels[kDenseRows];
 };
 
@@ -54,37 +55,125 @@ __device__ __forceinline__ void tile_fma(const DenseSmem& sm, float (&acc)[4][4]
 // gradients), `rows` nr key (or value) rows, both of `width` columns. Ends with the
 // staged columns still in use: the caller's next write to sm needs a barrier.
 template <typename T>
+__device__ __forceinline__ void stage_columns(const float* a, int na, const T* rows, int nr, int64_t width,
+                                              int64_t c0, DenseSmem& sm) {
+  const int t = threadIdx.x;
+  __syncthreads();  // the last readers of the staged columns (or of sm.p) are done
+  for (int e = t; e < kDenseRows * kDenseCols; e += kThreads) {
+    const int i = e / kDenseCols, c = e % kDenseCols;
+    sm.keys[c][i] = i < nr && c0 + c < width ? to_float(rows[i * width + c0 + c]) : 0.0f;
+  }
+  for (int e = t; e < kDenseQueries * kDenseCols; e += kThreads) {
+    const int j = e / kDenseCols, c = e % kDenseCols;
+    sm.queries[c][j] = j < na && c0 + c < width ? a[j * width + c0 + c] : 0.0f;
+  }
+  __syncthreads();
+}
+
+template <typename T>
 __device__ __forceinline__ void tile_scores(const float* a, int na, const T* rows, int nr, int64_t width, bool l2,
                                             DenseSmem& sm, float (&acc)[4][4]) {
-  const int t = threadIdx.x;
   for (int j = 0; j < 4; ++j)
     for (int m = 0; m < 4; ++m) acc[j][m] = 0.0f;
   for (int64_t c0 = 0; c0 < width; c0 += kDenseCols) {
-    __syncthreads();  // the last readers of the staged columns (or of sm.p) are done
-    for (int e = t; e < kDenseRows * kDenseCols; e += kThreads) {
-      const int i = e / kDenseCols, c = e % kDenseCols;
-      sm.keys[c][i] = i < nr && c0 + c < width ? to_float(rows[i * width + c0 + c]) : 0.0f;
-    }
-    for (int e = t; e < kDenseQueries * kDenseCols; e += kThreads) {
-      const int j = e / kDenseCols, c = e % kDenseCols;
-      sm.queries[c][j] = j < na && c0 + c < width ? a[j * width + c0 + c] : 0.0f;
-    }
-    __syncthreads();
+    stage_columns(a, na, rows, nr, width, c0, sm);
     if (l2) tile_fma<true>(sm, acc);
     else tile_fma<false>(sm, acc);
   }
 }
 
+// tile_scores on tensor cores (3xTF32, about float32's accuracy): warp w scores rows
+// 32 w to 32 w + 31 against the 16 queries as four m16n8k8 tiles, acc[n][i] the score
+// of query tile_query<true>(n, i) and row tile_row<true>(n, i). l2 expands |q - k|^2 as
+// |q|^2 + |k|^2 - 2 q.k (the norms from the staged columns, in float32), as the
+// Triton kernel does.
+template <typename T>
+__device__ __forceinline__ void tile_scores_mma(const float* a, int na, const T* rows, int nr, int64_t width,
+                                                bool l2, DenseSmem& sm, float (&acc)[4][4]) {
+  const int t = threadIdx.x, g = t % 32 / 4, c4 = t % 4, base = t / 32 * 32;
+  float knorm = 0.0f, qnorm = 0.0f;
+  for (int n = 0; n < 4; ++n)
+    for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
+  for (int64_t c0 = 0; c0 < width; c0 += kDenseCols) {
+    stage_columns(a, na, rows, nr, width, c0, sm);
+    if (l2) {
+      for (int c = 0; c < kDenseCols; ++c) knorm += sm.keys[c][t] * sm.keys[c][t];
+      if (t < kDenseQueries)
+        for (int c = 0; c < kDenseCols; ++c) qnorm += sm.queries[c][t] * sm.queries[c][t];
+    }
+#pragma unroll
+    for (int k0 = 0; k0 < kDenseCols; k0 += 8) {
+      const float fa[4] = {sm.queries[k0 + c4][g], sm.queries[k0 + c4][g + 8], sm.queries[k0 + c4 + 4][g],
+                           sm.queries[k0 + c4 + 4][g + 8]};
+#pragma unroll
+      for (int n = 0; n < 4; ++n) {
+        const int row = base + 8 * n + g;
+        const float fb[2] = {sm.keys[k0 + c4][row], sm.keys[k0 + c4 + 4][row]};
+        mma_3xtf32(acc[n], fa, fb);
+      }
+    }
+  }
+  if (!l2) return;
+  sm.knorm[t] = knorm;
+  if (t < kDenseQueries) sm.qnorm[t] = qnorm;
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < 4; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      acc[n][i] = sm.qnorm[g + 8 * (i / 2)] + sm.knorm[base + 8 * n + 2 * c4 + i % 2] - 2.0f * acc[n][i];
+}
+
+// Where the register tile's entry acc[x][y] lies in the block's 16 x 256 tile: the
+// query and row of FMA tiles (tile_scores: x a query, y a row) or of MMA fragments
+// (tile_scores_mma: x a group of 8 rows, y a fragment element).
+template <bool kMma>
+__device__ __forceinline__ int tile_query(int x, int y) {
+  return kMma ? threadIdx.x % 32 / 4 + 8 * (y / 2) : threadIdx.x / 64 * 4 + x;
+}
+template <bool kMma>
+__device__ __forceinline__ int tile_row(int x, int y) {
+  return kMma ? threadIdx.x / 32 * 32 + 8 * x + 2 * (threadIdx.x % 4) + y % 2 : threadIdx.x % 64 + 64 * y;
+}
+
+// acc_j = alpha_j acc_j + sum_i p[j][i] values[i] for the tile's nq queries on tensor cores
+// (3xTF32): warp w takes the column groups w, w + 8, ... of 8 columns, each an m16n8k8
+// product over the tile's rows (P as A, the value rows as B, read from global memory).
+// acc rows are `stride` floats apart; each (query, column) belongs to one lane.
+template <typename VT>
+__device__ __forceinline__ void tile_values_mma(const VT* values, int n, int64_t W, int nq, const DenseSmem& sm,
+                                                float* acc, int64_t stride) {
+  const int t = threadIdx.x, g = t % 32 / 4, c4 = t % 4;
+  for (int64_t n0 = t / 32 * 8; n0 < W; n0 += kWarps * 8) {
+    float o[4] = {};
+    const int64_t col = n0 + g;
+    for (int k0 = 0; k0 < n; k0 += 8) {
+      const float fa[4] = {sm.p[g][k0 + c4], sm.p[g + 8][k0 + c4], sm.p[g][k0 + c4 + 4], sm.p[g + 8][k0 + c4 + 4]};
+      const int r0 = k0 + c4, r1 = r0 + 4;  // p is 0 past the tile's rows: their values read as 0
+      const float fb[2] = {r0 < n && col < W ? to_float(values[r0 * W + col]) : 0.0f,
+                           r1 < n && col < W ? to_float(values[r1 * W + col]) : 0.0f};
+      mma_3xtf32(o, fa, fb);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int j = g + 8 * (i / 2);
+      const int64_t c = n0 + 2 * c4 + i % 2;
+      if (j < nq && c < W) acc[j * stride + c] = acc[j * stride + c] * sm.alpha[j] + o[i];
+    }
+  }
+}
+
 // Grid (query tiles, splits): an online softmax over one split of the rows for a tile
 // of queries. Leaves each query's running max m, sum l and unnormalised acc [W]
-// (relative to m) of the split.
-template <typename KT, typename VT>
+// (relative to m) of the split. With kMma the scores and P V run on tensor cores
+// (3xTF32); labels' one-hot P V stays a per-class sum.
+template <typename KT, typename VT, bool kMma>
 __global__ void __launch_bounds__(kThreads)
     dense_split_kernel(const float* q, const KT* keys, const VT* values, const int64_t* labels, const int64_t* ids,
                        Exclusions ex, int64_t B, int64_t N, int64_t d, int64_t W, float scale, bool l2,
                        int64_t rows_per_split, float* part_m, float* part_l, float* part_acc) {
   __shared__ DenseSmem sm;
-  const int t = threadIdx.x, lane = t % 32, warp = t / 32, qg = t / 64 * 4, rl = t % 64;
+  const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   const int64_t S = gridDim.y, s = blockIdx.y;
   const int64_t r0 = s * rows_per_split, r1 = r0 + rows_per_split < N ? r0 + rows_per_split : N;
   for (int64_t b0 = static_cast<int64_t>(blockIdx.x) * kDenseQueries; b0 < B;
@@ -98,15 +187,16 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t r = r0; r < r1; r += kDenseRows) {
       const int n = r1 - r < kDenseRows ? static_cast<int>(r1 - r) : kDenseRows;
       float acc[4][4];
-      tile_scores(q + b0 * d, nq, keys + r * d, n, d, l2, sm, acc);
+      if (kMma) tile_scores_mma(q + b0 * d, nq, keys + r * d, n, d, l2, sm, acc);
+      else tile_scores(q + b0 * d, nq, keys + r * d, n, d, l2, sm, acc);
       __syncthreads();  // the last tile's reads of sm.p are done (tile_scores' barriers order them too, if d > 0)
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int x = 0; x < 4; ++x)
 #pragma unroll
-        for (int m = 0; m < 4; ++m) {
-          const int i = rl + 64 * m;
-          const bool ok = i < n && qg + j < nq && live(ids, ex, b0 + qg + j, r + i);
-          sm.p[qg + j][i] = ok ? scale * (l2 ? -acc[j][m] : acc[j][m]) : kNegInf;
+        for (int y = 0; y < 4; ++y) {
+          const int j = tile_query<kMma>(x, y), i = tile_row<kMma>(x, y);
+          const bool ok = i < n && j < nq && live(ids, ex, b0 + j, r + i);
+          sm.p[j][i] = ok ? scale * (l2 ? -acc[x][y] : acc[x][y]) : kNegInf;
         }
       if (labels)
         for (int i = t; i < n; i += kThreads) sm.labels[i] = labels[r + i];
@@ -130,22 +220,26 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
       __syncthreads();
-      // Each thread owns columns c of every query of the tile: a value row is read once
-      // for all of them, and no atomics are needed.
-      for (int64_t c = t; c < W; c += kThreads) {
-        float a[kDenseQueries];  // fixed-count loops over it keep it in registers
+      if (kMma && !labels) {
+        tile_values_mma(values + r * W, n, W, nq, sm, part_acc + (b0 * S + s) * W, S * W);
+      } else {
+        // Each thread owns columns c of every query of the tile: a value row is read once
+        // for all of them, and no atomics are needed.
+        for (int64_t c = t; c < W; c += kThreads) {
+          float a[kDenseQueries];  // fixed-count loops over it keep it in registers
 #pragma unroll
-        for (int j = 0; j < kDenseQueries; ++j)
-          a[j] = j < nq ? part_acc[((b0 + j) * S + s) * W + c] * sm.alpha[j] : 0.0f;
-        for (int i = 0; i < n; ++i) {
-          const float v = labels ? (sm.labels[i] == c ? 1.0f : 0.0f) : to_float(values[(r + i) * W + c]);
-          if (v == 0.0f) continue;
+          for (int j = 0; j < kDenseQueries; ++j)
+            a[j] = j < nq ? part_acc[((b0 + j) * S + s) * W + c] * sm.alpha[j] : 0.0f;
+          for (int i = 0; i < n; ++i) {
+            const float v = labels ? (sm.labels[i] == c ? 1.0f : 0.0f) : to_float(values[(r + i) * W + c]);
+            if (v == 0.0f) continue;
 #pragma unroll
-          for (int j = 0; j < kDenseQueries; ++j) a[j] += sm.p[j][i] * v;
+            for (int j = 0; j < kDenseQueries; ++j) a[j] += sm.p[j][i] * v;
+          }
+#pragma unroll
+          for (int j = 0; j < kDenseQueries; ++j)
+            if (j < nq) part_acc[((b0 + j) * S + s) * W + c] = a[j];
         }
-#pragma unroll
-        for (int j = 0; j < kDenseQueries; ++j)
-          if (j < nq) part_acc[((b0 + j) * S + s) * W + c] = a[j];
       }
     }
     __syncthreads();
@@ -204,15 +298,17 @@ __global__ void __launch_bounds__(kThreads)
 // scores and dp = g . v recomputed as register tiles (a key or value row is read once per
 // 16 queries), and the tile's share of dq added into the row tile's own partial,
 // dq_parts[blockIdx.y] [B, d]: no atomics, so every run sums the same terms in the same
-// order.
-template <typename KT, typename VT>
-__global__ void __launch_bounds__(kThreads)
+// order. With kMma the scores and dp are recomputed on tensor cores, as the forward
+// computed the scores. (Two blocks per SM: without that bound ptxas gave the FMA variant
+// 64 registers and spills on sm_90.)
+template <typename KT, typename VT, bool kMma>
+__global__ void __launch_bounds__(kThreads, 2)
     dense_backward_tile_kernel(const float* g, const float* q, const KT* keys, const VT* values,
                                const int64_t* labels, const int64_t* ids, Exclusions ex, const float* lse,
                                const float* D, int64_t B, int64_t N, int64_t d, int64_t W, float scale, bool l2,
                                int64_t chunk0, int64_t chunk_end, int64_t C, float* P, float* DS, float* dq_parts) {
   __shared__ DenseSmem sm;
-  const int t = threadIdx.x, qg = t / 64 * 4, rl = t % 64;
+  const int t = threadIdx.x;
   float* dq = dq_parts + static_cast<int64_t>(blockIdx.y) * B * d;
   const int64_t r = chunk0 + static_cast<int64_t>(blockIdx.y) * kDenseRows;
   const int n = chunk_end - r < kDenseRows ? static_cast<int>(chunk_end - r) : kDenseRows;
@@ -220,26 +316,31 @@ __global__ void __launch_bounds__(kThreads)
        b0 += static_cast<int64_t>(gridDim.x) * kDenseQueries) {
     const int nq = B - b0 < kDenseQueries ? static_cast<int>(B - b0) : kDenseQueries;
     float s[4][4], dp[4][4] = {};
-    tile_scores(q + b0 * d, nq, keys + r * d, n, d, l2, sm, s);
-    if (!labels) tile_scores(g + b0 * W, nq, values + r * W, n, W, false, sm, dp);
+    if (kMma) {
+      tile_scores_mma(q + b0 * d, nq, keys + r * d, n, d, l2, sm, s);
+      if (!labels) tile_scores_mma(g + b0 * W, nq, values + r * W, n, W, false, sm, dp);
+    } else {
+      tile_scores(q + b0 * d, nq, keys + r * d, n, d, l2, sm, s);
+      if (!labels) tile_scores(g + b0 * W, nq, values + r * W, n, W, false, sm, dp);
+    }
     __syncthreads();  // the last query tile's reads of sm.p are done
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
+    for (int x = 0; x < 4; ++x)
 #pragma unroll
-      for (int m = 0; m < 4; ++m) {
-        const int i = rl + 64 * m;
-        const int64_t b = b0 + qg + j, row = r + i;
-        const bool real = qg + j < nq && i < n;
-        float p = 0.0f, dpv = dp[j][m];
+      for (int y = 0; y < 4; ++y) {
+        const int j = tile_query<kMma>(x, y), i = tile_row<kMma>(x, y);
+        const int64_t b = b0 + j, row = r + i;
+        const bool real = j < nq && i < n;
+        float p = 0.0f, dpv = dp[x][y];
         if (real && lse[b] != kNegInf && live(ids, ex, b, row))
-          p = expf(scale * (l2 ? -s[j][m] : s[j][m]) - lse[b]);
+          p = expf(scale * (l2 ? -s[x][y] : s[x][y]) - lse[b]);
         if (labels) dpv = real && labels[row] >= 0 && labels[row] < W ? g[b * W + labels[row]] : 0.0f;
         const float dsv = real ? scale * p * (dpv - D[b]) : 0.0f;
         if (real) {
           P[b * C + (row - chunk0)] = p;
           DS[b * C + (row - chunk0)] = dsv;
         }
-        sm.p[qg + j][i] = dsv;
+        sm.p[j][i] = dsv;
       }
     __syncthreads();
     // dq_b += sum_i ds_bi k_i (ip) or 2 sum_i ds_bi (k_i - q_b) (l2): a thread per (query,
@@ -357,7 +458,7 @@ cudaError_t dense_forward(const DenseArgs& a, float* out, float* lse, void* work
       using VT = typename decltype(vt)::type;
       // Query tiles are the fastest axis: the tiles of one split run together, and L2
       // serves the rows they share.
-      return launch(dense_split_kernel<KT, VT>,
+      return launch(tensor_cores(a.batch) ? dense_split_kernel<KT, VT, true> : dense_split_kernel<KT, VT, false>,
                     dim3(grid_size(div_up(a.batch, kDenseQueries), 1 << 30), static_cast<unsigned>(p.splits)),
                     dim3(kThreads), 0, stream, a.queries, static_cast<const KT*>(r.keys),
                     static_cast<const VT*>(r.values), r.labels, a.slot_ids, a.exclude, a.batch, r.n, r.d, r.width,
@@ -405,7 +506,8 @@ cudaError_t dense_backward(const DenseArgs& a, const float* grad_out, const floa
     err = with_row_types(r, [&](auto kt, auto vt) {
       using KT = typename decltype(kt)::type;
       using VT = typename decltype(vt)::type;
-      return launch(dense_backward_tile_kernel<KT, VT>,
+      return launch(tensor_cores(a.batch) ? dense_backward_tile_kernel<KT, VT, true>
+                                          : dense_backward_tile_kernel<KT, VT, false>,
                     dim3(grid_size(div_up(a.batch, kDenseQueries), 1 << 30),
                          static_cast<unsigned>(div_up(end - chunk0, kDenseRows))),
                     dim3(kThreads), 0, stream,

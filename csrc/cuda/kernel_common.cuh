@@ -46,6 +46,8 @@ __device__ __forceinline__ T* dynamic_smem() {
 // with g = l / 4 and c = l % 4: a = A[g][c], A[g+8][c], A[g][c+4], A[g+8][c+4];
 // b = B[c][g], B[c+4][g]; d = D[g][2c], D[g][2c+1], D[g+8][2c], D[g+8][2c+1] (the PTX
 // ISA's fragment layout). sm_80 and later; the host never selects it below.
+__device__ __forceinline__ unsigned tf32_bits(float x) { return __float_as_uint(x) & 0xFFFFE000u; }
+
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
 #ifdef KMEM_CUDA_SIM
   sim_mma_m16n8k8_tf32(d, a, b);
@@ -53,13 +55,34 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], con
   __trap();
 #else
   // The cut is explicit, so every GPU and the simulator read the same operands.
-  auto tf32 = [](float x) { return __float_as_uint(x) & 0xFFFFE000u; };
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(tf32(a[0])), "r"(tf32(a[1])), "r"(tf32(a[2])), "r"(tf32(a[3])), "r"(tf32(b[0])), "r"(tf32(b[1])));
+      : "r"(tf32_bits(a[0])), "r"(tf32_bits(a[1])), "r"(tf32_bits(a[2])), "r"(tf32_bits(a[3])),
+        "r"(tf32_bits(b[0])), "r"(tf32_bits(b[1])));
 #endif
+}
+
+// d += a b to about float32's accuracy on tensor cores (3xTF32): each operand is split
+// into a TF32 head and the float32 rest, and the three products that matter -- rest x
+// head, head x rest, head x head -- go through mma_tf32 (the rest x rest term is below
+// float32's rounding). Same fragments as mma_tf32.
+__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
+  float ah[4], al[4], bh[2], bl[2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    ah[i] = __uint_as_float(tf32_bits(a[i]));
+    al[i] = a[i] - ah[i];
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    bh[i] = __uint_as_float(tf32_bits(b[i]));
+    bl[i] = b[i] - bh[i];
+  }
+  mma_tf32(d, al, bh);
+  mma_tf32(d, ah, bl);
+  mma_tf32(d, ah, bh);
 }
 
 __device__ __forceinline__ int64_t pack(float score, int64_t slot) {
@@ -175,6 +198,23 @@ cudaError_t launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   kernel<<<grid, block, smem, stream>>>(args...);
 #endif
   return cudaGetLastError();
+}
+
+// An attribute of the current device; `fallback` if it cannot be read.
+inline int device_attribute(cudaDeviceAttr attr, int fallback) {
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess)
+    return fallback;
+  return value > 0 ? value : fallback;
+}
+
+// Above this many queries the search and dense attention score on tensor cores (sm_80
+// and later): a staged key then serves enough queries for scoring, not reading the
+// keys, to bound the kernel.
+inline constexpr int64_t kTensorCoreBatch = 16;
+
+inline bool tensor_cores(int64_t batch) {
+  return batch > kTensorCoreBatch && device_attribute(cudaDevAttrComputeCapabilityMajor, 0) >= 8;
 }
 
 inline unsigned grid_size(int64_t blocks, int64_t cap) { return static_cast<unsigned>(blocks < cap ? blocks : cap); }

@@ -150,7 +150,6 @@ constexpr int kSortSmemKeys = 4096;           // final sort in shared memory up 
 constexpr int kMergeSmemKeys = 4096;          // the merge selects in shared memory up to this many survivors
 constexpr int64_t kCandidateBudget = 1 << 24;  // candidate keys of all queries (128 MiB)
 constexpr int kSpansPerSM = 4;                 // blocks aimed for per SM: query blocks x row spans
-constexpr int64_t kTensorCoreBatch = 16;       // above this many queries the scan screens on tensor cores
 
 // A span block's shared memory; its running best keys follow it in the dynamic shared
 // memory: best, then next, each [kQueryBlock][keep].
@@ -438,14 +437,6 @@ struct SearchPlan {
   size_t cand_bytes, best_bytes, sort_bytes, theta_bytes, smem;
 };
 
-// An attribute of the current device; `fallback` if it cannot be read.
-int device_attribute(cudaDeviceAttr attr, int fallback) {
-  int device = 0, value = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess)
-    return fallback;
-  return value > 0 ? value : fallback;
-}
-
 // s such that |TF32 score - float32 score| <= s |q| |k| for d-wide rows: the bound
 // kernels/search.py's tf32_slack derives for the Triton screen (2^-9 per product of cut
 // operands, d 2^-21 for the float32 sums, twice for l2's 2 q.k, a factor 2 of margin).
@@ -461,10 +452,7 @@ SearchPlan plan_search(int64_t B, int64_t N, int64_t k) {
   SearchPlan p{};
   p.keep = k < kTileRows ? k : kTileRows;
   p.tiles = div_up(N, kTileRows);
-  // The screen pays only where a threshold exists to screen against (keep == k) and a
-  // staged key serves enough queries for scoring, not reading, to bound the scan.
-  p.tensor_cores = B > kTensorCoreBatch && k <= kTileRows &&
-                   device_attribute(cudaDevAttrComputeCapabilityMajor, 0) >= 8;
+  p.tensor_cores = k <= kTileRows && tensor_cores(B);  // the screen needs a threshold: keep == k
   const int64_t Bq = B > 0 ? B : 1, fit = kCandidateBudget / (Bq * p.keep);
   int64_t spans = kSpansPerSM * device_attribute(cudaDevAttrMultiProcessorCount, 1) / div_up(Bq, kQueryBlock);
   if (spans > fit) spans = fit;

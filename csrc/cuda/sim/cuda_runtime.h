@@ -43,6 +43,8 @@ inline To sim_bits(From v) {
 }
 inline int __float_as_int(float f) { return sim_bits<int>(f); }
 inline float __int_as_float(int i) { return sim_bits<float>(i); }
+inline unsigned __float_as_uint(float f) { return sim_bits<unsigned>(f); }
+inline float __uint_as_float(unsigned u) { return sim_bits<float>(u); }
 
 // ------------------------------------------------------------- barriers, warps
 // The warp operations are not inlined, so their return address names the place in the
