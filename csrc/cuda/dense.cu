@@ -59,10 +59,7 @@ __device__ __forceinline__ void stage_columns(const float* a, int na, const T* r
                                               int64_t c0, DenseSmem& sm) {
   const int t = threadIdx.x;
   __syncthreads();  // the last readers of the staged columns (or of sm.p) are done
-  for (int e = t; e < kDenseRows * kDenseCols; e += kThreads) {
-    const int i = e / kDenseCols, c = e % kDenseCols;
-    sm.keys[c][i] = i < nr && c0 + c < width ? to_float(rows[i * width + c0 + c]) : 0.0f;
-  }
+  stage_tile<kDenseRows, kDenseCols>(rows, width, nr, c0, [&](int i, int c, float x) { sm.keys[c][i] = x; });
   for (int e = t; e < kDenseQueries * kDenseCols; e += kThreads) {
     const int j = e / kDenseCols, c = e % kDenseCols;
     sm.queries[c][j] = j < na && c0 + c < width ? a[j * width + c0 + c] : 0.0f;

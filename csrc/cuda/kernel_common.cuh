@@ -127,6 +127,42 @@ __device__ inline float block_reduce(float v, bool is_max, float* red) {
   return r;
 }
 
+// Stages rows [0, nr) x columns [c0, c0 + Cols) of the row-major matrix `src` (rows
+// `width` elements apart) into shared memory, by the whole block: put(i, c, x) stores
+// element (i, c0 + c) as float; 0 past nr rows or past `width` columns. A whole tile
+// issues all of a thread's loads into registers before its first store, so each thread
+// keeps Rows Cols / kThreads loads in flight: one bounds-checked load and store at a
+// time had left a block a few KB in flight, far from what hides HBM's latency.
+template <int Rows, int Cols, typename T, typename Put>
+__device__ __forceinline__ void stage_tile(const T* src, int64_t width, int64_t nr, int64_t c0, Put&& put) {
+  static_assert(Rows * Cols % kThreads == 0, "whole loads per thread");
+  constexpr int kPer = Rows * Cols / kThreads;
+  constexpr int kBatch = kPer < 8 ? kPer : 8;  // loads in flight per thread: more costs registers
+  static_assert(kPer % kBatch == 0, "whole batches");
+  const int t = threadIdx.x;
+  if (nr >= Rows && c0 + Cols <= width) {
+#pragma unroll 1  // batch by batch: unrolled, the compiler hoists every load and runs out of registers
+    for (int u0 = 0; u0 < kPer; u0 += kBatch) {
+      float v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int e = t + (u0 + u) * kThreads;
+        v[u] = to_float(src[static_cast<int64_t>(e / Cols) * width + c0 + e % Cols]);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int e = t + (u0 + u) * kThreads;
+        put(e / Cols, e % Cols, v[u]);
+      }
+    }
+    return;
+  }
+  for (int e = t; e < Rows * Cols; e += kThreads) {
+    const int i = e / Cols, c = e % Cols;
+    put(i, c, i < nr && c0 + c < width ? to_float(src[static_cast<int64_t>(i) * width + c0 + c]) : 0.0f);
+  }
+}
+
 // Score of one key row against q, by one warp (lanes stride over d): every lane gets it.
 template <typename KT>
 __device__ inline float warp_row_score(const float* q, const KT* row, int64_t d, bool l2) {

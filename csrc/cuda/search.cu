@@ -171,11 +171,9 @@ template <typename KT>
 __device__ void stage_columns(const float* q, const KT* keys, int64_t B, int64_t N, int64_t d, int64_t b0,
                               int64_t first, int64_t c0, TileSmem& sm) {
   const int t = threadIdx.x;
-  for (int e = t; e < kThreads * kDimChunk; e += kThreads) {
-    const int r = e / kDimChunk, c = e % kDimChunk;
-    const int64_t row = first + r;
-    sm.kstage[r][c] = row < N && c0 + c < d ? to_float(keys[row * d + c0 + c]) : 0.0f;
-  }
+  const int64_t rows = first < N ? N - first : 0;
+  stage_tile<kThreads, kDimChunk>(keys + (first < N ? first : N) * d, d, rows, c0,
+                                  [&](int r, int c, float x) { sm.kstage[r][c] = x; });
   for (int e = t; e < kQueryBlock * kDimChunk; e += kThreads) {
     const int qi = e / kDimChunk, c = e % kDimChunk;
     sm.qstage[c][qi] = b0 + qi < B && c0 + c < d ? q[(b0 + qi) * d + c0 + c] : 0.0f;
