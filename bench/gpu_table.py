@@ -62,7 +62,7 @@ TARGETS = [
     ),
 ]
 K_SWEEP = [1, 32, 256, 4096]
-LEVERS = ["tf32-screen", "fused-topk", "dense-3xtf32"]  # bench/test_bench_gpu.py's Triton levers
+LEVERS = ["tf32-screen", "fused-topk", "dense-3xtf32"]  # bench/test_bench_gpu.py's levers
 
 
 def medians(results: dict) -> dict[str, float]:
@@ -80,8 +80,8 @@ def _ms(x: float | None) -> str:
 
 def table(results: dict, backends: tuple[str, ...] = ("cuda", "triton")) -> str:
     """The Markdown ratio table of every target for each backend, then the k sweep, the
-    adversarial row order against the stored one, and each Triton lever on and off
-    (below 1x: the lever pays)."""
+    adversarial row order against the stored one, and each lever on and off (below 1x:
+    the lever pays)."""
     ms = medians(results)
     lines = [
         "| figure | backend | ours | floor | ratio | target | |",
@@ -110,11 +110,12 @@ def table(results: dict, backends: tuple[str, ...] = ("cuda", "triton")) -> str:
         )
         ratio = "—" if up is None or stored is None else f"{up / stored:.2f}x"
         lines.append(f"| {b} | {_ms(up)} | {_ms(stored)} | {ratio} |")
-    lines += ["", "| Triton lever | on | off | on / off |", "| --- | --- | --- | --- |"]
+    lines += ["", "| lever | backend | on | off | on / off |", "| --- | --- | --- | --- | --- |"]
     for lever in LEVERS:
-        on, off = (ms.get(f"test_triton_lever[{lever}-{state}]") for state in ("on", "off"))
-        ratio = "—" if on is None or off is None else f"{on / off:.2f}x"
-        lines.append(f"| {lever} | {_ms(on)} | {_ms(off)} | {ratio} |")
+        for b in backends:
+            on, off = (ms.get(f"test_lever[{b}-{lever}-{state}]") for state in ("on", "off"))
+            ratio = "—" if on is None or off is None else f"{on / off:.2f}x"
+            lines.append(f"| {lever} | {b} | {_ms(on)} | {_ms(off)} | {ratio} |")
     return "\n".join(lines)
 
 

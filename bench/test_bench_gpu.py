@@ -149,31 +149,34 @@ def test_dense_attend(benchmark, gpu_buffers, backend):
     _bench_attend(benchmark, "gpu dense attend B=64", gpu_buffers, 64, None, backend)
 
 
-def _lever_off(lever: str, monkeypatch) -> None:
-    """Turn one Triton lever of issue 17 off for the rest of a benchmark."""
+def _lever_off(backend: str, lever: str, monkeypatch) -> None:
+    """Turn one lever of issue 17 off for the rest of a benchmark."""
     from kmem.kernels import dense, search
 
-    if lever == "tf32-screen":  # float32 scoring at every batch
+    if lever == "fused-topk":  # the search, then the attend kernels
+        monkeypatch.delattr(ops.REGISTRY.backends[backend].kernels, "topk_forward")
+    elif backend == "cuda":  # the search's TF32 screen and dense 3xTF32 alike: float32 FMA
+        monkeypatch.setenv("KMEM_CUDA_TENSOR_CORES", "0")
+    elif lever == "tf32-screen":  # float32 scoring at every batch
         monkeypatch.setattr(search, "TENSOR_CORE_BATCH", 1 << 30)
-    elif lever == "fused-topk":  # the search, then the attend kernels
-        monkeypatch.delattr(ops.REGISTRY.backends["triton"].kernels, "topk_forward")
     else:  # dense products in float32 FMA
         monkeypatch.setattr(dense, "precision", lambda dtype: "ieee")
 
 
-# Each Triton lever on and off in the same run, so the first run on a GPU says whether
-# to keep it: (lever, the call it should speed up: batch and k).
+# Each lever on and off in the same run, so the first run on a GPU says whether to keep
+# it: (lever, the call it should speed up: batch and k).
 LEVERS = {"tf32-screen": (64, K), "fused-topk": (1, K), "dense-3xtf32": (64, None)}
 
 
 @pytest.mark.parametrize("state", ["on", "off"])
 @pytest.mark.parametrize("lever", list(LEVERS))
-def test_triton_lever(benchmark, gpu_buffers, lever, state, monkeypatch):
-    _skip_unavailable("triton")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_lever(benchmark, gpu_buffers, backend, lever, state, monkeypatch):
+    _skip_unavailable(backend)
     if state == "off":
-        _lever_off(lever, monkeypatch)
+        _lever_off(backend, lever, monkeypatch)
     batch, k = LEVERS[lever]
-    _bench_attend(benchmark, f"gpu triton lever {lever}", gpu_buffers, batch, k, "triton")
+    _bench_attend(benchmark, f"gpu {backend} lever {lever}", gpu_buffers, batch, k, backend)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -91,6 +91,41 @@ def test_one_pass_topk_attention_is_search_then_attend(backend, device, n, k, la
     torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-5)
 
 
+@ON_GPU_AND_SIMULATED
+@pytest.mark.parametrize("metric", METRICS)
+def test_tensor_core_paths_agree_with_the_fma_paths(backend, device, metric, monkeypatch):
+    """Above 16 queries the search screens on tensor cores and dense attention multiplies
+    on them (3xTF32); KMEM_CUDA_TENSOR_CORES=0 keeps both on float32 FMA. The search must
+    return the same bits either way, dense attention and its gradients the same values to
+    float32's accuracy. Random floats, dead rows, exclusions, ragged tiles."""
+    keys, slot_ids = buffers(3001, 40, dead_every=7)
+    q, values, w = torch.randn(24, 40), torch.randn(3001, 5), torch.randn(24, 5)
+    on = [t.to(device) for t in (q, keys, values, slot_ids, exclusions(slot_ids, 24, 5))]
+
+    def run() -> list[torch.Tensor]:
+        scores, slots = ops.search(on[0], on[1], on[3], 10, metric=metric, exclude_ids=on[4], backend=backend)
+        leaves = [t.clone().requires_grad_() for t in on[:3]]
+        out, lse = ops.topk_attention(
+            *leaves,
+            on[3],
+            None,
+            scale=0.3,
+            metric=metric,
+            exclude_ids=on[4],
+            backend=backend,
+            return_lse=True,
+        )
+        ((out * w.to(device)).sum() + lse.sum()).backward()
+        return [scores, slots, out, lse, *(leaf.grad for leaf in leaves)]
+
+    tensor_cores = run()
+    monkeypatch.setenv("KMEM_CUDA_TENSOR_CORES", "0")
+    fma = run()
+    assert torch.equal(tensor_cores[0], fma[0]) and torch.equal(tensor_cores[1], fma[1])
+    for got, want in zip(tensor_cores[2:], fma[2:], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- dtypes
 @needs_gpu
 def test_float64_is_refused_by_name_and_runs_elsewhere_under_auto():

@@ -31,8 +31,8 @@ def test_ratios_use_event_medians_and_say_met_missed_or_not_run(tmp_path, capsys
         _run("test_attend_k_sweep[4096-cuda]", [7.5]),
         _run("test_attend_adversarial_order[cuda-ascending]", [1.5]),
         _run("test_attend_adversarial_order[cuda-random]", [1.0]),
-        _run("test_triton_lever[fused-topk-on]", [1.0]),
-        _run("test_triton_lever[fused-topk-off]", [4.0]),
+        _run("test_lever[triton-fused-topk-on]", [1.0]),
+        _run("test_lever[triton-fused-topk-off]", [4.0]),
     ]
     text = gpu_table.table({"benchmarks": runs})
     rows = {
@@ -48,8 +48,8 @@ def test_ratios_use_event_medians_and_say_met_missed_or_not_run(tmp_path, capsys
     assert "| 4096 | 7.500 ms | not run |" in text
     assert "| cuda | 1.500 ms | 1.000 ms | 1.50x |" in text and "| triton | not run | not run | — |" in text
     assert (
-        "| fused-topk | 1.000 ms | 4.000 ms | 0.25x |" in text
-        and "| tf32-screen | not run | not run | — |" in text
+        "| fused-topk | triton | 1.000 ms | 4.000 ms | 0.25x |" in text
+        and "| tf32-screen | cuda | not run | not run | — |" in text
     )
     path = tmp_path / "gpu-bench.json"
     path.write_text(json.dumps({"benchmarks": runs}))

@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <utility>
@@ -249,7 +251,12 @@ inline int device_attribute(cudaDeviceAttr attr, int fallback) {
 // keys, to bound the kernel.
 inline constexpr int64_t kTensorCoreBatch = 16;
 
+// Whether a call over `batch` queries takes the tensor-core paths. KMEM_CUDA_TENSOR_CORES=0
+// keeps every call on float32 FMA (read at each call): the benchmarks' lever for timing
+// both paths in one run, and the tests' way to compare them.
 inline bool tensor_cores(int64_t batch) {
+  const char* lever = std::getenv("KMEM_CUDA_TENSOR_CORES");
+  if (lever != nullptr && std::strcmp(lever, "0") == 0) return false;
   return batch > kTensorCoreBatch && device_attribute(cudaDevAttrComputeCapabilityMajor, 0) >= 8;
 }
 
