@@ -9,10 +9,11 @@
 // stays in global memory when k is large. Packed keys order by (score desc, slot asc): the
 // float32 score's bits made order-preserving as a signed int in the high word,
 // 0xFFFFFFFF - slot in the low word; INT64_MIN means "no row". Real keys are unique
-// (one per slot), which makes the selection exact. Above 16 queries (k <= 512, sm_80 and
-// later) the span kernel screens each 256-row sub-tile on tensor cores (TF32) against
-// the running thresholds and scores in float32 only the sub-tiles that may reach them:
-// the same keys, bit for bit, as the float32 scan.
+// (one per slot), which makes the selection exact. Above 16 queries (k <= 256, sm_80 and
+// later) a span block takes 32 queries, screens each 256-row sub-tile for all of them on
+// tensor cores (TF32) against the running thresholds, and scores in float32 only the
+// sub-tiles and groups of 8 queries that may reach them: the same keys, bit for bit, as
+// the float32 scan.
 #include "attend_query.cuh"
 
 namespace kmem {
@@ -142,7 +143,9 @@ __device__ void block_sort_desc(int64_t* x, int64_t n) {
 }
 
 // ------------------------------------------------------------ search kernels
-constexpr int kQueryBlock = 8;    // queries scored together: each staged key row serves all 8
+constexpr int kQueryBlock = 8;    // queries scored together in float32: each staged key row serves all 8
+constexpr int kWideBlock = 32;    // queries a tensor-core block screens together, in groups of kQueryBlock
+constexpr int kWideKeep = 256;    // the largest k of tensor-core blocks: 32 running bests fit in shared memory
 constexpr int kTileRows = 512;    // rows per tile; a tile keeps min(k, 512) candidates per query
 constexpr int kDimChunk = 32;     // key columns staged at a time
 constexpr int kMergeThreads = 512;
@@ -150,44 +153,49 @@ constexpr int kSortSmemKeys = 4096;           // final sort in shared memory up 
 constexpr int kMergeSmemKeys = 4096;          // the merge selects in shared memory up to this many survivors
 constexpr int64_t kCandidateBudget = 1 << 24;  // candidate keys of all queries (128 MiB)
 constexpr int kSpansPerSM = 4;                 // blocks aimed for per SM: query blocks x row spans
+constexpr int kWideSpansPerSM = 2;             // the same for tensor-core blocks (two fit an SM's shared memory)
 
-// A span block's shared memory; its running best keys follow it in the dynamic shared
-// memory: best, then next, each [kQueryBlock][keep].
+// The shared memory of a span block of Q queries (kQueryBlock, or kWideBlock on tensor
+// cores: G = Q / kQueryBlock groups, scored in float32 one group at a time); its running
+// best keys follow it in the dynamic shared memory: best, then next, each [Q][keep].
+template <int Q>
 struct TileSmem {
-  int64_t packed[kQueryBlock][kTileRows];  // each query's surviving keys of the tile, count[qi] of them
-  unsigned long long theta[kQueryBlock];
+  static constexpr int G = Q / kQueryBlock;
+  int64_t packed[kQueryBlock][kTileRows];  // each query of a group: its surviving keys of the tile, count[qi] of them
+  unsigned long long theta[Q];
   unsigned count[kQueryBlock];
-  unsigned kept[kQueryBlock];  // real keys in each query's running best
-  alignas(16) float qstage[kDimChunk][kQueryBlock];
+  unsigned kept[Q];        // real keys in each query's running best
+  unsigned reach[2][G];    // whether the screen sends each sub-tile on to a group's float32 scoring
+  alignas(16) float qstage[kDimChunk][Q];
   float kstage[kThreads][kDimChunk + 1];  // +1: rows land in distinct banks
   float norm[kThreads];                   // the screen's |k|^2 of the sub-tile's rows
-  float qslack[kQueryBlock];              // the screen's slack |q| per query
+  float qslack[Q];                        // the screen's slack |q| per query
   SelectShared select;
 };
 
-// Stages columns [c0, c0 + kDimChunk) of the sub-tile starting at row `first` (all
-// threads together) and of the query block's queries.
-template <typename KT>
+// Stages columns [c0, c0 + kDimChunk) of the sub-tile starting at row `first` and of the
+// QS queries from b0 (qstage[c][0, QS)), by all threads together.
+template <int QS, int Q, typename KT>
 __device__ void stage_columns(const float* q, const KT* keys, int64_t B, int64_t N, int64_t d, int64_t b0,
-                              int64_t first, int64_t c0, TileSmem& sm) {
+                              int64_t first, int64_t c0, TileSmem<Q>& sm) {
   const int t = threadIdx.x;
   const int64_t rows = first < N ? N - first : 0;
   stage_tile<kThreads, kDimChunk>(keys + (first < N ? first : N) * d, d, rows, c0,
                                   [&](int r, int c, float x) { sm.kstage[r][c] = x; });
-  for (int e = t; e < kQueryBlock * kDimChunk; e += kThreads) {
+  for (int e = t; e < QS * kDimChunk; e += kThreads) {
     const int qi = e / kDimChunk, c = e % kDimChunk;
     sm.qstage[c][qi] = b0 + qi < B && c0 + c < d ? q[(b0 + qi) * d + c0 + c] : 0.0f;
   }
 }
 
 // acc[i] += q_(b0+i) . keys[row], norm += |keys[row]|^2 for this thread's row of the
-// sub-tile starting at `first`, in float32.
-template <typename KT>
+// sub-tile starting at `first`, in float32, for the kQueryBlock queries from b0.
+template <int Q, typename KT>
 __device__ void score_subtile(const float* q, const KT* keys, int64_t B, int64_t N, int64_t d, int64_t b0,
-                              int64_t first, TileSmem& sm, float (&acc)[kQueryBlock], float& norm) {
+                              int64_t first, TileSmem<Q>& sm, float (&acc)[kQueryBlock], float& norm) {
   const int t = threadIdx.x;
   for (int64_t c0 = 0; c0 < d; c0 += kDimChunk) {
-    stage_columns(q, keys, B, N, d, b0, first, c0, sm);
+    stage_columns<kQueryBlock>(q, keys, B, N, d, b0, first, c0, sm);
     __syncthreads();
 #pragma unroll 8
     for (int c = 0; c < kDimChunk; ++c) {  // zero padding adds nothing past d
@@ -208,51 +216,64 @@ __device__ void score_subtile(const float* q, const KT* keys, int64_t B, int64_t
   }
 }
 
-// Whether some live row of the sub-tile starting at `first` may reach the running
-// threshold of a query of the block (the same answer in every thread). The rows are
-// scored on tensor cores in TF32, off the float32 score by at most slack |q| |k| (see
-// tf32_slack); a row passes only if even that margin leaves it below the threshold's
-// score, so the float32 scan skips nothing that could survive it. Warp w scores rows
-// 32w to 32w + 31 as two 16-row MMA tiles against the 8 queries.
-template <typename KT>
-__device__ bool screen_subtile(const float* q, const KT* keys, const int64_t* ids, int64_t B, int64_t N, int64_t d,
-                               bool l2, int64_t b0, int64_t first, TileSmem& sm) {
+// Sets sm.reach[sub][g] where some live row of the sub-tile starting at `first` may
+// reach the running threshold of a query of group g (queries B0 + 8 g to B0 + 8 g + 7).
+// The rows are scored on tensor cores in TF32, off the float32 score by at most slack
+// |q| |k| (see tf32_slack); a row passes only if even that margin leaves it below the
+// threshold's score, so the float32 scan skips nothing that could survive it. Warp w
+// scores rows 32 w to 32 w + 31 as two 16-row MMA tiles against each group's 8 queries,
+// reading a staged key once for all Q queries. Ends with a barrier.
+template <int Q, typename KT>
+__device__ void screen_subtile(const float* q, const KT* keys, const int64_t* ids, int64_t B, int64_t N, int64_t d,
+                               bool l2, int64_t B0, int64_t first, int sub, TileSmem<Q>& sm) {
+  constexpr int G = TileSmem<Q>::G;
   const int t = threadIdx.x, lane = t % 32, g = lane / 4, c4 = lane % 4, base = t / 32 * 32;
-  float acc[2][4] = {}, norm = 0.0f;
+  float acc[2][G][4] = {}, norm = 0.0f;
   for (int64_t c0 = 0; c0 < d; c0 += kDimChunk) {
-    stage_columns(q, keys, B, N, d, b0, first, c0, sm);
+    stage_columns<Q>(q, keys, B, N, d, B0, first, c0, sm);
     __syncthreads();
     for (int c = 0; c < kDimChunk; ++c) norm += sm.kstage[t][c] * sm.kstage[t][c];
-#pragma unroll
+#pragma unroll 1  // unrolled, sm_90 spilled: the accumulators take 32 registers
     for (int k0 = 0; k0 < kDimChunk; k0 += 8) {
-      const float b[2] = {sm.qstage[k0 + c4][g], sm.qstage[k0 + c4 + 4][g]};
+      float a[2][4];
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
         const int r = base + 16 * m + g;
-        const float a[4] = {sm.kstage[r][k0 + c4], sm.kstage[r + 8][k0 + c4], sm.kstage[r][k0 + c4 + 4],
-                            sm.kstage[r + 8][k0 + c4 + 4]};
-        mma_tf32(acc[m], a, b);
+        a[m][0] = sm.kstage[r][k0 + c4];
+        a[m][1] = sm.kstage[r + 8][k0 + c4];
+        a[m][2] = sm.kstage[r][k0 + c4 + 4];
+        a[m][3] = sm.kstage[r + 8][k0 + c4 + 4];
+      }
+#pragma unroll
+      for (int n = 0; n < G; ++n) {
+        const float b[2] = {sm.qstage[k0 + c4][8 * n + g], sm.qstage[k0 + c4 + 4][8 * n + g]};
+        mma_tf32(acc[0][n], a[0], b);
+        mma_tf32(acc[1][n], a[1], b);
       }
     }
     __syncthreads();
   }
   sm.norm[t] = norm;
   __syncthreads();
-  bool reach = false;
 #pragma unroll
-  for (int m = 0; m < 2; ++m)
+  for (int n = 0; n < G; ++n) {
+    bool reach = false;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int r = base + 16 * m + g + (i >= 2 ? 8 : 0), qi = 2 * c4 + (i & 1);
-      const int64_t row = first + r;
-      if (row >= N || b0 + qi >= B || ids[row] < 0) continue;
-      const float approx = l2 ? 2.0f * acc[m][i] - sm.norm[r] : acc[m][i];
-      // d * 2^-110: what products flushed to zero below float32's normal range may lose.
-      const float bound = sm.qslack[qi] * sqrtf(sm.norm[r]) + static_cast<float>(d) * 7.7e-34f;
-      const float theta = packed_score(static_cast<int64_t>(sm.theta[qi] ^ (1ull << 63)));
-      if (!(approx + bound < theta)) reach = true;  // "not below": a NaN reaches
-    }
-  return __syncthreads_or(reach) != 0;
+    for (int m = 0; m < 2; ++m)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int r = base + 16 * m + g + (i >= 2 ? 8 : 0), qi = 8 * n + 2 * c4 + (i & 1);
+        const int64_t row = first + r;
+        if (row >= N || B0 + qi >= B || ids[row] < 0) continue;
+        const float approx = l2 ? 2.0f * acc[m][n][i] - sm.norm[r] : acc[m][n][i];
+        // d * 2^-110: what products flushed to zero below float32's normal range may lose.
+        const float bound = sm.qslack[qi] * sqrtf(sm.norm[r]) + static_cast<float>(d) * 7.7e-34f;
+        const float theta = packed_score(static_cast<int64_t>(sm.theta[qi] ^ (1ull << 63)));
+        if (!(approx + bound < theta)) reach = true;  // "not below": a NaN reaches
+      }
+    if (reach) sm.reach[sub][n] = 1;
+  }
+  __syncthreads();
 }
 
 // The running threshold of query b: the radix key of a k-th best key some tile found
@@ -274,73 +295,84 @@ __device__ __forceinline__ bool survives(int64_t key, unsigned long long theta) 
 // that a span is one tile, whose 512 rows all fit. Query blocks are the fastest axis:
 // the blocks that read one span run together, so its rows cross HBM once and L2 serves
 // the rest. A tile offers only its keys at or above the running threshold: once the
-// threshold nears the k-th best, most tiles offer none and skip the selection. With
-// kTensorCores, each 256-row sub-tile is screened on tensor cores first (slack: see
-// screen_subtile) and scored in float32 only if some row may reach the threshold: the
-// keys ranked are the float32 scan's, bit for bit.
+// threshold nears the k-th best, most tiles offer none and skip the selection.
+// With kTensorCores a block takes 32 queries: each 256-row sub-tile is screened for all
+// of them on tensor cores (a staged key serves 32 queries, so L2 serves the keys once
+// per 32 queries, not once per 8), and scored in float32, 8 queries at a time, only for
+// the groups of 8 the screen lets through: the keys ranked are the float32 scan's, bit
+// for bit. Two such blocks fit an SM (128 registers; 64 queries took 228).
 template <typename KT, bool kTensorCores>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kTensorCores ? 2 : 1)
     search_span_kernel(const float* q, const KT* keys, const int64_t* ids, Exclusions ex, int64_t B, int64_t N,
                        int64_t d, bool l2, float slack, int64_t first_tile, int64_t tiles, int64_t k, int64_t keep,
                        int64_t* cand, unsigned long long* theta) {
-  TileSmem& sm = *dynamic_smem<TileSmem>();
+  constexpr int Q = kTensorCores ? kWideBlock : kQueryBlock, G = TileSmem<Q>::G;
+  TileSmem<Q>& sm = *dynamic_smem<TileSmem<Q>>();
   int64_t* best = reinterpret_cast<int64_t*>(&sm + 1);
-  int64_t* next = best + kQueryBlock * keep;
+  int64_t* next = best + Q * keep;
   const int t = threadIdx.x;
   const int64_t spans = gridDim.y, span = blockIdx.y;
   const int64_t first = first_tile + span * tiles / spans, last = first_tile + (span + 1) * tiles / spans;
-  for (int64_t b0 = static_cast<int64_t>(blockIdx.x) * kQueryBlock; b0 < B;
-       b0 += static_cast<int64_t>(gridDim.x) * kQueryBlock) {
-    if (t < kQueryBlock) sm.kept[t] = 0;
-    if (kTensorCores) {  // warp w: slack |q| of query w
-      static_assert(kWarps == kQueryBlock, "a warp per query");
-      const int64_t b = b0 + t / 32;
-      float sq = 0.0f;
-      for (int64_t c = t % 32; b < B && c < d; c += 32) sq += q[b * d + c] * q[b * d + c];
-      sq = warp_sum(sq);
-      if (t % 32 == 0) sm.qslack[t / 32] = slack * sqrtf(sq);
+  for (int64_t B0 = static_cast<int64_t>(blockIdx.x) * Q; B0 < B; B0 += static_cast<int64_t>(gridDim.x) * Q) {
+    if (t < Q) sm.kept[t] = 0;
+    if (kTensorCores) {  // warp w: slack |q| of queries w, w + 8, ...
+      for (int j = t / 32; j < Q; j += kWarps) {
+        float sq = 0.0f;
+        for (int64_t c = t % 32; B0 + j < B && c < d; c += 32) sq += q[(B0 + j) * d + c] * q[(B0 + j) * d + c];
+        sq = warp_sum(sq);
+        if (t % 32 == 0) sm.qslack[j] = slack * sqrtf(sq);
+      }
     }
     for (int64_t tile = first; tile < last; ++tile) {
       const int64_t row0 = tile * kTileRows, rows = N - row0 < kTileRows ? N - row0 : kTileRows;
-      if (t < kQueryBlock) {
-        sm.count[t] = 0;
-        sm.theta[t] = b0 + t < B ? read_theta(theta, b0 + t) : 0;
-      }
+      if (t < Q) sm.theta[t] = B0 + t < B ? read_theta(theta, B0 + t) : 0;
+      if (t < 2 * G) sm.reach[t / G][t % G] = kTensorCores ? 0 : 1;
       __syncthreads();
-      for (int sub = 0; sub < kTileRows / kThreads; ++sub) {
-        float acc[kQueryBlock] = {};
-        float norm = 0.0f;
-        const int64_t local = sub * kThreads + t;
-        if (kTensorCores && !screen_subtile(q, keys, ids, B, N, d, l2, b0, row0 + sub * kThreads, sm)) continue;
-        score_subtile(q, keys, B, N, d, b0, row0 + sub * kThreads, sm, acc, norm);
+      if (kTensorCores)
+        for (int sub = 0; sub < kTileRows / kThreads; ++sub)
+          screen_subtile(q, keys, ids, B, N, d, l2, B0, row0 + sub * kThreads, sub, sm);
+      for (int grp = 0; grp < G && B0 + grp * kQueryBlock < B; ++grp) {
+        if (!sm.reach[0][grp] && !sm.reach[1][grp]) continue;  // the same for every thread
+        const int64_t b0 = B0 + grp * kQueryBlock;
+        const int q0 = grp * kQueryBlock;  // the group's first query in the block's arrays
+        if (t < kQueryBlock) sm.count[t] = 0;  // read and added to after score_subtile's barriers
+        for (int sub = 0; sub < kTileRows / kThreads; ++sub) {
+          if (!sm.reach[sub][grp]) continue;
+          float acc[kQueryBlock] = {};
+          float norm = 0.0f;
+          const int64_t local = sub * kThreads + t;
+          score_subtile(q, keys, B, N, d, b0, row0 + sub * kThreads, sm, acc, norm);
 #pragma unroll
-        for (int qi = 0; qi < kQueryBlock; ++qi) {  // unrolled: acc stays in registers
-          const int64_t b = b0 + qi, row = row0 + local;
-          if (local >= rows || b >= B) continue;
-          const int64_t key = pack(l2 ? 2.0f * acc[qi] - norm : acc[qi], row);
-          // Exclusions are looked up only for keys that survive the threshold.
-          if (survives(key, sm.theta[qi]) && live(ids, ex, b, row))
-            sm.packed[qi][atomicAdd(&sm.count[qi], 1u)] = key;
-        }
-      }
-      __syncthreads();
-      for (int qi = 0; qi < kQueryBlock && b0 + qi < B; ++qi) {
-        if (sm.count[qi] == 0) continue;  // the same for every thread: read after the barrier
-        int64_t *bq = best + qi * keep, *nq = next + qi * keep;
-        const int64_t kth = block_top(KeySpan{bq, sm.kept[qi], sm.packed[qi], sm.count[qi]}, keep, nq, sm.select);
-        for (int64_t i = t; i < keep; i += kThreads) bq[i] = nq[i];
-        if (t == 0) {
-          const int64_t kept = sm.kept[qi] + sm.count[qi];
-          sm.kept[qi] = static_cast<unsigned>(kept < keep ? kept : keep);
-          if (kth != kNoRow && keep == k) atomicMax(theta + b0 + qi, radix_key(kth));
+          for (int qi = 0; qi < kQueryBlock; ++qi) {  // unrolled: acc stays in registers
+            const int64_t b = b0 + qi, row = row0 + local;
+            if (local >= rows || b >= B) continue;
+            const int64_t key = pack(l2 ? 2.0f * acc[qi] - norm : acc[qi], row);
+            // Exclusions are looked up only for keys that survive the threshold.
+            if (survives(key, sm.theta[q0 + qi]) && live(ids, ex, b, row))
+              sm.packed[qi][atomicAdd(&sm.count[qi], 1u)] = key;
+          }
         }
         __syncthreads();
+        for (int qi = 0; qi < kQueryBlock && b0 + qi < B; ++qi) {
+          if (sm.count[qi] == 0) continue;  // the same for every thread: read after the barrier
+          int64_t *bq = best + (q0 + qi) * keep, *nq = next + (q0 + qi) * keep;
+          const int64_t kth =
+              block_top(KeySpan{bq, sm.kept[q0 + qi], sm.packed[qi], sm.count[qi]}, keep, nq, sm.select);
+          for (int64_t i = t; i < keep; i += kThreads) bq[i] = nq[i];
+          if (t == 0) {
+            const int64_t kept = sm.kept[q0 + qi] + sm.count[qi];
+            sm.kept[q0 + qi] = static_cast<unsigned>(kept < keep ? kept : keep);
+            if (kth != kNoRow && keep == k) atomicMax(theta + b0 + qi, radix_key(kth));
+          }
+          __syncthreads();
+        }
+        __syncthreads();  // every thread has read count before the next group resets it
       }
-      __syncthreads();  // every thread has read count and kept before the next tile resets them
+      __syncthreads();  // every thread has read reach and kept before the next tile
     }
-    for (int qi = 0; qi < kQueryBlock && b0 + qi < B; ++qi)
+    for (int qi = 0; qi < Q && B0 + qi < B; ++qi)
       for (int64_t i = t; i < keep; i += kThreads)
-        cand[((b0 + qi) * spans + span) * keep + i] = i < sm.kept[qi] ? best[qi * keep + i] : kNoRow;
+        cand[((B0 + qi) * spans + span) * keep + i] = i < sm.kept[qi] ? best[qi * keep + i] : kNoRow;
     __syncthreads();  // kept is reset for the next query block
   }
 }
@@ -431,6 +463,7 @@ __global__ void __launch_bounds__(kThreads)
 // chunks), then the sort scratch, then the thresholds.
 struct SearchPlan {
   bool tensor_cores;  // span kernels screen sub-tiles on tensor cores
+  int queries;        // per span block
   int64_t keep, tiles, tiles_per_chunk, spans, padded;
   size_t cand_bytes, best_bytes, sort_bytes, theta_bytes, smem;
 };
@@ -450,9 +483,11 @@ SearchPlan plan_search(int64_t B, int64_t N, int64_t k) {
   SearchPlan p{};
   p.keep = k < kTileRows ? k : kTileRows;
   p.tiles = div_up(N, kTileRows);
-  p.tensor_cores = k <= kTileRows && tensor_cores(B);  // the screen needs a threshold: keep == k
+  p.tensor_cores = k <= kWideKeep && tensor_cores(B);
+  p.queries = p.tensor_cores ? kWideBlock : kQueryBlock;
   const int64_t Bq = B > 0 ? B : 1, fit = kCandidateBudget / (Bq * p.keep);
-  int64_t spans = kSpansPerSM * device_attribute(cudaDevAttrMultiProcessorCount, 1) / div_up(Bq, kQueryBlock);
+  const int per_sm = p.tensor_cores ? kWideSpansPerSM : kSpansPerSM;
+  int64_t spans = per_sm * device_attribute(cudaDevAttrMultiProcessorCount, 1) / div_up(Bq, p.queries);
   if (spans > fit) spans = fit;
   if (k > kTileRows) spans = fit;  // a span per tile: as many tiles per chunk as fit
   if (spans > p.tiles) spans = p.tiles;
@@ -465,7 +500,8 @@ SearchPlan plan_search(int64_t B, int64_t N, int64_t k) {
   p.best_bytes = p.tiles > p.tiles_per_chunk ? static_cast<size_t>(B * k) * sizeof(int64_t) : 0;
   p.sort_bytes = p.padded > kSortSmemKeys ? static_cast<size_t>(B * p.padded) * sizeof(int64_t) : 0;
   p.theta_bytes = static_cast<size_t>(B) * sizeof(unsigned long long);
-  p.smem = sizeof(TileSmem) + 2 * static_cast<size_t>(kQueryBlock * p.keep) * sizeof(int64_t);
+  p.smem = (p.tensor_cores ? sizeof(TileSmem<kWideBlock>) : sizeof(TileSmem<kQueryBlock>)) +
+           2 * static_cast<size_t>(p.queries * p.keep) * sizeof(int64_t);
   return p;
 }
 
@@ -492,7 +528,7 @@ cudaError_t scan(const SearchArgs& a, void* workspace, cudaStream_t stream, Fini
   auto* theta = reinterpret_cast<unsigned long long*>(base + p.cand_bytes + 2 * p.best_bytes + p.sort_bytes);
   cudaError_t err = cudaMemsetAsync(theta, 0, p.theta_bytes, stream);
   if (err != cudaSuccess) return err;
-  const unsigned query_blocks = grid_size(div_up(a.batch, kQueryBlock), 1 << 30);
+  const unsigned query_blocks = grid_size(div_up(a.batch, p.queries), 1 << 30);
   const unsigned per_query_blocks = grid_size(a.batch, 65535);
   int cur = -1;      // best buffer holding the running top-k; none before the first chunk
   int64_t last = 0;  // candidates per query of the last chunk; none when n == 0
