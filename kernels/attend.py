@@ -15,7 +15,7 @@ import triton.language as tl
 
 from kmem.ops.inputs import AttendGrads, AttendInputs, Grads
 
-from ._common import launch, load_rows, pow2, tl_dtype
+from ._common import launch, load_rows, pow2, span, store_rows, tl_dtype
 
 _BLOCK_K = 64  # slots per step
 _BLOCK_D = 32  # key columns per step
@@ -297,10 +297,10 @@ def _dq_dkeys_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Program (query, key-column block): ``dq`` columns, and (if ``KEYS``) ``dkeys`` rows scattered
-    with atomic adds (other queries may have retrieved the same rows).
-    ip: ``dq = sum_j ds_j k_j``, ``dk_j += ds_j q``;
-    l2: ``dq = -2 sum_j ds_j (q - k_j)``, ``dk_j += 2 ds_j (q - k_j)``."""
+    """Program (query, key-column block): ``dq`` columns, and (if ``KEYS``) each retrieval's
+    share of its row's gradient, ``dk_ptr [B K, D]`` (summed per row by :func:`_scatter_rows`).
+    ip: ``dq = sum_j ds_j k_j``, share ``ds_j q``;
+    l2: ``dq = -2 sum_j ds_j (q - k_j)``, share ``2 ds_j (q - k_j)``."""
     b = tl.program_id(0).to(tl.int64)
     dc = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     d_ok = dc < D
@@ -318,7 +318,8 @@ def _dq_dkeys_kernel(
             dq += tl.sum(ds[:, None] * rows, 0)
             row_grads = ds[:, None] * q[None, :]
         if KEYS:
-            tl.atomic_add(dk_ptr + slot[:, None] * D + dc[None, :], row_grads, mask=mask)
+            share = b * K + k0 + tl.arange(0, BLOCK_K)
+            store_rows(dk_ptr, share, share < b * K + K, D, dc, d_ok, tl.where(mask, row_grads, 0.0))
     tl.store(dq_ptr + b * D + dc, dq, mask=d_ok)
 
 
@@ -326,13 +327,53 @@ def _dq_dkeys_kernel(
 def _dvalues_kernel(
     g_ptr, slots_ptr, w_ptr, dv_ptr, K, V, DT: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr
 ):
-    """``dvalues[slot_j] += w_j g`` with atomic adds; program (query, column block)."""
+    """Each retrieval's share of its value row's gradient, ``dv_ptr [B K, V] = w_j g`` (0
+    where no row; summed per row by :func:`_scatter_rows`); program (query, column block)."""
     b, vc, v_ok = _query_columns(V, BLOCK_V)
     g = tl.load(g_ptr + b * V + vc, mask=v_ok, other=0.0)
     for k0 in range(0, K, BLOCK_K):
-        slot, w, valid = _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K)
-        mask = valid[:, None] & v_ok[None, :]
-        tl.atomic_add(dv_ptr + slot[:, None] * V + vc[None, :], w[:, None] * g[None, :], mask=mask)
+        _, w, valid = _slot_block(slots_ptr, w_ptr, b, k0, K, BLOCK_K)
+        share = b * K + k0 + tl.arange(0, BLOCK_K)
+        store_rows(
+            dv_ptr, share, share < b * K + K, V, vc, v_ok, tl.where(valid, w, 0.0)[:, None] * g[None, :]
+        )
+
+
+@triton.jit
+def _scatter_rows_kernel(
+    rows_ptr, order_ptr, sorted_ptr, end_ptr, out_ptr, N, W, BLOCK_W: tl.constexpr
+):  # fmt: skip
+    """Program (position p of a stable sort of the slots, column block): the first position
+    of each run of equal slots sums the run's rows in sorted order into ``out[slot]``."""
+    p = tl.program_id(0)
+    slot = tl.load(sorted_ptr + p)
+    first = p == 0
+    if p > 0:
+        first = tl.load(sorted_ptr + p - 1) != slot
+    if first & (slot >= 0) & (slot < N):
+        wc, wc_ok = span(tl.program_id(1) * BLOCK_W, W, BLOCK_W)
+        acc = tl.zeros([BLOCK_W], tl.float32)
+        for i in range(p, tl.load(end_ptr + p)):
+            row = tl.load(order_ptr + i)
+            acc += tl.load(rows_ptr + row * W + wc, mask=wc_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + slot * W + wc, acc.to(out_ptr.dtype.element_ty), mask=wc_ok)
+
+
+def _scatter_rows(shares: torch.Tensor, slots: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n, W]``: for each row, the sum of ``shares [M, W]`` over the retrievals ``slots
+    [M]`` that name it, in retrieval order; 0 for the rest. A stable sort and one sum per
+    row, not atomic adds: the same bits on every run."""
+    order = slots.argsort(stable=True)
+    ordered = slots[order]
+    ends = torch.searchsorted(ordered, ordered, right=True)
+    out = torch.zeros((n, shares.shape[1]), dtype=shares.dtype, device=shares.device)
+    if slots.numel() and shares.shape[1]:
+        block = min(pow2(shares.shape[1]), _BLOCK_V)
+        grid = (slots.numel(), triton.cdiv(shares.shape[1], block))
+        launch(
+            _scatter_rows_kernel, grid, shares, order, ordered, ends, out, n, shares.shape[1], BLOCK_W=block
+        )
+    return out
 
 
 def attend_backward(grads: AttendGrads) -> Grads:
@@ -349,12 +390,19 @@ def attend_backward(grads: AttendGrads) -> Grads:
     d = q.shape[1]
     width = g.shape[1]
     dq = torch.zeros_like(q)
-    dkeys = torch.zeros(keys.shape, dtype=dtype, device=keys.device) if needs_keys else None
-    dvalues = None
+    key_shares = torch.empty((batch * k, d), dtype=dtype, device=q.device) if needs_keys else None
+    value_shares = None
     if needs_values and not num_classes:
-        dvalues = torch.zeros(values.shape, dtype=dtype, device=values.device)
-    if batch == 0:
+        value_shares = torch.zeros((batch * k, width), dtype=dtype, device=q.device)
+
+    def finish() -> Grads:
+        flat = slots.view(-1)
+        dkeys = None if key_shares is None else _scatter_rows(key_shares, flat, keys.shape[0])
+        dvalues = None if value_shares is None else _scatter_rows(value_shares, flat, values.shape[0])
         return dq, dkeys, dvalues
+
+    if batch == 0:
+        return finish()
     block_k = min(pow2(k), _BLOCK_K)
     block_v = min(pow2(width), _BLOCK_V)
     ds = torch.empty((batch, k), dtype=dtype, device=q.device)
@@ -383,16 +431,28 @@ def attend_backward(grads: AttendGrads) -> Grads:
         slots,
         ds,
         dq,
-        dq if dkeys is None else dkeys,  # never written without KEYS
+        dq if key_shares is None else key_shares,  # never written without KEYS
         k,
         d,
         L2=metric == "l2",
-        KEYS=dkeys is not None,
+        KEYS=key_shares is not None,
         DT=dt,
         BLOCK_K=block_k,
         BLOCK_D=block_d,
     )
-    if dvalues is not None and width:
+    if value_shares is not None and width:
         grid = (batch, triton.cdiv(width, block_v))
-        launch(_dvalues_kernel, grid, g, slots, w, dvalues, k, width, DT=dt, BLOCK_K=block_k, BLOCK_V=block_v)
-    return dq, dkeys, dvalues
+        launch(
+            _dvalues_kernel,
+            grid,
+            g,
+            slots,
+            w,
+            value_shares,
+            k,
+            width,
+            DT=dt,
+            BLOCK_K=block_k,
+            BLOCK_V=block_v,
+        )
+    return finish()

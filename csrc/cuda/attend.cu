@@ -1,6 +1,7 @@
 // CUDA attention over the rows a search chose: one block per query, a warp scores a
-// row, the block takes the softmax; the backward scatters into dkeys / dvalues with
-// atomics since queries may share rows.
+// row, the block takes the softmax; the backward writes each retrieval's share of its
+// row's gradient, and scatter_rows sums the shares of rows that queries share, in a
+// fixed order (no atomics: the same bits on every run).
 #include "attend_query.cuh"
 
 namespace kmem {
@@ -20,13 +21,14 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // dz_j = w_j (dw_j - sum_i w_i dw_i), ds_j = scale * dz_j with dw_j = g . v_j (or
-// g[label_j]); dq = sum_j ds_j k_j (ip) or -2 sum_j ds_j (q - k_j) (l2); dk_j += ds_j q
-// (ip) or 2 ds_j (q - k_j) (l2); dv_j += w_j g.
+// g[label_j]); dq = sum_j ds_j k_j (ip) or -2 sum_j ds_j (q - k_j) (l2); retrieval j's
+// shares: key_grads[b k + j] = ds_j q (ip) or 2 ds_j (q - k_j) (l2), value_grads = w_j g.
 template <typename KT, typename VT>
 __global__ void __launch_bounds__(kThreads)
     attend_backward_kernel(const float* g, const float* q, const KT* keys, const VT* values, const int64_t* labels,
                            const int64_t* slots, const float* w, int64_t B, int64_t N, int64_t d, int64_t k,
-                           int64_t W, float scale, bool l2, float* ds, float* dq, float* dkeys, float* dvalues) {
+                           int64_t W, float scale, bool l2, float* ds, float* dq, float* key_grads,
+                           float* value_grads) {
   __shared__ float red[32];
   const int t = threadIdx.x, lane = t % 32, warp = t / 32;
   for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
@@ -60,17 +62,35 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int64_t j = 0; j < k; ++j) {
       const int64_t s = sb[j];
-      if (!valid_slot(s, N)) continue;
-      const float dsv = dsb[j], wv = wb[j];
-      if (dkeys && dsv != 0.0f) {
-        for (int64_t c = t; c < d; c += kThreads) {
-          const float grad = l2 ? 2.0f * dsv * (qb[c] - to_float(keys[s * d + c])) : dsv * qb[c];
-          atomicAdd(dkeys + s * d + c, grad);
-        }
+      const bool valid = valid_slot(s, N);
+      const float dsv = valid ? dsb[j] : 0.0f, wv = valid ? wb[j] : 0.0f;
+      if (key_grads) {
+        float* out = key_grads + (b * k + j) * d;
+        for (int64_t c = t; c < d; c += kThreads)
+          out[c] = l2 && dsv != 0.0f ? 2.0f * dsv * (qb[c] - to_float(keys[s * d + c])) : dsv * qb[c];
       }
-      if (dvalues && wv != 0.0f) {
-        for (int64_t c = t; c < W; c += kThreads) atomicAdd(dvalues + s * W + c, wv * gb[c]);
+      if (value_grads) {
+        float* out = value_grads + (b * k + j) * W;
+        for (int64_t c = t; c < W; c += kThreads) out[c] = wv * gb[c];
       }
+    }
+  }
+}
+
+// Block per position p of `order`: the first position of each run of equal slots sums
+// the run's rows, in order, into out[slot] (whose other rows stay as they are: zero).
+__global__ void __launch_bounds__(kThreads)
+    scatter_rows_kernel(const float* rows, const int64_t* slots, const int64_t* order, int64_t m, int64_t width,
+                        int64_t n, float* out) {
+  for (int64_t p = blockIdx.x; p < m; p += gridDim.x) {
+    const int64_t s = slots[order[p]];
+    if (s < 0 || s >= n || (p > 0 && slots[order[p - 1]] == s)) continue;  // the same for the whole block
+    int64_t end = p + 1;
+    while (end < m && slots[order[end]] == s) ++end;
+    for (int64_t c = threadIdx.x; c < width; c += kThreads) {
+      float acc = 0.0f;
+      for (int64_t i = p; i < end; ++i) acc += rows[order[i] * width + c];
+      out[s * width + c] = acc;
     }
   }
 }
@@ -90,20 +110,24 @@ cudaError_t attend_forward(const AttendArgs& a, float* out, float* weights, cuda
 }
 
 cudaError_t attend_backward(const AttendArgs& a, const float* grad_out, const float* weights, float* ds, float* dq,
-                            float* dkeys, float* dvalues, cudaStream_t stream) {
+                            float* key_grads, float* value_grads, cudaStream_t stream) {
   const Rows& r = a.rows;
-  cudaError_t err = cudaSuccess;
-  if (dkeys) err = cudaMemsetAsync(dkeys, 0, static_cast<size_t>(r.n * r.d) * sizeof(float), stream);
-  if (err == cudaSuccess && dvalues)
-    err = cudaMemsetAsync(dvalues, 0, static_cast<size_t>(r.n * r.width) * sizeof(float), stream);
-  if (err != cudaSuccess || a.batch == 0) return err;
+  if (a.batch == 0) return cudaSuccess;
   return with_row_types(r, [&](auto kt, auto vt) {
     using KT = typename decltype(kt)::type;
     using VT = typename decltype(vt)::type;
     return launch(attend_backward_kernel<KT, VT>, dim3(grid_size(a.batch, 65535)), dim3(kThreads), 0, stream,
                   grad_out, a.queries, static_cast<const KT*>(r.keys), static_cast<const VT*>(r.values), r.labels,
-                  a.slots, weights, a.batch, r.n, r.d, a.k, r.width, a.scale, a.l2, ds, dq, dkeys, dvalues);
+                  a.slots, weights, a.batch, r.n, r.d, a.k, r.width, a.scale, a.l2, ds, dq, key_grads, value_grads);
   });
+}
+
+cudaError_t scatter_rows(const float* rows, const int64_t* slots, const int64_t* order, int64_t m, int64_t width,
+                         int64_t n, float* out, cudaStream_t stream) {
+  const cudaError_t err = cudaMemsetAsync(out, 0, static_cast<size_t>(n * width) * sizeof(float), stream);
+  if (err != cudaSuccess || m == 0 || width == 0) return err;
+  return launch(scatter_rows_kernel, dim3(grid_size(m, 65535)), dim3(kThreads), 0, stream, rows, slots, order, m,
+                width, n, out);
 }
 
 }  // namespace cuda

@@ -224,15 +224,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attend_backward(const at::Te
   TORCH_CHECK(g.dim() == 2 && g.size(0) == q.size(0) && g.size(1) == r.rows.width, op,
               ": grad_out must be [B, W]");
   const bool want_values = needs_values && num_classes == 0;
+  const int64_t m = sc.numel();  // retrievals
   at::Tensor dq = at::empty_like(q), ds = at::empty_like(w);
-  at::Tensor dkeys = empty_or(needs_keys, {r.rows.n, r.rows.d}, q);
-  at::Tensor dvalues = empty_or(want_values, {r.rows.n, r.rows.width}, q);
+  at::Tensor key_grads = empty_or(needs_keys, {m, r.rows.d}, q);
+  at::Tensor value_grads = empty_or(want_values, {m, r.rows.width}, q);
   const cuda::AttendArgs args{q.data_ptr<float>(), q.size(0), r.rows, sc.data_ptr<int64_t>(), sc.size(1),
                               static_cast<float>(scale), l2};
   check_launch(cuda::attend_backward(args, g.data_ptr<float>(), w.data_ptr<float>(), ds.data_ptr<float>(),
-                                     dq.data_ptr<float>(), ptr_or_null(needs_keys, dkeys),
-                                     ptr_or_null(want_values, dvalues), stream()),
+                                     dq.data_ptr<float>(), ptr_or_null(needs_keys, key_grads),
+                                     ptr_or_null(want_values, value_grads), stream()),
                op);
+  // Rows that several retrievals share sum their shares in retrieval order (a stable
+  // sort of the slots), not by atomics: the same bits on every run.
+  at::Tensor dkeys = empty_or(needs_keys, {r.rows.n, r.rows.d}, q);
+  at::Tensor dvalues = empty_or(want_values, {r.rows.n, r.rows.width}, q);
+  if (needs_keys || want_values) {
+    const at::Tensor order = at::argsort(sc.view({-1}), /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const auto scatter = [&](const at::Tensor& rows, at::Tensor& out) {
+      check_launch(cuda::scatter_rows(rows.data_ptr<float>(), sc.data_ptr<int64_t>(), order.data_ptr<int64_t>(), m,
+                                      out.size(1), out.size(0), out.data_ptr<float>(), stream()),
+                   op);
+    };
+    if (needs_keys) scatter(key_grads, dkeys);
+    if (want_values) scatter(value_grads, dvalues);
+  }
   return {dq, dkeys, dvalues};
 }
 

@@ -84,11 +84,19 @@ struct AttendArgs {
 // zero weights and a zero output.
 cudaError_t attend_forward(const AttendArgs& a, float* out, float* weights, cudaStream_t stream);
 
-// Gradients of attend_forward given grad_out [batch, width] and its weights:
-// dq [batch, d]; dkeys [n, d] and dvalues [n, width] (each may be null; vector values
-// only) receive gradient only at the valid slots. `ds` is [batch, k] float scratch.
+// Gradients of attend_forward given grad_out [batch, width] and its weights: dq
+// [batch, d], and each retrieval's share of its row's gradient, key_grads [batch k, d]
+// and value_grads [batch k, width] (each may be null; vector values only; zero where the
+// slot is not valid), for scatter_rows to sum per row. `ds` is [batch, k] float scratch.
 cudaError_t attend_backward(const AttendArgs& a, const float* grad_out, const float* weights, float* ds, float* dq,
-                            float* dkeys, float* dvalues, cudaStream_t stream);
+                            float* key_grads, float* value_grads, cudaStream_t stream);
+
+// out [n, width] = for each row s, the sum of rows[i] [m, width] over the i with
+// slots[i] == s, in the order `order` lists them (a stable sort of slots [m]), zero for
+// rows no slot names: the same sums in the same order on every run, where atomic adds
+// would follow the blocks' timing. Slots outside [0, n) are skipped.
+cudaError_t scatter_rows(const float* rows, const int64_t* slots, const int64_t* order, int64_t m, int64_t width,
+                         int64_t n, float* out, cudaStream_t stream);
 
 // ------------------------------------------------------ attention over all rows
 struct DenseArgs {
