@@ -50,10 +50,8 @@ __device__ __forceinline__ void tile_fma(const DenseSmem& sm, float (&acc)[4][4]
   }
 }
 
-// acc[j][m] = sum over c < width of a_j[c] rows_i[c] (or of (a_j[c] - rows_i[c])^2 for
-// l2), i = t % 64 + 64 m, j = 4 (t / 64) + j: `a` holds na rows of queries (or
-// gradients), `rows` nr key (or value) rows, both of `width` columns. Ends with the
-// staged columns still in use: the caller's next write to sm needs a barrier.
+// Stages columns [c0, c0 + kDenseCols) of the nr rows (transposed, sm.keys) and of the na
+// rows of `a` (sm.queries), 0 past either's end, between two barriers.
 template <typename T>
 __device__ __forceinline__ void stage_columns(const float* a, int na, const T* rows, int nr, int64_t width,
                                               int64_t c0, DenseSmem& sm) {
@@ -67,6 +65,10 @@ __device__ __forceinline__ void stage_columns(const float* a, int na, const T* r
   __syncthreads();
 }
 
+// acc[j][m] = sum over c < width of a_j[c] rows_i[c] (or of (a_j[c] - rows_i[c])^2 for
+// l2), i = t % 64 + 64 m, j = 4 (t / 64) + j: `a` holds na rows of queries (or
+// gradients), `rows` nr key (or value) rows, both of `width` columns. Ends with the
+// staged columns still in use: the caller's next write to sm needs a barrier.
 template <typename T>
 __device__ __forceinline__ void tile_scores(const float* a, int na, const T* rows, int nr, int64_t width, bool l2,
                                             DenseSmem& sm, float (&acc)[4][4]) {

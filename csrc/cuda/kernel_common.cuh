@@ -43,13 +43,14 @@ __device__ __forceinline__ T* dynamic_smem() {
 #endif
 }
 
+// x's bits with the mantissa cut to TF32's 10 bits.
+__device__ __forceinline__ unsigned tf32_bits(float x) { return __float_as_uint(x) & 0xFFFFE000u; }
+
 // d += a b on tensor cores: one m16n8k8 MMA by the whole warp, A [16, 8] and B [8, 8]
 // in TF32 (each operand's mantissa cut to 10 bits), float32 accumulation. Lane l holds,
 // with g = l / 4 and c = l % 4: a = A[g][c], A[g+8][c], A[g][c+4], A[g+8][c+4];
 // b = B[c][g], B[c+4][g]; d = D[g][2c], D[g][2c+1], D[g+8][2c], D[g+8][2c+1] (the PTX
 // ISA's fragment layout). sm_80 and later; the host never selects it below.
-__device__ __forceinline__ unsigned tf32_bits(float x) { return __float_as_uint(x) & 0xFFFFE000u; }
-
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const float (&a)[4], const float (&b)[2]) {
 #ifdef KMEM_CUDA_SIM
   sim_mma_m16n8k8_tf32(d, a, b);

@@ -52,7 +52,6 @@ inline float __uint_as_float(unsigned u) { return sim_bits<float>(u); }
 #define KMEM_SIM_CALLER __builtin_return_address(0)
 
 inline void __syncthreads() { kmem::sim::sync_block(); }
-inline int __syncthreads_or(int predicate) { return kmem::sim::sync_block_or(predicate); }
 
 // Shuffles exchange within the whole warp (kmem passes the full mask); a source lane
 // outside [0, 32) or the segment of `width` returns the caller's own value, as CUDA's do.

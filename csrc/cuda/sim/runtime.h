@@ -62,7 +62,6 @@ struct Fiber {
   Wait wait;
   bool started;
   unsigned parity;  // which half of its warp's exchange slots the next exchange uses
-  unsigned votes;   // block-wide votes (__syncthreads_or) it has cast in this block
   const void* site;  // where in the code it waits at a warp exchange
   uint3 tid;
 };
@@ -75,7 +74,6 @@ struct Launch {
   std::unique_ptr<char[]> stacks;
   size_t stack_count = 0;
   std::vector<uint64_t> slots;  // per warp: 2 x 32 exchange slots
-  int ballots[3];               // the block's votes, in turn (see sync_block_or)
   std::vector<unsigned char> smem;
   jmp_buf scheduler;
   ucontext_t start;
@@ -167,11 +165,9 @@ inline void run_block(Launch& s, std::mt19937& rng) {
     f.wait = Wait::ready;
     f.started = false;
     f.parity = 0;
-    f.votes = 0;
     f.tid = {i % blockDim.x, (i / blockDim.x) % blockDim.y, i / (blockDim.x * blockDim.y)};
   }
   std::fill(s.smem.begin(), s.smem.end(), 0xFF);
-  std::fill(std::begin(s.ballots), std::end(s.ballots), 0);
   bool forward = true;
   do {
     // Each phase starts at another thread and alternates direction.
@@ -237,18 +233,6 @@ inline void grant(const void* kernel, size_t bytes) { launch_state().granted[ker
 inline unsigned char* dynamic_smem() { return launch_state().smem.data(); }
 
 inline void sync_block() { wait_at(Wait::block); }
-
-// __syncthreads_or: whether any thread's `pred` was non-zero. Votes use three slots in
-// turn: a thread casting vote v clears the slot of vote v + 1, which is also that of
-// vote v - 2, and every thread has read vote v - 2 before any reaches vote v.
-inline int sync_block_or(int pred) {
-  Launch& s = launch_state();
-  const unsigned v = s.fibers[s.current].votes++ % 3;
-  s.ballots[(v + 1) % 3] = 0;
-  if (pred) s.ballots[v] = 1;
-  wait_at(Wait::block);
-  return s.ballots[v];
-}
 
 // This lane's value exchanged with its warp: returns the values of all 32 lanes' slots
 // after every lane has written (lanes past the block's end keep zeros). `site` is the
