@@ -230,6 +230,7 @@ def test_triton_kernels_ran(device, monkeypatch):
         "_dlogits_kernel",
         "_dq_dkeys_kernel",
         "_dvalues_kernel",
+        "_scatter_rows_kernel",
         "_dense_fwd_kernel",
         "_dense_dq_kernel",
         "_dense_dkv_kernel",
