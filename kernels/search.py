@@ -26,6 +26,10 @@ _BLOCK_B = 16  # queries per program (the M side of tl.dot)
 _MIN_TILE = 64  # key rows per tile when k is small
 _MAX_BLOCK_D = 64  # the key dimension is streamed in chunks of this width
 _CANDIDATES = 1 << 16  # bound on per-query candidates left for the final merge
+# Warps per scan program: with Triton's default 4, ptxas gave the scan 255 registers and
+# spilled up to 836 bytes per thread at KP <= 32 (scripts/check-triton-compile); with 8,
+# 176-180 registers and no spills (KP = 256 still spills, about half as much).
+_NUM_WARPS = 8
 # Above this many queries the keys' tiles are scored on tensor cores first (TF32, then
 # float32 only where a tile may reach a top-k); at or below it the kernel is bound by
 # reading the keys, and scores them in float32 once.
@@ -304,7 +308,7 @@ def _grid_shape(batch: int, n: int, k: int) -> tuple[int, int, int]:
 
 class Scan(NamedTuple):
     """How one search's scan is launched: the leading arguments and the constexprs of
-    :func:`_scan` (the query block size is ``BLOCK_B`` of ``meta``)."""
+    :func:`_scan` (the query block size is ``BLOCK_B`` of ``meta``), and its warps."""
 
     grid: tuple[int, int]
     args: tuple  # q, keys, slot ids, exclusions, theta, B, N, D, E, n_tiles, slack
@@ -335,6 +339,7 @@ def plan(s: SearchInputs, theta: torch.Tensor) -> Scan:
             "BLOCK_B": _BLOCK_B,
             "BLOCK_N": tile,
             "BLOCK_D": min(pow2(d, MIN_DOT), _MAX_BLOCK_D),
+            "num_warps": _NUM_WARPS,
         },
         kp,
         splits,

@@ -135,6 +135,21 @@ def test_tf32_screen_gives_the_float32_result_bit_for_bit(device, monkeypatch, m
     assert torch.equal(got[1].cpu(), brute_topk(q, keys, slot_ids, 4, metric, ex))
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_dense_forward_streams_wide_keys_in_chunks(device, metric):
+    """d = 100: the forward's logits over three whole 32-column chunks and a ragged
+    fourth, against the reference."""
+    keys, slot_ids = _memory(90, 100)
+    q, values = torch.randn(5, 100), torch.randn(90, 3)
+    d = DenseInputs(q, keys, values, slot_ids, None, 0.05, metric, 0)
+    want_out, want_lse = reference.dense_attention(d)
+    got_out, got_lse = triton_dense.dense_forward(
+        DenseInputs(*(t.to(device) for t in (q, keys, values, slot_ids)), None, 0.05, metric, 0)
+    )
+    _close(got_out, want_out)
+    _close(got_lse, want_lse)
+
+
 def test_dense_splits_combine_by_log_sum_exp(device):
     """Dense forward over several splits of the rows, the first all dead and one query
     with no row at all: out and lse as the reference's."""
