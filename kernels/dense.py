@@ -3,9 +3,10 @@
 The forward keeps a running max, sum and rescaled accumulator per query over the key
 tiles of one split of the rows (program axis 1), the splits' results combined by their
 log-sum-exps, and returns the log-sum-exp, from which the backward recomputes each tile's
-probabilities: one kernel per query block for ``dq``, one per key tile for ``dkeys``
-and ``dvalues`` (so no atomics). Key and value widths are held whole in a block (padded
-to a power of two). Labels are handled as one-hot value rows. The working dtype is
+probabilities: programs per (query block, split of the rows) for ``dq``, whose partials
+add up in split order, and one per key tile for ``dkeys`` and ``dvalues`` (so no
+atomics). The forward streams the key width in chunks; elsewhere key and value widths
+are held whole in a block (padded to a power of two). Labels are handled as one-hot value rows. The working dtype is
 float32, or float64 when queries or keys are float64 (``scale`` enters as float32).
 """
 
@@ -134,20 +135,25 @@ def _tile_dlogits(
 
 @triton.jit
 def _dense_dq_kernel(
-    q_ptr, k_ptr, v_ptr, ids_ptr, ex_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr, scale, B, N, D, W, E,
+    q_ptr, k_ptr, v_ptr, ids_ptr, ex_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr, scale, B, N, D, W, E, SPAN,
     L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
 ):  # fmt: skip
-    """``dq`` of one query block: ip ``sum_j ds_j k_j``; l2 ``-2 sum_j ds_j (q - k_j)``."""
+    """``dq [splits, B, D]``: one query block's share of ``dq`` from the key rows of one
+    split (program axis 1, as the forward's): ip ``sum_j ds_j k_j``; l2 ``-2 sum_j ds_j
+    (q - k_j)``."""
     rows, row_ok, q = _query_block(q_ptr, B, D, DT, BLOCK_B, BLOCK_D)
+    split = tl.program_id(1).to(tl.int64)
+    start = split * SPAN
+    end = tl.minimum(N, start + SPAN)
     g = _load_rows(g_ptr, rows, row_ok, W, DT, BLOCK_W)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
     ds_k = tl.zeros([BLOCK_B, BLOCK_D], DT)
     ds_sum = tl.zeros([BLOCK_B], DT)
-    for n0 in range(0, N, BLOCK_N):
-        cols, col_ok = span(n0, N, BLOCK_N)
-        keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, N, E, BLOCK_B, BLOCK_N)
+    for n0 in range(start, end, BLOCK_N):
+        cols, col_ok = span(n0, end, BLOCK_N)
+        keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, end, E, BLOCK_B, BLOCK_N)
         kt = _load_rows(k_ptr, cols, col_ok, D, DT, BLOCK_D)
         vals = _value_rows(v_ptr, cols, col_ok, W, LABELS, DT, BLOCK_W)
         _, ds = _tile_dlogits(q, kt, vals, g, lse, delta, keep, scale, L2, DT, PREC)
@@ -155,7 +161,7 @@ def _dense_dq_kernel(
         ds_sum += tl.sum(ds, 1)
     dq = -2.0 * (ds_sum[:, None] * q - ds_k) if L2 else ds_k
     dc, dc_ok = span(0, D, BLOCK_D)
-    store_rows(dq_ptr, rows, row_ok, D, dc, dc_ok, dq)
+    store_rows(dq_ptr + split * B * D, rows, row_ok, D, dc, dc_ok, dq)
 
 
 @triton.jit
@@ -227,7 +233,7 @@ def _setup(d: DenseInputs) -> tuple[tuple, dict]:
 
 
 def _splits(batch: int, n: int, device: torch.device) -> tuple[int, int]:
-    """``(key rows per split, splits)`` of the forward, the rows a multiple of the tile:
+    """``(key rows per split, splits)`` of the forward and of ``dq``, the rows a multiple of the tile:
     enough splits that query blocks x splits fill the GPU twice over -- with one program
     per query block, B = 64 ran 4 programs on 132 SMs, each over all N -- and a few under
     the interpreter, so that the split path is what the tests run."""
@@ -283,7 +289,13 @@ def dense_backward(grads: DenseGrads) -> Grads:
         return dq, dkeys, dvalues
     common = (ids, ex, g, lse, delta)
     sizes = (d.scale, batch, n, dim, width, e)
-    launch(_dense_dq_kernel, (triton.cdiv(batch, _BLOCK_B),), q, k, v, *common, dq, *sizes, **meta)
+    # dq over splits of the rows, as the forward: one program per query block had walked
+    # all N (B = 64: 4 programs on 132 SMs). The partials add up in split order.
+    rows, splits = _splits(batch, n, q.device)
+    parts = torch.empty((splits, *q.shape), dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(batch, _BLOCK_B), splits)
+    launch(_dense_dq_kernel, grid, q, k, v, *common, parts, *sizes, rows, **meta)
+    torch.sum(parts, 0, out=dq)
     if dkeys is not None or dvalues is not None:
         dk = dq if dkeys is None else dkeys  # placeholders are never written
         dv = dq if dvalues is None else dvalues
