@@ -393,7 +393,7 @@ def attend_backward(grads: AttendGrads) -> Grads:
     key_shares = torch.empty((batch * k, d), dtype=dtype, device=q.device) if needs_keys else None
     value_shares = None
     if needs_values and not num_classes:
-        value_shares = torch.zeros((batch * k, width), dtype=dtype, device=q.device)
+        value_shares = torch.empty((batch * k, width), dtype=dtype, device=q.device)
 
     def finish() -> Grads:
         flat = slots.view(-1)

@@ -53,9 +53,16 @@ def _logits(q, kt, keep, scale, L2: tl.constexpr, DT: tl.constexpr, PREC: tl.con
     """``scale * score [BLOCK_B, BLOCK_N]`` of query rows ``q`` against key rows ``kt``; -inf
     where not ``keep``. l2 uses the full ``-(||q||^2 - 2 q.k + ||k||^2)``."""
     s = tl.dot(q, tl.trans(kt), out_dtype=DT, input_precision=PREC)
+    return _masked_logits(s, tl.sum(q * q, 1), tl.sum(kt * kt, 1), keep, scale, L2)
+
+
+@triton.jit
+def _masked_logits(dots, q_sq, k_sq, keep, scale, L2: tl.constexpr):
+    """``scale * score`` from the dot products ``q . k`` (l2: ``-(|q|^2 - 2 q.k + |k|^2)``
+    from the squared norms, unused for ip); -inf where not ``keep``."""
     if L2:
-        s = 2.0 * s - tl.sum(kt * kt, 1)[None, :] - tl.sum(q * q, 1)[:, None]
-    return tl.where(keep, scale * s, float("-inf"))
+        dots = 2.0 * dots - k_sq[None, :] - q_sq[:, None]
+    return tl.where(keep, scale * dots, float("-inf"))
 
 
 @triton.jit
@@ -78,9 +85,7 @@ def _streamed_logits(
         if L2:
             q_sq += tl.sum(q * q, 1)
             k_sq += tl.sum(kt * kt, 1)
-    if L2:
-        s = 2.0 * s - k_sq[None, :] - q_sq[:, None]
-    return tl.where(keep, scale * s, float("-inf"))
+    return _masked_logits(s, q_sq, k_sq, keep, scale, L2)
 
 
 @triton.jit
