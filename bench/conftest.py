@@ -59,6 +59,32 @@ def make_memory(rows: int, dim: int, value_dim: int = 16, **kw) -> kmem.KeyMemor
     return mem
 
 
+LEARNED_ROW_GRADS = ["dense", "sparse", "forward only"]
+
+
+def learned_rows_step(rows: int, dim: int, grads: str, backend: str, device: str = "cpu", k: int = 32):
+    """One SGD step on learned memory rows (keys ``[rows, dim]`` and values ``[rows, 16]``
+    are parameters) at B = 256, as a function: ``grads`` "dense" zero-fills and updates
+    every row, "sparse" (``sparse_grad=True``) only the B k retrieved ones, "forward
+    only" is the step's floor, its read alone."""
+    gen = torch.Generator(device).manual_seed(0)
+    keys = torch.nn.Parameter(torch.randn(rows, dim, generator=gen, device=device))
+    values = torch.nn.Parameter(torch.randn(rows, 16, generator=gen, device=device))
+    slot_ids, q = torch.arange(rows, device=device), torch.randn(256, dim, generator=gen, device=device)
+    opt = torch.optim.SGD([keys, values], lr=1e-3)
+    sparse = grads == "sparse"
+
+    def step():
+        opt.zero_grad()
+        with torch.set_grad_enabled(grads != "forward only"):
+            out = kmem.ops.topk_attention(q, keys, values, slot_ids, k, backend=backend, sparse_grad=sparse)
+        if out.requires_grad:
+            out.pow(2).mean().backward()
+            opt.step()
+
+    return step
+
+
 @pytest.fixture(scope="session")
 def large_memory(sizes):
     """The targets' memory: every tenth row deleted (tombstones, scrubbed, not compacted

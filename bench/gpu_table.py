@@ -80,8 +80,9 @@ def _ms(x: float | None) -> str:
 
 def table(results: dict, backends: tuple[str, ...] = ("cuda", "triton")) -> str:
     """The Markdown ratio table of every target for each backend, then the k sweep, the
-    adversarial row order against the stored one, and each lever on and off (below 1x:
-    the lever pays)."""
+    adversarial row order against the stored one, each lever on and off (below 1x: the
+    lever pays), and a step on learned rows with dense and sparse gradients against its
+    forward alone."""
     ms = medians(results)
     lines = [
         "| figure | backend | ours | floor | ratio | target | |",
@@ -116,6 +117,17 @@ def table(results: dict, backends: tuple[str, ...] = ("cuda", "triton")) -> str:
             on, off = (ms.get(f"test_lever[{b}-{lever}-{state}]") for state in ("on", "off"))
             ratio = "—" if on is None or off is None else f"{on / off:.2f}x"
             lines.append(f"| {lever} | {b} | {_ms(on)} | {_ms(off)} | {ratio} |")
+    lines += [
+        "",
+        "| step on learned rows | dense grads | sparse grads | forward only | dense / sparse |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for b in (*backends, "reference"):
+        dense, sparse, forward = (
+            ms.get(f"test_training_step_of_learned_rows[{g}-{b}]") for g in ("dense", "sparse", "forward only")
+        )
+        ratio = "—" if dense is None or sparse is None else f"{dense / sparse:.2f}x"
+        lines.append(f"| {b} | {_ms(dense)} | {_ms(sparse)} | {_ms(forward)} | {ratio} |")
     return "\n".join(lines)
 
 

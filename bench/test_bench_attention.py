@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import make_memory
+from conftest import LEARNED_ROW_GRADS, learned_rows_step, make_memory
 
 import kmem
 from kmem import ops
@@ -142,6 +142,15 @@ def test_training_step(benchmark, sizes, backend):
         opt.step()
 
     benchmark.group = f"training step, N={rows}, B=256"
+    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("grads", LEARNED_ROW_GRADS)
+def test_training_step_of_learned_rows(benchmark, sizes, grads):
+    """One SGD step on learned memory rows at B = 256: dense or sparse gradients, or the
+    forward alone (see conftest.learned_rows_step)."""
+    step = learned_rows_step(sizes["rows"], sizes["dim"], grads, "cpp")
+    benchmark.group = f"training step of learned rows, N={sizes['rows']}, B=256"
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)
 
 

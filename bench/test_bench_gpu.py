@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_memory, quarter_dead_buffers
+from conftest import LEARNED_ROW_GRADS, learned_rows_step, make_memory, quarter_dead_buffers
 
 import kmem
 from kmem import ops
@@ -197,6 +197,16 @@ def test_training_step(benchmark, sizes, backend):
         opt.step()
 
     benchmark.group = f"gpu training step, N={rows}, B=256"
+    benchmark.pedantic(_timed(benchmark, step), **ROUNDS)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("grads", LEARNED_ROW_GRADS)
+def test_training_step_of_learned_rows(benchmark, sizes, backend, grads):
+    """One SGD step on learned memory rows at B = 256 (see conftest.learned_rows_step)."""
+    _skip_unavailable(backend)
+    step = learned_rows_step(sizes["rows"], sizes["dim"], grads, backend, "cuda")
+    benchmark.group = f"gpu training step of learned rows, N={sizes['rows']}, B=256"
     benchmark.pedantic(_timed(benchmark, step), **ROUNDS)
 
 

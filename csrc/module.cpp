@@ -22,7 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("queries"), py::arg("keys"), py::arg("slot_ids"), py::arg("k"), py::arg("l2"),
         py::arg("exclude_ids") = py::none());
   m.def("attend_forward", &kmem::attend_forward, "Softmax attention over chosen rows: (out, weights)");
-  m.def("attend_backward", &kmem::attend_backward, "Gradients of attend_forward: (dq, dkeys, dvalues)");
+  m.def("attend_backward", &kmem::attend_backward, "Gradients of attend_forward: (dq, dkeys, dvalues); per_retrieval: row gradients [B k, ...]");
   m.def("dense_forward", &kmem::dense_forward, "Attention over every live row: (out, lse)");
   m.def("dense_backward", &kmem::dense_backward, "Gradients of dense_forward: (dq, dkeys, dvalues)");
 #ifdef KMEM_WITH_CUDA

@@ -378,7 +378,8 @@ def _scatter_rows(shares: torch.Tensor, slots: torch.Tensor, n: int) -> torch.Te
 
 def attend_backward(grads: AttendGrads) -> Grads:
     """``(dq [B, d], dkeys [N, d], dvalues [N, V])`` as :func:`kmem.ops.composite.attend_backward`:
-    only retrieved rows receive gradient; a gradient not needed, and dvalues of labels, are None."""
+    only retrieved rows receive gradient; a gradient not needed, and dvalues of labels, are None.
+    Where ``grads.per_retrieval``, the row gradients are the shares ``[B * k, ...]`` unsummed."""
     a, needs_keys, needs_values = grads.inputs, grads.needs_keys, grads.needs_values
     dtype, scale, metric, num_classes = a.working_dtype, a.scale, a.metric, a.num_classes
     dt = tl_dtype(dtype)
@@ -396,6 +397,8 @@ def attend_backward(grads: AttendGrads) -> Grads:
         value_shares = torch.empty((batch * k, width), dtype=dtype, device=q.device)
 
     def finish() -> Grads:
+        if grads.per_retrieval:
+            return dq, key_shares, value_shares
         flat = slots.view(-1)
         dkeys = None if key_shares is None else _scatter_rows(key_shares, flat, keys.shape[0])
         dvalues = None if value_shares is None else _scatter_rows(value_shares, flat, values.shape[0])

@@ -41,6 +41,7 @@ def test_compaction_reference_is_stable():
         (lambda q, k, s: ops.topk_attention(q, k, torch.randn(9, 2), s, 2), ValueError),
         (lambda q, k, s: ops.topk_attention(q, k, torch.randn(10, 2), s, 2, num_classes=3), TypeError),
         (lambda q, k, s: ops.topk_attention(q, k, torch.randn(10, 2), s, 2, return_lse=True), ValueError),
+        (lambda q, k, s: ops.topk_attention(q, k, torch.randn(10, 2), s, None, sparse_grad=True), ValueError),
     ],
 )
 def test_bad_arguments_raise(call, error):
@@ -117,6 +118,25 @@ def test_custom_ops_compile_in_one_graph_with_autograd(k):
     eager = q.detach().clone().requires_grad_()
     ops.topk_attention(eager, keys, values, slot_ids, k, backend="cpp").sum().backward()
     torch.testing.assert_close(q.grad, eager.grad)
+
+
+def test_sparse_gradients_compile_in_one_graph():
+    """sparse_grad=True under torch.compile(fullgraph=True): the fake backward gives the
+    per-retrieval shapes, and the learned rows get the eager run's sparse gradients."""
+    keys, slot_ids = buffers(100, 8)
+    values, q = torch.randn(100, 3), torch.randn(4, 8)
+
+    def grads(fn) -> list[torch.Tensor]:
+        leaves = [keys.clone().requires_grad_(), values.clone().requires_grad_()]
+        fn(*leaves).square().sum().backward()
+        return [leaf.grad for leaf in leaves]
+
+    def attend(k_, v_):
+        return ops.topk_attention(q, k_, v_, slot_ids, 5, backend="cpp", sparse_grad=True)
+
+    for got, want in zip(grads(torch.compile(attend, fullgraph=True)), grads(attend), strict=True):
+        assert got.is_sparse and got._nnz() == 4 * 5
+        torch.testing.assert_close(got.to_dense(), want.to_dense())
 
 
 def test_auto_passes_by_a_combination_measured_slower():

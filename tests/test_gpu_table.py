@@ -33,6 +33,8 @@ def test_ratios_use_event_medians_and_say_met_missed_or_not_run(tmp_path, capsys
         _run("test_attend_adversarial_order[cuda-random]", [1.0]),
         _run("test_lever[triton-fused-topk-on]", [1.0]),
         _run("test_lever[triton-fused-topk-off]", [4.0]),
+        _run("test_training_step_of_learned_rows[dense-cuda]", [6.0]),
+        _run("test_training_step_of_learned_rows[sparse-cuda]", [2.0]),
     ]
     text = gpu_table.table({"benchmarks": runs})
     rows = {
@@ -51,6 +53,8 @@ def test_ratios_use_event_medians_and_say_met_missed_or_not_run(tmp_path, capsys
         "| fused-topk | triton | 1.000 ms | 4.000 ms | 0.25x |" in text
         and "| tf32-screen | cuda | not run | not run | — |" in text
     )
+    assert "| cuda | 6.000 ms | 2.000 ms | not run | 3.00x |" in text
+    assert "| reference | not run | not run | not run | — |" in text
     path = tmp_path / "gpu-bench.json"
     path.write_text(json.dumps({"benchmarks": runs}))
     gpu_table.main(str(path))

@@ -628,6 +628,40 @@ def test_gradients_reach_only_retrieved_rows(kernel):
     assert bool((dv[retrieved].abs().sum(1) > 0).all())
 
 
+@backends(ATTENDING)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("labels", [False, True])
+@pytest.mark.parametrize("k", [5, 70])
+def test_sparse_gradients_hold_the_dense_ones(kernel, metric, labels, k):
+    """``sparse_grad=True``: the keys' and values' gradients are uncoalesced sparse COO
+    tensors with one entry per retrieval (``B k``), and they sum to the dense gradients;
+    dq is unchanged. Queries near each other share rows (duplicates to sum); k = 70 is
+    past the 53 live rows, so some slots are -1."""
+    keys, slot_ids = buffers(64, 6, dead_every=6)
+    values = _values(64, labels, width=3)
+    q = torch.randn(1, 6) + 0.2 * torch.randn(7, 6)
+    ex = exclusions(slot_ids, 7, 2)
+    classes = 4 if labels else None
+
+    def grads(sparse: bool) -> list[torch.Tensor | None]:
+        leaves = [t.clone().requires_grad_(t.is_floating_point()) for t in kernel.on(q, keys, values)]
+        out = kernel.attend(*leaves, slot_ids, k, 0.6, metric, ex, classes, sparse_grad=sparse)
+        (out * torch.linspace(-1, 2, out.numel(), device=out.device).view_as(out)).sum().backward()
+        return [leaf.grad for leaf in leaves]
+
+    if kernel.refuses_k(k, lambda: grads(True)):
+        return
+    dense, sparse = grads(False), grads(True)
+    torch.testing.assert_close(sparse[0], dense[0], rtol=0, atol=0)
+    assert not sparse[0].is_sparse
+    for got, want in zip(sparse[1:], dense[1:], strict=True):
+        if want is None:  # labels have no gradient
+            assert got is None
+            continue
+        assert got.is_sparse and got._nnz() == 7 * k
+        torch.testing.assert_close(got.to_dense().cpu(), want.cpu(), **kernel.grad_tol)
+
+
 @pytest.mark.parametrize(
     ("kernel", "k"),
     [

@@ -88,7 +88,7 @@ void topk_forward(const float* q, const KT* keys, const VT* values, const int64_
 template <typename KT, typename VT>
 void topk_backward(const float* g, const float* q, const KT* keys, const VT* values, const int64_t* labels,
                    const int64_t* slots, const float* w, int64_t B, int64_t d, int64_t k, int64_t W, float scale,
-                   bool l2, float* dq, float* ds, float* dkeys, float* dvalues) {
+                   bool l2, bool per_retrieval, float* dq, float* ds, float* dkeys, float* dvalues) {
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* gb = g + b * W;
@@ -127,13 +127,14 @@ void topk_backward(const float* g, const float* q, const KT* keys, const VT* val
       for (int64_t j = 0; j < k; ++j) {
         const int64_t slot = slots[b * k + j];
         if (slot < 0) continue;
+        const int64_t row = per_retrieval ? b * k + j : slot;  // the gradient row this retrieval adds to
         const float dsv = ds[b * k + j], wv = w[b * k + j];
         for (int64_t c = c0 * band; c < std::min(c1 * band, width); ++c) {
           if (dkeys && c < d) {
             const float qc = q[b * d + c];
-            dkeys[slot * d + c] += l2 ? 2.f * dsv * (qc - to_float(keys[slot * d + c])) : dsv * qc;
+            dkeys[row * d + c] += l2 ? 2.f * dsv * (qc - to_float(keys[slot * d + c])) : dsv * qc;
           }
-          if (dvalues && c < W) dvalues[slot * W + c] += wv * g[b * W + c];
+          if (dvalues && c < W) dvalues[row * W + c] += wv * g[b * W + c];
         }
       }
     }
@@ -261,22 +262,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attend_backward(const at::Tensor&
                                                                const at::Tensor& keys, const at::Tensor& values,
                                                                const at::Tensor& slots, const at::Tensor& weights,
                                                                double scale, bool l2, int64_t num_classes,
-                                                               bool needs_keys, bool needs_values) {
+                                                               bool needs_keys, bool needs_values,
+                                                               bool per_retrieval) {
   check_cpu({&grad_out, &queries, &keys, &values, &slots, &weights}, "attend_backward");
   const at::Tensor g = grad_out.to(at::kFloat).contiguous(), q = queries.to(at::kFloat).contiguous();
   const at::Tensor kc = keys.contiguous(), vc = values.contiguous(), sc = slots.contiguous();
   const at::Tensor w = weights.to(at::kFloat).contiguous();
   const int64_t B = q.size(0), d = q.size(1), k = sc.size(1), W = g.size(1);
   at::Tensor dq = at::zeros({B, d}, q.options()), ds = at::empty({B, k}, q.options());
-  at::Tensor dkeys = needs_keys ? at::zeros({kc.size(0), d}, q.options()) : at::Tensor();
-  at::Tensor dvalues = needs_values && !num_classes ? at::zeros({vc.size(0), W}, q.options()) : at::Tensor();
+  const int64_t rows = per_retrieval ? B * k : kc.size(0);  // gradient rows
+  at::Tensor dkeys = needs_keys ? at::zeros({rows, d}, q.options()) : at::Tensor();
+  at::Tensor dvalues = needs_values && !num_classes ? at::zeros({rows, W}, q.options()) : at::Tensor();
   with_row_types(kc, vc, num_classes, [&](auto key_tag, auto value_tag) {
     using T = decltype(key_tag);
     using V = decltype(value_tag);
     topk_backward<T, V>(g.data_ptr<float>(), q.data_ptr<float>(), kc.data_ptr<T>(),
                         num_classes ? nullptr : vc.data_ptr<V>(), num_classes ? vc.data_ptr<int64_t>() : nullptr,
                         sc.data_ptr<int64_t>(), w.data_ptr<float>(), B, d, k, W, static_cast<float>(scale), l2,
-                        dq.data_ptr<float>(), ds.data_ptr<float>(), dkeys.defined() ? dkeys.data_ptr<float>() : nullptr,
+                        per_retrieval, dq.data_ptr<float>(), ds.data_ptr<float>(), dkeys.defined() ? dkeys.data_ptr<float>() : nullptr,
                         dvalues.defined() ? dvalues.data_ptr<float>() : nullptr);
   });
   return {dq, dkeys.defined() ? dkeys : at::empty({0}, q.options()),

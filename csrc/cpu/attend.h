@@ -13,12 +13,15 @@ std::tuple<at::Tensor, at::Tensor> attend_forward(const at::Tensor& queries, con
                                                   const at::Tensor& values, const at::Tensor& slots, double scale,
                                                   bool l2, int64_t num_classes);
 
-// (d queries [B, d], d keys [N, d] or empty, d values [N, V] or empty), float32.
+// (d queries [B, d], d keys [N, d] or empty, d values [N, V] or empty), float32. With
+// per_retrieval the row gradients are [B k, d] and [B k, V] instead: retrieval (b, j)'s
+// share in row b k + j (zero where its slot is -1), for a sparse gradient.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attend_backward(const at::Tensor& grad_out, const at::Tensor& queries,
                                                                const at::Tensor& keys, const at::Tensor& values,
                                                                const at::Tensor& slots, const at::Tensor& weights,
                                                                double scale, bool l2, int64_t num_classes,
-                                                               bool needs_keys, bool needs_values);
+                                                               bool needs_keys, bool needs_values,
+                                                               bool per_retrieval);
 
 // Attention over every live, non-excluded row, streamed over key tiles with an online
 // softmax: (out [B, W], lse [B]); lse = -inf and out = 0 for a query with no row.

@@ -210,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attend_backward(const at::Te
                                                                     const at::Tensor& slots,
                                                                     const at::Tensor& weights, double scale, bool l2,
                                                                     int64_t num_classes, bool needs_keys,
-                                                                    bool needs_values) {
+                                                                    bool needs_values, bool per_retrieval) {
   constexpr const char* op = "cuda_attend_backward";
   check_device(grad_out, queries, op, "grad_out");
   check_device(slots, queries, op, "slots");
@@ -234,6 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cuda_attend_backward(const at::Te
                                      dq.data_ptr<float>(), ptr_or_null(needs_keys, key_grads),
                                      ptr_or_null(want_values, value_grads), stream()),
                op);
+  if (per_retrieval) return {dq, key_grads, value_grads};  // a sparse gradient's rows, as they are
   // Rows that several retrievals share sum their shares in retrieval order (a stable
   // sort of the slots), not by atomics: the same bits on every run.
   at::Tensor dkeys = empty_or(needs_keys, {r.rows.n, r.rows.d}, q);
@@ -356,10 +357,10 @@ void register_cuda(pybind11::module& m) {
   m.def("cuda_attend_forward", &cuda_attend_forward, "CUDA softmax attention over chosen slots: (out, weights)",
         py::arg("queries"), py::arg("keys"), py::arg("values"), py::arg("slots"), py::arg("scale"), py::arg("l2"),
         py::arg("num_classes"));
-  m.def("cuda_attend_backward", &cuda_attend_backward, "Gradients of cuda_attend_forward: (dq, dkeys, dvalues)",
+  m.def("cuda_attend_backward", &cuda_attend_backward, "Gradients of cuda_attend_forward: (dq, dkeys, dvalues); per_retrieval: row gradients [B k, ...]",
         py::arg("grad_out"), py::arg("queries"), py::arg("keys"), py::arg("values"), py::arg("slots"),
         py::arg("weights"), py::arg("scale"), py::arg("l2"), py::arg("num_classes"), py::arg("needs_keys"),
-        py::arg("needs_values"));
+        py::arg("needs_values"), py::arg("per_retrieval"));
   m.def("cuda_dense_forward", &cuda_dense_forward, "CUDA attention over every live row: (out, lse)",
         py::arg("queries"), py::arg("keys"), py::arg("values"), py::arg("slot_ids"), py::arg("exclude_ids"),
         py::arg("scale"), py::arg("l2"), py::arg("num_classes"));

@@ -115,6 +115,7 @@ def topk_attention(
     num_classes: int | None = None,
     backend: str = "auto",
     return_lse: bool = False,
+    sparse_grad: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its top-``k`` live rows (``k=None``: all live rows).
 
@@ -132,6 +133,11 @@ def topk_attention(
         return_lse: dense attention only: also return the log-sum-exp ``[B]`` of
             ``scale * score`` over the attended rows (``-inf`` for none), e.g. to merge
             partial results; differentiable like the output.
+        sparse_grad: top-k attention only: the gradients of ``keys`` and ``values``
+            are sparse COO tensors over the ``B * k`` retrieved rows (uncoalesced, as
+            ``nn.Embedding(sparse=True)``'s), so a backward costs ``O(B k d)``, not a
+            zero-filled ``[N, d]``. Use with an optimiser that takes sparse gradients
+            (``torch.optim.SGD``, ``SparseAdam``, ``Adagrad``).
 
     Returns:
         ``[B, V]`` (or ``[B, num_classes]``) in float32 (float64 if the queries or keys
@@ -141,7 +147,10 @@ def topk_attention(
     if return_lse and k is not None:
         raise ValueError("return_lse is for dense attention (k=None)")
     out = run(
-        attention_inputs(queries, keys, values, slot_ids, k, scale, metric, exclude_ids, num_classes), backend
+        attention_inputs(
+            queries, keys, values, slot_ids, k, scale, metric, exclude_ids, num_classes, sparse_grad
+        ),
+        backend,
     )
     if k is None:  # dense attention returns (out, lse)
         return out if return_lse else out[0]

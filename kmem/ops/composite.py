@@ -40,7 +40,8 @@ def attend_backward(g: AttendGrads) -> Grads:
     ``dz_j = w_j (dw_j - g . out)``; for ``ip`` ``dq = scale * sum_j dz_j k_j`` and
     ``dk_j += scale * dz_j q``; for ``l2`` (``s = -||q - k||^2``)
     ``dq = -2 scale * sum_j dz_j (q - k_j)`` and ``dk_j += 2 scale * dz_j (q - k_j)``;
-    ``dv_j += w_j g``. Only retrieved rows receive gradient.
+    ``dv_j += w_j g``. Only retrieved rows receive gradient; where ``g.per_retrieval``
+    the ``dk_j`` and ``dv_j`` come back as they are, ``[B * k, ...]`` (no sum over rows).
     """
     a, slots, weights = g.inputs, g.slots, g.weights
     keys, values, scale, num_classes = a.keys, a.values, a.scale, a.num_classes
@@ -66,10 +67,16 @@ def attend_backward(g: AttendGrads) -> Grads:
         row_grads = 2 * ds[..., None] * diff
     dkeys = dvalues = None
     if g.needs_keys:
-        dkeys = torch.zeros(keys.shape, dtype=dtype, device=keys.device)
-        dkeys.index_add_(0, flat, (row_grads * valid[..., None]).reshape(-1, keys.shape[1]))
+        dkeys = _rows(g, (row_grads * valid[..., None]).reshape(-1, keys.shape[1]), flat, keys)
     if g.needs_values and num_classes == 0:
-        dvalues = torch.zeros(values.shape, dtype=dtype, device=values.device)
         contrib = (weights * valid)[..., None] * grad[:, None, :]
-        dvalues.index_add_(0, flat, contrib.reshape(-1, values.shape[1]))
+        dvalues = _rows(g, contrib.reshape(-1, values.shape[1]), flat, values)
     return dq, dkeys, dvalues
+
+
+def _rows(g: AttendGrads, shares: torch.Tensor, flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-retrieval ``shares [B * k, ...]`` as they are (``g.per_retrieval``), or summed
+    into the rows ``flat [B * k]`` of a zero gradient shaped like ``like [N, ...]``."""
+    if g.per_retrieval:
+        return shares
+    return torch.zeros(like.shape, dtype=shares.dtype, device=like.device).index_add_(0, flat, shares)

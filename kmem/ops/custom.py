@@ -17,7 +17,9 @@ float32 or float64):
   may also fuse the two, ``topk_forward(a) -> (out, slots, weights)`` -- the same
   result as ``search`` then ``attend_forward`` -- which top-k attention then runs; and
   ``attend_backward(g: AttendGrads) -> (dq, dkeys [N, d] | None, dvalues [N, V] | None)``;
-  only the retrieved rows get gradient.
+  only the retrieved rows get gradient. Where ``g.per_retrieval`` (the call asked for
+  sparse gradients) the row gradients are ``[B * k, d]`` and ``[B * k, V]`` instead, one
+  row per retrieval, which autograd receives as a sparse COO gradient.
 * ``dense_forward(d: DenseInputs) -> (out, lse [B])`` (``lse``: the log-sum-exp of
   ``scale * score`` over the attended rows, ``-inf`` when none) and
   ``dense_backward(g: DenseGrads) -> (dq, dkeys, dvalues)``, ``g.grad_lse [B]`` being the
@@ -41,6 +43,7 @@ _SCHEMA_TYPES = {
     "torch.Tensor": "Tensor",
     "torch.Tensor | None": "Tensor?",
     "int": "int",
+    "bool": "bool",
     "float": "float",
     "str": "str",
 }
@@ -159,11 +162,21 @@ def _none(rec) -> torch.Tensor:
 
 def _fake_grads(rec, *args):
     *_, needs_keys, needs_values = args
+    rows = (rec.queries.shape[0] * rec.k,) if getattr(rec, "sparse_grad", False) else rec.keys.shape[:1]
     return (
         torch.empty_like(rec.queries),
-        torch.empty_like(rec.keys) if needs_keys else _none(rec),
-        torch.empty_like(rec.values) if needs_values and not rec.labels else _none(rec),
+        rec.keys.new_empty((*rows, rec.keys.shape[1])) if needs_keys else _none(rec),
+        rec.values.new_empty((*rows, rec.values.shape[1])) if needs_values and not rec.labels else _none(rec),
     )
+
+
+def _sparse_rows(grad: torch.Tensor, slots: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The per-retrieval row gradients ``grad [B * k, ...]`` as a sparse COO gradient of
+    ``like [N, ...]``, uncoalesced (autograd and the optimisers sum duplicate rows). A
+    ``-1`` slot's row is zero; it is put on row 0 rather than filtered out, which would
+    wait on the device for the count."""
+    rows = slots.reshape(1, -1).clamp(min=0)
+    return torch.sparse_coo_tensor(rows, grad, like.shape, check_invariants=False)
 
 
 _GRADS = ("grad_out",)
@@ -216,6 +229,9 @@ def _autograd(
         needs_values = ctx.needs_input_grad[position["values"]] and not rec.labels
         passed = [more[i - 1] for i in differentiable]
         dq, dk, dv = OPS[backward](*args, *kept, grad_out, *passed, needs_keys, needs_values, ctx.backend)
+        if getattr(rec, "sparse_grad", False):  # top-k only: kept[0] is its slots
+            dk = _sparse_rows(dk, kept[0], rec.keys) if needs_keys else None
+            dv = _sparse_rows(dv, kept[0], rec.values) if needs_values else None
         out: list[torch.Tensor | None] = [None] * (len(names) + 1)
         out[position["queries"]] = dq
         out[position["keys"]] = dk if needs_keys else None

@@ -122,10 +122,13 @@ class _RowsInputs:
 
 @dataclass(slots=True)
 class AttendInputs(_RowsInputs):
-    """Softmax attention over each query's top-``k`` live rows."""
+    """Softmax attention over each query's top-``k`` live rows. ``sparse_grad``: the
+    gradients of keys and values are sparse COO tensors holding only the ``B * k``
+    retrieved rows (as ``nn.Embedding(sparse=True)``'s), not dense ``[N, ...]`` ones."""
 
     op: ClassVar[str] = "topk_attention"
     k: int
+    sparse_grad: bool = False
 
     def search(self) -> SearchInputs:
         """The scan half: the same query, memory, exclusions and ``k``."""
@@ -157,6 +160,13 @@ class AttendGrads:
     needs_keys: bool = True
     needs_values: bool = True
 
+    @property
+    def per_retrieval(self) -> bool:
+        """Row gradients come back per retrieval, ``dkeys [B * k, d]`` and ``dvalues
+        [B * k, V]`` in ``slots``' order (zero where a slot is ``-1``), not summed into
+        ``[N, ...]``: what a sparse gradient holds (``inputs.sparse_grad``)."""
+        return self.inputs.sparse_grad
+
 
 @dataclass(slots=True)
 class DenseGrads:
@@ -183,12 +193,17 @@ def attention_inputs(
     metric="ip",
     exclude_ids=None,
     num_classes=None,
+    sparse_grad=False,
     *,
     checked: bool = True,
 ) -> AttendInputs | DenseInputs:
     """The record of a top-k (``k`` an int) or dense (``k=None``) attention call, the
     arguments as :func:`kmem.ops.topk_attention` takes them; ``checked=False`` for a
     caller that has checked them already. ``scale`` defaults to ``1/sqrt(d)``."""
+    if sparse_grad and k is None:
+        raise ValueError(
+            "sparse_grad is for top-k attention: dense attention (k=None) gives every live row gradient"
+        )
     if checked:
         _check_memory(queries, keys, slot_ids)
         _checks.metric(metric)
@@ -206,7 +221,7 @@ def attention_inputs(
         k = None if k is None else _checks.k(k)
     scale = default_scale(queries) if scale is None else float(scale)
     rows = (queries, keys, values, slot_ids, exclude_ids, scale, metric, num_classes or 0)
-    return DenseInputs(*rows) if k is None else AttendInputs(*rows, k=k)
+    return DenseInputs(*rows) if k is None else AttendInputs(*rows, k=k, sparse_grad=bool(sparse_grad))
 
 
 @dataclass(slots=True)

@@ -126,20 +126,23 @@ def search(s: SearchInputs) -> tuple[torch.Tensor, torch.Tensor]:
         return unpack(best)
 
 
-def take_rows(rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``rows[slots]``, reading row 0 for slot -1 (callers mask those); zeros if there are no rows."""
+def take_rows(rows: torch.Tensor, slots: torch.Tensor, sparse_grad: bool = False) -> torch.Tensor:
+    """``rows[slots]``, reading row 0 for slot -1 (callers mask those); zeros if there are no
+    rows. ``sparse_grad``: ``rows [N, C]``'s gradient is a sparse COO tensor, one entry per slot."""
     if rows.shape[0] == 0:
         return rows.new_zeros(*slots.shape, *rows.shape[1:])
+    if sparse_grad:
+        return torch.nn.functional.embedding(slots.clamp(min=0), rows, sparse=True)
     return rows[slots.clamp(min=0)]
 
 
 def gather_scores(
-    queries: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor, metric: str
+    queries: torch.Tensor, keys: torch.Tensor, slots: torch.Tensor, metric: str, sparse_grad: bool = False
 ) -> torch.Tensor:
     """Differentiable scores of the chosen rows ``slots [B, k]``: ``[B, k]``, -inf where slot is -1."""
     dtype = working_dtype(queries, keys)
     q = queries.to(dtype)
-    rows = take_rows(keys, slots).to(dtype)  # [B, k, d]
+    rows = take_rows(keys, slots, sparse_grad).to(dtype)  # [B, k, d]
     if metric == "ip":
         s = torch.bmm(rows, q.unsqueeze(-1)).squeeze(-1)  # einsum's parsing costs more than the product
     else:
@@ -159,13 +162,16 @@ def topk_attention(a: AttendInputs) -> torch.Tensor:
 
     Vector values ``[N, V]`` give ``[B, V]``; int64 labels ``[N]`` give class
     probabilities ``[B, num_classes]``. Differentiable in queries, keys and values; only
-    the retrieved rows receive gradient.
+    the retrieved rows receive gradient (sparse gradients with ``a.sparse_grad``).
     """
     _, slots = search(a.search())
     valid = slots >= 0
-    weights = masked_softmax(a.scale * gather_scores(a.queries, a.keys, slots, a.metric), valid)
+    weights = masked_softmax(
+        a.scale * gather_scores(a.queries, a.keys, slots, a.metric, a.sparse_grad), valid
+    )
     if not a.labels:
-        return torch.einsum("bk,bkv->bv", weights, take_rows(a.values, slots).to(weights.dtype))
+        rows = take_rows(a.values, slots, a.sparse_grad)
+        return torch.einsum("bk,bkv->bv", weights, rows.to(weights.dtype))
     out = weights.new_zeros(weights.shape[0], a.num_classes)
     return out.scatter_add(1, take_rows(a.values, slots), weights)
 

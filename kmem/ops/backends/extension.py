@@ -53,7 +53,7 @@ class Extension:
         a = g.inputs
         return self._fn("attend_backward")(
             g.grad_out, a.queries, a.keys, a.values, g.slots, g.weights,
-            a.scale, a.l2, a.num_classes, g.needs_keys, g.needs_values,
+            a.scale, a.l2, a.num_classes, g.needs_keys, g.needs_values, g.per_retrieval,
         )  # fmt: skip
 
     def dense_forward(self, d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
