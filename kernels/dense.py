@@ -3,11 +3,13 @@
 The forward keeps a running max, sum and rescaled accumulator per query over the key
 tiles of one split of the rows (program axis 1), the splits' results combined by their
 log-sum-exps, and returns the log-sum-exp, from which the backward recomputes each tile's
-probabilities: programs per (query block, split of the rows) for ``dq``, whose partials
-add up in split order, and one per key tile for ``dkeys`` and ``dvalues`` (so no
-atomics). The forward streams the key width in chunks; elsewhere key and value widths
-are held whole in a block (padded to a power of two). Labels are handled as one-hot value rows. The working dtype is
-float32, or float64 when queries or keys are float64 (``scale`` enters as float32).
+probabilities: programs per (query block, split of the rows, chunk of columns) for
+``dq``, whose partials add up in split order, and one per (key tile, chunk of columns)
+for ``dkeys`` and ``dvalues`` (so no atomics). Scores and ``g . v`` are summed over
+the key and value widths in chunks; only the forward's accumulator holds the value
+width whole (padded to a power of two). Labels are handled as one-hot value rows. The
+working dtype is float32, or float64 when queries or keys are float64 (``scale`` enters
+as float32).
 """
 
 from __future__ import annotations
@@ -22,38 +24,8 @@ from ._common import MIN_DOT, launch, live_mask, load_rows, pow2, span, store_ro
 
 _BLOCK_B = 16  # queries per block
 _BLOCK_N = 32  # key rows per tile
-_CHUNK_D = 32  # key columns per step of the forward
-
-
-@triton.jit
-def _load_rows(ptr, idx, idx_ok, width, DT: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Rows ``idx`` of a row-major ``[*, width]`` matrix as ``[len(idx), BLOCK_W]`` in ``DT``, zero-padded."""
-    wc, wc_ok = span(0, width, BLOCK_W)
-    return load_rows(ptr, idx, idx_ok, width, wc, wc_ok).to(DT)
-
-
-@triton.jit
-def _query_block(q_ptr, B, D, DT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """This program's query rows ``[BLOCK_B]``, their mask, and the queries ``[BLOCK_B, BLOCK_D]`` in ``DT``."""
-    rows, row_ok = span(tl.program_id(0) * BLOCK_B, B, BLOCK_B)
-    return rows, row_ok, _load_rows(q_ptr, rows, row_ok, D, DT, BLOCK_D)
-
-
-@triton.jit
-def _value_rows(v_ptr, cols, col_ok, W, LABELS: tl.constexpr, DT: tl.constexpr, BLOCK_W: tl.constexpr):
-    """Value rows ``[BLOCK_N, BLOCK_W]``: the rows of ``values [N, W]``, or one-hot labels."""
-    if LABELS:
-        label = tl.load(v_ptr + cols, mask=col_ok, other=-1)
-        return (label[:, None] == tl.arange(0, BLOCK_W)[None, :]).to(DT)
-    return _load_rows(v_ptr, cols, col_ok, W, DT, BLOCK_W)
-
-
-@triton.jit
-def _logits(q, kt, keep, scale, L2: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """``scale * score [BLOCK_B, BLOCK_N]`` of query rows ``q`` against key rows ``kt``; -inf
-    where not ``keep``. l2 uses the full ``-(||q||^2 - 2 q.k + ||k||^2)``."""
-    s = tl.dot(q, tl.trans(kt), out_dtype=DT, input_precision=PREC)
-    return _masked_logits(s, tl.sum(q * q, 1), tl.sum(kt * kt, 1), keep, scale, L2)
+_CHUNK_D = 32  # key (and value) columns per step of a score (and g . v) sum
+_CHUNK_OUT = 64  # gradient columns per backward program
 
 
 @triton.jit
@@ -66,33 +38,59 @@ def _masked_logits(dots, q_sq, k_sq, keep, scale, L2: tl.constexpr):
 
 
 @triton.jit
+def _chunk(ptr, idx, idx_ok, width, c0, LABELS: tl.constexpr, DT: tl.constexpr, CHUNK: tl.constexpr):
+    """Columns ``[c0, c0 + CHUNK)`` of rows ``idx`` of a row-major ``[*, width]`` matrix, or
+    (``LABELS``) of the one-hot rows of labels ``ptr[idx]``: ``[len(idx), CHUNK]`` in
+    ``DT``, zero where masked off or past ``width``."""
+    cols, col_ok = span(c0, width, CHUNK)
+    if LABELS:
+        label = tl.load(ptr + idx, mask=idx_ok, other=-1)
+        return ((label[:, None] == cols[None, :]) & col_ok[None, :]).to(DT)
+    return load_rows(ptr, idx, idx_ok, width, cols, col_ok).to(DT)
+
+
+@triton.jit
+def _streamed_dots(
+    a_ptr, rows, row_ok, b_ptr, cols, col_ok, width,
+    NORMS: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_A: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """``(a[rows] . b[cols] [BLOCK_A, BLOCK_N], |a[rows]|^2, |b[cols]|^2)`` over rows
+    ``width`` wide, streamed ``CHUNK`` columns at a time (the norms only with ``NORMS``;
+    ``LABELS``: ``b`` holds labels, read as one-hot rows). Held whole, d = 256 in 3xTF32
+    had ptxas spill 9 KB per thread of the forward and 16 KB of the dkeys pass."""
+    dots = tl.zeros([BLOCK_A, BLOCK_N], DT)
+    a_sq = tl.zeros([BLOCK_A], DT)
+    b_sq = tl.zeros([BLOCK_N], DT)
+    for c0 in range(0, width, CHUNK):
+        a = _chunk(a_ptr, rows, row_ok, width, c0, False, DT, CHUNK)
+        b = _chunk(b_ptr, cols, col_ok, width, c0, LABELS, DT, CHUNK)
+        dots += tl.dot(a, tl.trans(b), out_dtype=DT, input_precision=PREC)
+        if NORMS:
+            a_sq += tl.sum(a * a, 1)
+            b_sq += tl.sum(b * b, 1)
+    return dots, a_sq, b_sq
+
+
+@triton.jit
 def _streamed_logits(
     q_ptr, rows, row_ok, k_ptr, cols, col_ok, D, keep, scale,
     L2: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK_D: tl.constexpr,
 ):  # fmt: skip
     """:func:`_logits` of query rows ``rows`` against key rows ``cols``, the key dimension
-    streamed in chunks of ``CHUNK_D``: with d = 256 held whole (and split in two for
-    3xTF32) ptxas spilled about 9 KB per thread of the forward."""
-    s = tl.zeros([BLOCK_B, BLOCK_N], DT)
-    q_sq = tl.zeros([BLOCK_B], DT)
-    k_sq = tl.zeros([BLOCK_N], DT)
-    for d0 in range(0, D, CHUNK_D):
-        dc, dc_ok = span(d0, D, CHUNK_D)
-        q = load_rows(q_ptr, rows, row_ok, D, dc, dc_ok).to(DT)
-        kt = load_rows(k_ptr, cols, col_ok, D, dc, dc_ok).to(DT)
-        s += tl.dot(q, tl.trans(kt), out_dtype=DT, input_precision=PREC)
-        if L2:
-            q_sq += tl.sum(q * q, 1)
-            k_sq += tl.sum(kt * kt, 1)
-    return _masked_logits(s, q_sq, k_sq, keep, scale, L2)
+    streamed in chunks of ``CHUNK_D``."""
+    dots, q_sq, k_sq = _streamed_dots(
+        q_ptr, rows, row_ok, k_ptr, cols, col_ok, D, L2, False, DT, PREC, BLOCK_B, BLOCK_N, CHUNK_D
+    )
+    return _masked_logits(dots, q_sq, k_sq, keep, scale, L2)
 
 
 @triton.jit
 def _dense_fwd_kernel(
     q_ptr, k_ptr, v_ptr, ids_ptr, ex_ptr, out_ptr, lse_ptr, scale, B, N, D, W, E, SPAN,
     L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, CHUNK_D: tl.constexpr,
 ):  # fmt: skip
     """``out [splits, B, W]`` and ``lse [splits, B]`` of one block of queries (program axis
     0) over the key rows of one split (axis 1: rows ``[split * SPAN, (split + 1) * SPAN)``),
@@ -115,7 +113,7 @@ def _dense_fwd_kernel(
         p = tl.exp(z - shift[:, None])
         rescale = tl.exp(m - shift)
         total = total * rescale + tl.sum(p, 1)
-        vals = _value_rows(v_ptr, cols, col_ok, W, LABELS, DT, BLOCK_W)
+        vals = _chunk(v_ptr, cols, col_ok, W, 0, LABELS, DT, BLOCK_W)
         acc = acc * rescale[:, None] + tl.dot(p, vals, out_dtype=DT, input_precision=PREC)
         m = m_new
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
@@ -127,14 +125,21 @@ def _dense_fwd_kernel(
 
 @triton.jit
 def _tile_dlogits(
-    q, kt, vals, g, lse, delta, keep, scale, L2: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr
-):
-    """``(p, ds)`` of a (query block, key tile): ``p = exp(z - lse)`` recomputed, and
-    ``ds = scale * p * (g . v_j - g . out)``, both ``[BLOCK_B, BLOCK_N]``."""
-    z = _logits(q, kt, keep, scale, L2, DT, PREC)
+    q_ptr, k_ptr, v_ptr, g_ptr, rows, row_ok, cols, col_ok, D, W, lse, delta, keep, scale,
+    L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK_D: tl.constexpr,
+):  # fmt: skip
+    """``(p, ds)`` of query rows ``rows`` and key rows ``cols``: ``p = exp(z - lse)``
+    recomputed, and ``ds = scale * p * (g . v_j - delta)``, both ``[BLOCK_B, BLOCK_N]``;
+    key and value widths streamed in chunks of ``CHUNK_D``."""
+    z = _streamed_logits(
+        q_ptr, rows, row_ok, k_ptr, cols, col_ok, D, keep, scale, L2, DT, PREC, BLOCK_B, BLOCK_N, CHUNK_D
+    )
     lse = tl.where(lse == float("-inf"), 0.0, lse)  # such a query keeps no row: p is all 0
     p = tl.where(keep, tl.exp(z - lse[:, None]), 0.0)
-    dp = tl.dot(g, tl.trans(vals), out_dtype=DT, input_precision=PREC)
+    dp, _, _ = _streamed_dots(
+        g_ptr, rows, row_ok, v_ptr, cols, col_ok, W, False, LABELS, DT, PREC, BLOCK_B, BLOCK_N, CHUNK_D
+    )
     return p, scale * p * (dp - delta[:, None])
 
 
@@ -142,66 +147,77 @@ def _tile_dlogits(
 def _dense_dq_kernel(
     q_ptr, k_ptr, v_ptr, ids_ptr, ex_ptr, g_ptr, lse_ptr, delta_ptr, dq_ptr, scale, B, N, D, W, E, SPAN,
     L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK_D: tl.constexpr, CHUNK_OUT: tl.constexpr,
 ):  # fmt: skip
-    """``dq [splits, B, D]``: one query block's share of ``dq`` from the key rows of one
-    split (program axis 1, as the forward's): ip ``sum_j ds_j k_j``; l2 ``-2 sum_j ds_j
-    (q - k_j)``."""
-    rows, row_ok, q = _query_block(q_ptr, B, D, DT, BLOCK_B, BLOCK_D)
+    """``dq [splits, B, D]``: one query block's (program axis 0) share of ``dq`` from the key
+    rows of one split (axis 1, as the forward's), in columns ``[c0, c0 + CHUNK_OUT)`` (axis
+    2): ip ``sum_j ds_j k_j``; l2 ``-2 sum_j ds_j (q - k_j)``. Each column chunk
+    recomputes ``ds``, so that only a ``[BLOCK_B, CHUNK_OUT]`` accumulator is held."""
+    rows, row_ok = span(tl.program_id(0) * BLOCK_B, B, BLOCK_B)
     split = tl.program_id(1).to(tl.int64)
+    c0 = tl.program_id(2) * CHUNK_OUT
     start = split * SPAN
     end = tl.minimum(N, start + SPAN)
-    g = _load_rows(g_ptr, rows, row_ok, W, DT, BLOCK_W)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
-    ds_k = tl.zeros([BLOCK_B, BLOCK_D], DT)
+    ds_k = tl.zeros([BLOCK_B, CHUNK_OUT], DT)
     ds_sum = tl.zeros([BLOCK_B], DT)
     for n0 in range(start, end, BLOCK_N):
         cols, col_ok = span(n0, end, BLOCK_N)
         keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, end, E, BLOCK_B, BLOCK_N)
-        kt = _load_rows(k_ptr, cols, col_ok, D, DT, BLOCK_D)
-        vals = _value_rows(v_ptr, cols, col_ok, W, LABELS, DT, BLOCK_W)
-        _, ds = _tile_dlogits(q, kt, vals, g, lse, delta, keep, scale, L2, DT, PREC)
-        ds_k += tl.dot(ds, kt, out_dtype=DT, input_precision=PREC)
+        _, ds = _tile_dlogits(
+            q_ptr, k_ptr, v_ptr, g_ptr, rows, row_ok, cols, col_ok, D, W, lse, delta, keep, scale,
+            L2, LABELS, DT, PREC, BLOCK_B, BLOCK_N, CHUNK_D,
+        )  # fmt: skip
+        kc = _chunk(k_ptr, cols, col_ok, D, c0, False, DT, CHUNK_OUT)
+        ds_k += tl.dot(ds, kc, out_dtype=DT, input_precision=PREC)
         ds_sum += tl.sum(ds, 1)
-    dq = -2.0 * (ds_sum[:, None] * q - ds_k) if L2 else ds_k
-    dc, dc_ok = span(0, D, BLOCK_D)
-    store_rows(dq_ptr + split * B * D, rows, row_ok, D, dc, dc_ok, dq)
+    if L2:
+        ds_k = -2.0 * (ds_sum[:, None] * _chunk(q_ptr, rows, row_ok, D, c0, False, DT, CHUNK_OUT) - ds_k)
+    dc, dc_ok = span(c0, D, CHUNK_OUT)
+    store_rows(dq_ptr + split * B * D, rows, row_ok, D, dc, dc_ok, ds_k)
 
 
 @triton.jit
 def _dense_dkv_kernel(
     q_ptr, k_ptr, v_ptr, ids_ptr, ex_ptr, g_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, scale, B, N, D, W, E,
     L2: tl.constexpr, LABELS: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_W: tl.constexpr, KEYS: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK_D: tl.constexpr, CHUNK_OUT: tl.constexpr, KEYS: tl.constexpr,
     VALUES: tl.constexpr,
 ):  # fmt: skip
-    """``dkeys`` (if ``KEYS``) and ``dvalues`` (if ``VALUES``) of one key tile over all queries: ip ``dk_j = sum_b ds_bj q_b``;
-    l2 ``dk_j = 2 sum_b ds_bj (q_b - k_j)``; ``dv_j = sum_b p_bj g_b``."""
+    """Columns ``[c0, c0 + CHUNK_OUT)`` (program axis 1) of ``dkeys`` (if ``KEYS``) and
+    ``dvalues`` (if ``VALUES``) of one key tile (axis 0) over all queries: ip ``dk_j =
+    sum_b ds_bj q_b``; l2 ``dk_j = 2 sum_b ds_bj (q_b - k_j)``; ``dv_j = sum_b p_bj g_b``.
+    Each column chunk recomputes ``p`` and ``ds``: held whole, the d = 256 accumulators
+    and operands spilled 16 KB per thread."""
     cols, col_ok = span(tl.program_id(0) * BLOCK_N, N, BLOCK_N)
-    kt = _load_rows(k_ptr, cols, col_ok, D, DT, BLOCK_D)
-    vals = _value_rows(v_ptr, cols, col_ok, W, LABELS, DT, BLOCK_W)
-    ds_q = tl.zeros([BLOCK_N, BLOCK_D], DT)
+    c0 = tl.program_id(1) * CHUNK_OUT
+    ds_q = tl.zeros([BLOCK_N, CHUNK_OUT], DT)
     ds_sum = tl.zeros([BLOCK_N], DT)
-    p_g = tl.zeros([BLOCK_N, BLOCK_W], DT)
+    p_g = tl.zeros([BLOCK_N, CHUNK_OUT], DT)
     for b0 in range(0, B, BLOCK_B):
         rows, row_ok = span(b0, B, BLOCK_B)
         keep = live_mask(ids_ptr, ex_ptr, rows, row_ok, cols, N, E, BLOCK_B, BLOCK_N)
-        q = _load_rows(q_ptr, rows, row_ok, D, DT, BLOCK_D)
-        g = _load_rows(g_ptr, rows, row_ok, W, DT, BLOCK_W)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
-        p, ds = _tile_dlogits(q, kt, vals, g, lse, delta, keep, scale, L2, DT, PREC)
-        ds_q += tl.dot(tl.trans(ds), q, out_dtype=DT, input_precision=PREC)
-        ds_sum += tl.sum(ds, 0)
+        p, ds = _tile_dlogits(
+            q_ptr, k_ptr, v_ptr, g_ptr, rows, row_ok, cols, col_ok, D, W, lse, delta, keep, scale,
+            L2, LABELS, DT, PREC, BLOCK_B, BLOCK_N, CHUNK_D,
+        )  # fmt: skip
+        if KEYS:
+            qc = _chunk(q_ptr, rows, row_ok, D, c0, False, DT, CHUNK_OUT)
+            ds_q += tl.dot(tl.trans(ds), qc, out_dtype=DT, input_precision=PREC)
+            ds_sum += tl.sum(ds, 0)
         if VALUES:
-            p_g += tl.dot(tl.trans(p), g, out_dtype=DT, input_precision=PREC)
+            gc = _chunk(g_ptr, rows, row_ok, W, c0, False, DT, CHUNK_OUT)
+            p_g += tl.dot(tl.trans(p), gc, out_dtype=DT, input_precision=PREC)
     if KEYS:
-        dk = 2.0 * (ds_q - ds_sum[:, None] * kt) if L2 else ds_q
-        dc, dc_ok = span(0, D, BLOCK_D)
-        store_rows(dk_ptr, cols, col_ok, D, dc, dc_ok, dk)
+        if L2:
+            ds_q = 2.0 * (ds_q - ds_sum[:, None] * _chunk(k_ptr, cols, col_ok, D, c0, False, DT, CHUNK_OUT))
+        dc, dc_ok = span(c0, D, CHUNK_OUT)
+        store_rows(dk_ptr, cols, col_ok, D, dc, dc_ok, ds_q)
     if VALUES:
-        wc, wc_ok = span(0, W, BLOCK_W)
+        wc, wc_ok = span(c0, W, CHUNK_OUT)
         store_rows(dv_ptr, cols, col_ok, W, wc, wc_ok, p_g)
 
 
@@ -230,8 +246,7 @@ def _setup(d: DenseInputs) -> tuple[tuple, dict]:
         "PREC": precision(dtype),
         "BLOCK_B": _BLOCK_B,
         "BLOCK_N": _BLOCK_N,
-        "BLOCK_D": pow2(d.queries.shape[1], MIN_DOT),
-        "BLOCK_W": pow2(width, MIN_DOT),
+        "CHUNK_D": min(pow2(max(d.queries.shape[1], width), MIN_DOT), _CHUNK_D),
     }
     sizes = (d.queries.shape[0], d.keys.shape[0], d.queries.shape[1], width, e)
     return operands + sizes, meta
@@ -265,7 +280,7 @@ def dense_forward(d: DenseInputs) -> tuple[torch.Tensor, torch.Tensor]:
     if batch:
         grid = (triton.cdiv(batch, _BLOCK_B), splits)
         args = (q, k, v, ids, ex, outs, lses, d.scale, batch, n, dim, width, e, rows)
-        launch(_dense_fwd_kernel, grid, *args, **meta, CHUNK_D=min(meta["BLOCK_D"], _CHUNK_D))
+        launch(_dense_fwd_kernel, grid, *args, **meta, BLOCK_W=pow2(width, MIN_DOT))
     if splits == 1:
         return outs[0], lses[0]
     lse = torch.logsumexp(lses, 0)
@@ -294,17 +309,19 @@ def dense_backward(grads: DenseGrads) -> Grads:
         return dq, dkeys, dvalues
     common = (ids, ex, g, lse, delta)
     sizes = (d.scale, batch, n, dim, width, e)
+    out_chunk = min(pow2(max(dim, width), MIN_DOT), _CHUNK_OUT)
     # dq over splits of the rows, as the forward: one program per query block had walked
     # all N (B = 64: 4 programs on 132 SMs). The partials add up in split order.
     rows, splits = _splits(batch, n, q.device)
     parts = torch.empty((splits, *q.shape), dtype=q.dtype, device=q.device)
-    grid = (triton.cdiv(batch, _BLOCK_B), splits)
-    launch(_dense_dq_kernel, grid, q, k, v, *common, parts, *sizes, rows, **meta)
+    grid = (triton.cdiv(batch, _BLOCK_B), splits, triton.cdiv(dim, out_chunk))
+    launch(_dense_dq_kernel, grid, q, k, v, *common, parts, *sizes, rows, **meta, CHUNK_OUT=out_chunk)
     torch.sum(parts, 0, out=dq)
     if dkeys is not None or dvalues is not None:
         dk = dq if dkeys is None else dkeys  # placeholders are never written
         dv = dq if dvalues is None else dvalues
-        grid = (triton.cdiv(n, _BLOCK_N),)
-        flags = {"KEYS": dkeys is not None, "VALUES": dvalues is not None}
+        widest = max(dim if dkeys is not None else 0, width if dvalues is not None else 0)
+        grid = (triton.cdiv(n, _BLOCK_N), triton.cdiv(widest, out_chunk))
+        flags = {"KEYS": dkeys is not None, "VALUES": dvalues is not None, "CHUNK_OUT": out_chunk}
         launch(_dense_dkv_kernel, grid, q, k, v, *common, dk, dv, *sizes, **meta, **flags)
     return dq, dkeys, dvalues
