@@ -779,7 +779,8 @@ def test_calls_run_the_backends_own_kernels(kernel):
 @backends(declaring("compact_rows"))
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.bool])
 @pytest.mark.parametrize(
-    ("rows", "row_shape"), [(0, (3,)), (1, (4,)), (200, (3,)), (777, ()), (300, (5, 2)), (4099, (8,))]
+    ("rows", "row_shape"),
+    [(0, (3,)), (1, (4,)), (200, (3,)), (777, ()), (300, (5, 2)), (4099, (8,)), (300, (100,))],  # 100: wide rows
 )
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 def test_compaction_matches_reference(kernel, dtype, rows, row_shape, density):
