@@ -4,7 +4,7 @@ Each figure is a median of CUDA-event times (``extra_info["event_ms"]``; pytest-
 wall-time median where a run has none), every ratio between two figures of the one run.
 Prints a Markdown table for BENCHMARKS.md; a figure that did not run reads "not run".
 
-Usage: python bench/gpu_table.py gpu-out/gpu-bench.json
+Usage: python bench/gpu_table.py RESULTS.json [MORE.json ...]   (the runs' benchmarks together)
 """
 
 from __future__ import annotations
@@ -124,18 +124,20 @@ def table(results: dict, backends: tuple[str, ...] = ("cuda", "triton")) -> str:
     ]
     for b in (*backends, "reference"):
         dense, sparse, forward = (
-            ms.get(f"test_training_step_of_learned_rows[{g}-{b}]") for g in ("dense", "sparse", "forward only")
+            ms.get(f"test_training_step_of_learned_rows[{g}-{b}]")
+            for g in ("dense", "sparse", "forward only")
         )
         ratio = "—" if dense is None or sparse is None else f"{dense / sparse:.2f}x"
         lines.append(f"| {b} | {_ms(dense)} | {_ms(sparse)} | {_ms(forward)} | {ratio} |")
     return "\n".join(lines)
 
 
-def main(path: str) -> None:
-    print(table(json.loads(Path(path).read_text())))
+def main(*paths: str) -> None:
+    runs = [run for path in paths for run in json.loads(Path(path).read_text())["benchmarks"]]
+    print(table({"benchmarks": runs}))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) < 2:
         raise SystemExit(__doc__)
-    main(sys.argv[1])
+    main(*sys.argv[1:])

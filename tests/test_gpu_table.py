@@ -55,7 +55,8 @@ def test_ratios_use_event_medians_and_say_met_missed_or_not_run(tmp_path, capsys
     )
     assert "| cuda | 6.000 ms | 2.000 ms | not run | 3.00x |" in text
     assert "| reference | not run | not run | not run | — |" in text
-    path = tmp_path / "gpu-bench.json"
-    path.write_text(json.dumps({"benchmarks": runs}))
-    gpu_table.main(str(path))
+    first, second = tmp_path / "bench-targets.json", tmp_path / "bench-others.json"
+    first.write_text(json.dumps({"benchmarks": runs[:4]}))
+    second.write_text(json.dumps({"benchmarks": runs[4:]}))
+    gpu_table.main(str(first), str(second))  # two runs' figures, one table
     assert capsys.readouterr().out.strip() == text

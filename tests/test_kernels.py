@@ -780,10 +780,11 @@ def test_calls_run_the_backends_own_kernels(kernel):
 @pytest.mark.parametrize("dtype", [F32, torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.bool])
 @pytest.mark.parametrize(
     ("rows", "row_shape"),
-    [(0, (3,)), (1, (4,)), (200, (3,)), (777, ()), (300, (5, 2)), (4099, (8,)), (300, (100,))],  # 100: wide rows
+    [(0, (3,)), (1, (4,)), (200, (3,)), (777, ()), (300, (5, 2)), (4099, (8,)), (300, (100,))],
 )
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 def test_compaction_matches_reference(kernel, dtype, rows, row_shape, density):
+    """Rows of every shape and dtype; 100-wide rows take several steps of a Triton copy."""
     rows = kernel.rows(rows)
     src = torch.randint(0, 100, (rows, *row_shape)).to(dtype)
     keep = torch.rand(rows) < density
