@@ -162,7 +162,7 @@ def _none(rec) -> torch.Tensor:
 
 def _fake_grads(rec, *args):
     *_, needs_keys, needs_values = args
-    rows = (rec.queries.shape[0] * rec.k,) if getattr(rec, "sparse_grad", False) else rec.keys.shape[:1]
+    rows = (rec.queries.shape[0] * rec.k,) if rec.sparse_grad else rec.keys.shape[:1]
     return (
         torch.empty_like(rec.queries),
         rec.keys.new_empty((*rows, rec.keys.shape[1])) if needs_keys else _none(rec),
@@ -229,7 +229,7 @@ def _autograd(
         needs_values = ctx.needs_input_grad[position["values"]] and not rec.labels
         passed = [more[i - 1] for i in differentiable]
         dq, dk, dv = OPS[backward](*args, *kept, grad_out, *passed, needs_keys, needs_values, ctx.backend)
-        if getattr(rec, "sparse_grad", False):  # top-k only: kept[0] is its slots
+        if rec.sparse_grad:  # top-k only: kept[0] is its slots
             dk = _sparse_rows(dk, kept[0], rec.keys) if needs_keys else None
             dv = _sparse_rows(dv, kept[0], rec.values) if needs_values else None
         out: list[torch.Tensor | None] = [None] * (len(names) + 1)

@@ -140,6 +140,7 @@ class DenseInputs(_RowsInputs):
     """Softmax attention over every live, non-excluded row."""
 
     op: ClassVar[str] = "dense_attention"
+    sparse_grad: ClassVar[bool] = False  # every live row gets gradient
 
 
 Grads = tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]  # (dq, dkeys, dvalues)
