@@ -62,7 +62,7 @@ TARGETS = [
     ),
 ]
 K_SWEEP = [1, 32, 256, 4096]
-LEVERS = ["tf32-screen", "fused-topk", "dense-3xtf32"]  # bench/test_bench_gpu.py's levers
+LEVERS = ["tf32-screen", "fused-topk", "dense-3xtf32"]  # the keys of bench/levers.py's LEVERS
 
 
 def medians(results: dict) -> dict[str, float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import LEARNED_ROW_GRADS, learned_rows_step, make_memory, quarter_dead_buffers
+from levers import LEVERS, lever_off
 
 import kmem
 from kmem import ops
@@ -149,32 +150,13 @@ def test_dense_attend(benchmark, gpu_buffers, backend):
     _bench_attend(benchmark, "gpu dense attend B=64", gpu_buffers, 64, None, backend)
 
 
-def _lever_off(backend: str, lever: str, monkeypatch) -> None:
-    """Turn one lever of issue 17 off for the rest of a benchmark."""
-    from kmem.kernels import dense, search
-
-    if lever == "fused-topk":  # the search, then the attend kernels
-        monkeypatch.delattr(ops.REGISTRY.backends[backend].kernels, "topk_forward")
-    elif backend == "cuda":  # the search's TF32 screen and dense 3xTF32 alike: float32 FMA
-        monkeypatch.setenv("KMEM_CUDA_TENSOR_CORES", "0")
-    elif lever == "tf32-screen":  # float32 scoring at every batch
-        monkeypatch.setattr(search, "TENSOR_CORE_BATCH", 1 << 30)
-    else:  # dense products in float32 FMA
-        monkeypatch.setattr(dense, "precision", lambda dtype: "ieee")
-
-
-# Each lever on and off in the same run, so the first run on a GPU says whether to keep
-# it: (lever, the call it should speed up: batch and k).
-LEVERS = {"tf32-screen": (64, K), "fused-topk": (1, K), "dense-3xtf32": (64, None)}
-
-
 @pytest.mark.parametrize("state", ["on", "off"])
 @pytest.mark.parametrize("lever", list(LEVERS))
 @pytest.mark.parametrize("backend", ["cuda", "triton"])  # the reference twin has no levers
 def test_lever(benchmark, gpu_buffers, backend, lever, state, monkeypatch):
     _skip_unavailable(backend)
     if state == "off":
-        _lever_off(backend, lever, monkeypatch)
+        lever_off(backend, lever, monkeypatch)
     batch, k = LEVERS[lever]
     _bench_attend(benchmark, f"gpu {backend} lever {lever}", gpu_buffers, batch, k, backend)
 
