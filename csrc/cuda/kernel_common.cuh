@@ -256,9 +256,10 @@ inline constexpr int64_t kTensorCoreBatch = 16;
 // keeps every call on float32 FMA (read at each call): the benchmarks' lever for timing
 // both paths in one run, and the tests' way to compare them.
 inline bool tensor_cores(int64_t batch) {
+  if (batch <= kTensorCoreBatch) return false;  // small calls, the latency-bound ones, ask nothing more
   const char* lever = std::getenv("KMEM_CUDA_TENSOR_CORES");
   if (lever != nullptr && std::strcmp(lever, "0") == 0) return false;
-  return batch > kTensorCoreBatch && device_attribute(cudaDevAttrComputeCapabilityMajor, 0) >= 8;
+  return device_attribute(cudaDevAttrComputeCapabilityMajor, 0) >= 8;
 }
 
 inline unsigned grid_size(int64_t blocks, int64_t cap) { return static_cast<unsigned>(blocks < cap ? blocks : cap); }
