@@ -78,8 +78,8 @@ def _streamed_logits(
     L2: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
     CHUNK_D: tl.constexpr,
 ):  # fmt: skip
-    """:func:`_logits` of query rows ``rows`` against key rows ``cols``, the key dimension
-    streamed in chunks of ``CHUNK_D``."""
+    """``scale * score [BLOCK_B, BLOCK_N]`` of query rows ``rows`` against key rows ``cols``
+    (-inf where not ``keep``), the key dimension streamed in chunks of ``CHUNK_D``."""
     dots, q_sq, k_sq = _streamed_dots(
         q_ptr, rows, row_ok, k_ptr, cols, col_ok, D, L2, False, DT, PREC, BLOCK_B, BLOCK_N, CHUNK_D
     )

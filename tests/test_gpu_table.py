@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("gpu_table", ROOT / "bench" / "gpu_table.py")
-gpu_table = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_table)
+from _bench_modules import bench_module
+
+gpu_table = bench_module("gpu_table")
 
 
 def _run(name: str, events: list[float] | None = None, median_s: float = 1.0) -> dict:

@@ -4,29 +4,18 @@ interpreter, since the benchmarks themselves run only on a GPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import _cuda_sim
 import pytest
 import torch
+from _bench_modules import bench_module
 from _buffers import buffers
 
 from kmem import ops
 from kmem.kernels import dense, search
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _bench_module(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-levers = _bench_module("levers")
+levers = bench_module("levers")
 
 BACKENDS = ["triton", _cuda_sim.NAME]
 
@@ -62,4 +51,4 @@ def test_tensor_core_levers_off_turn_to_float32(backend, lever, monkeypatch):
 
 
 def test_the_table_prints_every_lever():
-    assert list(levers.LEVERS) == _bench_module("gpu_table").LEVERS
+    assert list(levers.LEVERS) == bench_module("gpu_table").LEVERS
